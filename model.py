@@ -1,0 +1,253 @@
+"""A from-scratch Llama (Llama 2/3/3.1/3.2, SmolLM2, Mistral) for long-context inference.
+
+Reading order: config -> RoPE -> blocks -> Transformer -> weight loading.
+The model knows nothing about caching: each attention layer hands its fresh q/k/v to
+`cache.attend(layer, q, k, v, start)` and gets the attention output back (see kvcache.py),
+so a compressed cache can run its own attention over data the model never sees.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    head_dim: int = 0  # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...}
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            assert self.dim % self.n_heads == 0, f"hidden size {self.dim} is not a multiple of {self.n_heads} heads"
+            self.head_dim = self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, (
+            f"{self.n_heads} query heads cannot be split evenly over {self.n_kv_heads} KV heads")
+        assert self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"
+
+    @property
+    def n_groups(self) -> int:  # query heads per KV head (GQA)
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        arch = (cfg.get("architectures") or ["<none given>"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}: this engine runs "
+                             f"{' and '.join(SUPPORTED_ARCHITECTURES)} checkpoints only")
+        if cfg.get("sliding_window") not in (None, 0) and cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
+            raise ValueError(f"sliding-window attention (window {cfg['sliding_window']}) is not supported; "
+                             "use a checkpoint whose config.json has \"sliding_window\": null")
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {kind!r}: only 'llama3' (and none) are supported")
+        eos = cfg.get("eos_token_id")
+        return cls(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], head_dim=cfg.get("head_dim") or 0,
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama 3.1's long-context rescaling if configured."""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim)
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+    smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return scaled.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE (HF layout): rotate pairs (x[i], x[i + hd/2]). x: (B, H, T, hd), cos/sin: (T, hd/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+# -------------------------------------------------------------------------------------- blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.hd = layer, args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache, start: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = cache.attend(self.layer, q, k, v, start)                     # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w_gate = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w_up = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w_down = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args, layer)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, cache, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, cache, start: int, logits_at: slice | None = slice(-1, None)):
+        """Run tokens (B, T) at positions start..start+T-1 through the model, appending to `cache`.
+
+        Returns float32 logits (B, T', vocab) only for the positions `logits_at` selects
+        (default: the last one), so a long chunk never materialises a T x vocab tensor.
+        """
+        B, T = tokens.shape
+        pos = torch.arange(start, start + T, device=tokens.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        x = self.embed(tokens)  # (B, T, dim)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, start)
+        if logits_at is None:
+            return None
+        return self.lm_head(self.norm(x[:, logits_at])).float()  # (B, T', vocab)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, cache, chunk_size: int = 2048, progress=None):
+        """Feed a long prompt (B, T) through in chunks; returns the last position's logits (B, vocab).
+
+        Attention memory per chunk is chunk_size x context, never T x T; `progress(n)` is
+        called after each chunk with the number of tokens it consumed.
+        """
+        T = tokens.shape[1]
+        assert T > 0 and chunk_size > 0
+        for s in range(0, T, chunk_size):
+            last = s + chunk_size >= T
+            logits = self(tokens[:, s:s + chunk_size], cache, s, slice(-1, None) if last else None)
+            if progress is not None:
+                progress(min(chunk_size, T - s))
+        return logits[:, -1]
+
+
+# ----------------------------------------------------------------------------- weight loading
+
+def hf_name_map(n_layers: int) -> dict[str, str]:
+    """HF checkpoint tensor name -> our parameter name."""
+    m = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+         "lm_head.weight": "lm_head.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+                 "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+                 "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
+                 "mlp.down_proj": "mlp.w_down"}
+    for i in range(n_layers):
+        for hf, ours in per_layer.items():
+            m[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{ours}.weight"
+    return m
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Build the model on the meta device and fill it from the directory's safetensors files."""
+    from safetensors import safe_open
+    model_dir = Path(model_dir)
+    args = ModelArgs.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = dict(model.named_parameters())
+    names = hf_name_map(args.n_layers)
+    state, unexpected = {}, []
+    for fname in files:
+        with safe_open(str(model_dir / fname), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                ours = names.get(key)
+                if ours is None:
+                    if "rotary_emb.inv_freq" not in key:  # old checkpoints store this derived buffer
+                        unexpected.append(key)
+                    continue
+                t = f.get_tensor(key)
+                if t.shape != expected[ours].shape:
+                    raise ValueError(f"{fname}: {key} has shape {tuple(t.shape)}, "
+                                     f"the config implies {tuple(expected[ours].shape)}")
+                state[ours] = t.to(device=device, dtype=dtype)
+    if args.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    missing = [k for k in expected if state.get(k) is None]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {model_dir} does not match the config: "
+                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all), "
+                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
+    model.load_state_dict(state, assign=True)
+    model.inv_freq = rope_inv_freq(args).to(device)
+    return model.eval()

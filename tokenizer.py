@@ -1,0 +1,78 @@
+"""Tokenizer (HF `tokenizers`, from tokenizer.json) and chat template (jinja2, as HF renders it)."""
+import json
+from datetime import datetime
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{model_dir} has no tokenizer.json (only fast-tokenizer checkpoints are supported)")
+        self.tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.chat_template = cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # some repos ship several named templates
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        self.bos_text, self.eos_text = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+        # every id that ends a turn: config.json, generation_config.json and the eos token itself
+        eos = set()
+        for name in ("config.json", "generation_config.json"):
+            p = model_dir / name
+            if p.exists():
+                e = json.loads(p.read_text()).get("eos_token_id")
+                eos |= {e} if isinstance(e, int) else set(e or [])
+        if self.eos_text is not None and self.tok.token_to_id(self.eos_text) is not None:
+            eos.add(self.tok.token_to_id(self.eos_text))
+        self.eos_ids = sorted(eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Special-token text (e.g. '<|im_start|>') maps to its id; add_special_tokens adds BOS if the model wants it."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """Render messages [{role, content}] with the model's template, ending with the assistant's turn."""
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use --no-chat")
+
+        def raise_exception(msg):
+            raise jinja2.TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=self.bos_text or "", eos_token=self.eos_text or "")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # the template writes BOS itself when the model wants one, so no specials are added here
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _token_text(tok):
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into text increments, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character split over tokens: wait for the rest
+            return ""
+        new, self.printed = text[self.printed:], len(text)
+        return new
