@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+PREFILL_CHUNK = 2048  # prompt tokens per prefill step; bounds attention memory to chunk x context
 
 
 @dataclass
@@ -179,7 +180,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x[:, logits_at])).float()  # (B, T', vocab)
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, cache, chunk_size: int = 2048, progress=None):
+    def prefill(self, tokens: torch.Tensor, cache, chunk_size: int = PREFILL_CHUNK, progress=None):
         """Feed a long prompt (B, T) through in chunks; returns the last position's logits (B, vocab).
 
         Attention memory per chunk is chunk_size x context, never T x T; `progress(n)` is
