@@ -55,7 +55,10 @@ class ModelArgs:
         if cfg.get("sliding_window") not in (None, 0) and cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
             raise ValueError(f"sliding-window attention (window {cfg['sliding_window']}) is not supported; "
                              "use a checkpoint whose config.json has \"sliding_window\": null")
-        scaling = cfg.get("rope_scaling")
+        # RoPE: transformers >= 5 writes {"rope_parameters": {rope_theta, rope_type, ...}}, older
+        # checkpoints {"rope_theta": ..., "rope_scaling": {rope_type|type, ...} | null}
+        scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        theta = cfg.get("rope_theta", (scaling or {}).get("rope_theta", 10000.0))
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "default":
@@ -67,7 +70,7 @@ class ModelArgs:
             dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
             n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], head_dim=cfg.get("head_dim") or 0,
-            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
             rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))

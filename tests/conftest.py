@@ -1,0 +1,62 @@
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# convert the default GGUF into a cache private to this test session (exercises the conversion too)
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="tailorkv-test-cache-"))
+
+import checkpoint  # noqa: E402
+from model import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_dir() -> Path:
+    return checkpoint.resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def default_model(default_dir):
+    return load_model(default_dir, "cpu", torch.float32)
+
+
+def write_hf_model(path: Path, config: dict, seed: int = 0, max_shard_size=None) -> Path:
+    """Build a random HF transformers model from `config` and save it as safetensors in `path`."""
+    import transformers
+    cls = getattr(transformers, config["architectures"][0])
+    cfg_cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
+    torch.manual_seed(seed)
+    hf = cls(cfg_cls(**config)).float().eval()
+    for p in hf.parameters():  # HF initialises norms to 1 exactly: perturb so their loading is tested
+        if p.dim() == 1:
+            p.data.normal_(1.0, 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    hf.save_pretrained(path, safe_serialization=True, **kwargs)
+    return path
+
+
+TINY_LLAMA31 = {  # Llama 3.1 style: llama3 rope scaling, GQA 4:1, explicit head_dim != hidden/heads
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
+    "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16,
+    "vocab_size": 300, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 64},
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": [2, 3],
+}
+TINY_MISTRAL = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 96, "intermediate_size": 192,
+    "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 300,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return write_hf_model(tmp_path_factory.mktemp("tiny-llama31"), TINY_LLAMA31)

@@ -1,0 +1,154 @@
+"""model.py against HF transformers (test-only oracle), chunked prefill and decode consistency."""
+import json
+
+import pytest
+import torch
+from conftest import TINY_LLAMA31, TINY_MISTRAL, write_hf_model
+
+from kvcache import FullCache
+from model import ModelArgs, load_model
+
+# fp32 on both sides. The two implementations order reductions differently (SDPA kernels, RoPE
+# in fp32 vs the input dtype), which moves logits by 4e-7 (tiny models) to 1.5e-6 (default model)
+# of the largest logit. 1e-4 of it leaves room for other CPUs' kernels and still fails on any real
+# bug: a wrong RoPE base moved them by 8e-3, a wrong RoPE pairing or norm by far more.
+RTOL = 1e-4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same tests run on a GPU machine
+
+
+def new_cache(model, max_len):
+    a, w = model.args, model.embed.weight
+    return FullCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, device=w.device, dtype=w.dtype)
+
+
+def full_logits(model, tokens):
+    """Logits at every position from one forward pass over `tokens` (1, T)."""
+    with torch.inference_mode():
+        return model(tokens.to(model.embed.weight.device), new_cache(model, tokens.shape[1]), 0,
+                     logits_at=slice(None))[0].cpu()
+
+
+def hf_logits(model_dir, tokens):
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return hf(tokens).logits[0].float()
+
+
+def assert_close(ours, ref):
+    err = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= RTOL * scale, f"max |diff| {err:.3g} vs logit scale {scale:.3g}"
+
+
+def test_default_model_matches_transformers(default_dir, default_model):
+    tokens = torch.randint(0, default_model.args.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0))
+    assert_close(full_logits(default_model, tokens), hf_logits(default_dir, tokens))
+
+
+def to_v4_layout(path):
+    """Rewrite a transformers-5 config.json (rope_parameters) the way 4.x checkpoints on the hub store it."""
+    cfg = json.loads((path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config,v4", [(TINY_LLAMA31, False), (TINY_LLAMA31, True), (TINY_MISTRAL, False)],
+                         ids=["llama3.1-gqa4", "llama3.1-gqa4-v4-config", "mistral"])
+def test_tiny_models_match_transformers(tmp_path, config, v4, device):
+    path = write_hf_model(tmp_path, config, seed=1)
+    if v4:
+        to_v4_layout(path)
+    model = load_model(path, device)
+    assert model.args.rope_theta == config["rope_theta"] and (model.args.rope_scaling is None) == ("rope_scaling" not in config)
+    # positions beyond original_max_position_embeddings exercise the llama3 frequency scaling
+    tokens = torch.randint(0, config["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))
+    assert_close(full_logits(model, tokens), hf_logits(path, tokens))
+
+
+def test_sharded_checkpoint_loads(tmp_path, tiny_llama_dir):
+    sharded = write_hf_model(tmp_path, TINY_LLAMA31, seed=0, max_shard_size="40KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3
+    tokens = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(full_logits(load_model(sharded), tokens),
+                               full_logits(load_model(tiny_llama_dir), tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_equals_one_pass(default_dir, device):
+    model = load_model(default_dir, device)
+    tokens = torch.randint(0, model.args.vocab_size, (1, 250), generator=torch.Generator().manual_seed(3)).to(device)
+    chunked = new_cache(model, 250)
+    last = model.prefill(tokens, chunked, chunk_size=64)  # 4 chunks, the last one partial
+    ref = full_logits(model, tokens)[-1]
+    torch.testing.assert_close(last[0].cpu(), ref, rtol=1e-4, atol=1e-4)
+    one = new_cache(model, 250)
+    model.prefill(tokens, one, chunk_size=250)
+    torch.testing.assert_close(chunked.k, one.k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.v, one.v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_after_prefill_equals_full_forward(tiny_llama_dir, device, dtype):
+    model = load_model(tiny_llama_dir, device, dtype)
+    tokens = torch.randint(0, model.args.vocab_size, (1, 120), generator=torch.Generator().manual_seed(4))
+    ref = full_logits(model, tokens)
+    cache = new_cache(model, 120)
+    tokens = tokens.to(device)
+    logits = [model.prefill(tokens[:, :100], cache, chunk_size=32)[0]]
+    with torch.inference_mode():
+        for t in range(100, 119):
+            logits.append(model(tokens[:, t:t + 1], cache, t)[0, -1])
+    # bf16: the two paths round differently (SDPA kernel vs the decode matmul) at ~2^-8 relative
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(torch.stack(logits).cpu(), ref[99:119], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_tracks_fp32(tiny_llama_dir, device):
+    tokens = torch.randint(0, 300, (1, 80), generator=torch.Generator().manual_seed(5))
+    ref = full_logits(load_model(tiny_llama_dir, device), tokens)
+    low = full_logits(load_model(tiny_llama_dir, device, torch.bfloat16), tokens)
+    rel = ((low - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, f"bf16 logits differ from fp32 by {rel:.3g} (relative L2)"
+
+
+def test_cache_overflow_is_refused(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    a = model.args
+    cache = FullCache(a.n_layers, a.n_kv_heads, a.head_dim, 8)
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        model.prefill(torch.zeros(1, 9, dtype=torch.long), cache)
+
+
+def test_config_errors():
+    base = dict(TINY_LLAMA31)
+    with pytest.raises(ValueError, match="unsupported architecture 'Qwen2ForCausalLM'.*LlamaForCausalLM"):
+        ModelArgs.from_hf_config({**base, "architectures": ["Qwen2ForCausalLM"]})
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        ModelArgs.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="sliding-window"):
+        ModelArgs.from_hf_config({**TINY_MISTRAL, "sliding_window": 64})
+    with pytest.raises(AssertionError, match="cannot be split evenly"):
+        ModelArgs.from_hf_config({**base, "num_key_value_heads": 3})
+
+
+def test_checkpoint_mismatch_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = write_hf_model(tmp_path, TINY_LLAMA31)
+    weights = load_file(path / "model.safetensors")
+    missing = {k: v for k, v in weights.items() if "layers.1.mlp.up_proj" not in k}
+    save_file(missing, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.w_up.weight'\]"):
+        load_model(path)
+    save_file({**weights, "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64)}, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"q_proj.weight has shape \(64, 64\), the config implies \(128, 64\)"):
+        load_model(path)
+    save_file({**weights, "model.extra.weight": torch.randn(3)}, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected \['model.extra.weight'\]"):
+        load_model(path)
