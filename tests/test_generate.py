@@ -28,9 +28,11 @@ def test_cli_golden_answer_and_report(tmp_path):
     assert "prompt 37 tokens of 8192 context" in r.stderr and "ms/tok" in r.stderr
     rep = json.loads(report.read_text())
     assert rep["generated_text"] == "The capital of France is Paris." and rep["prompt_tokens"] == 37
-    assert rep["policy"]["cache"] == "full" and rep["dtype"] == "float32" and rep["device"] == "cpu"
+    cuda = torch.cuda.is_available()  # the defaults: bf16 on CUDA, fp32 on CPU
+    assert rep["device"] == ("cuda" if cuda else "cpu") and rep["dtype"] == ("bfloat16" if cuda else "float32")
+    assert rep["policy"]["cache"] == "full"
     assert rep["prefill_s"] > 0 and rep["decode_ms_per_token"] > 0 and rep["peak_memory_bytes"] > 0
-    assert rep["kv_cache"]["device_bytes"] == 2 * 30 * 3 * 64 * (37 + 256) * 4  # K and V, fp32
+    assert rep["kv_cache"]["device_bytes"] == 2 * 30 * 3 * 64 * (37 + 256) * (2 if cuda else 4)  # K and V
     assert "torch" in rep["versions"] and not rep["interrupted"]
 
 
