@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import resolve_model
-from kvcache import FullCache
+from kvcache import POLICIES, CacheConfig, KVCache, plan_memory
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -69,21 +69,26 @@ def fit_to_context(ids: list[int], context: int, max_new_tokens: int, truncate: 
 
 # ----------------------------------------------------------------------------------- caching
 
-def make_cache(policy: str, model, max_len: int, device, dtype):
-    """Build the KV cache for `policy`, refusing up front when the device cannot hold it."""
+def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype) -> KVCache:
+    """Build the KV cache, refusing up front (with the numbers) when device or host cannot hold it."""
     a = model.args
-    if policy != "full":
-        raise UsageError(f"unknown --cache {policy!r}")
-    need = FullCache.bytes_needed(a.n_layers, a.n_kv_heads, a.head_dim, max_len, dtype=dtype)
+    plan = plan_memory(model, max_len, cfg, dtype=dtype)  # counted on the meta device: nothing allocated
     # headroom for one prefill chunk's activations (a handful of chunk x ffn tensors) and the logits
     headroom = 6 * PREFILL_CHUNK * max(a.ffn_dim, a.dim) * torch.empty((), dtype=dtype).element_size() + (256 << 20)
+    on_gpu = torch.device(device).type == "cuda"
+    need = plan["device_bytes"] + plan["prefill_stage_bytes"] + headroom + (0 if on_gpu else plan["host_bytes"])
     free = free_memory(device)
-    if need + headroom > free:
-        where = "GPU" if torch.device(device).type == "cuda" else "host"
-        raise UsageError(f"the full KV cache for {max_len} positions needs {need / 2**30:.2f} GiB "
-                         f"(+{headroom / 2**30:.2f} GiB working memory) but only {free / 2**30:.2f} GiB of {where} "
-                         f"memory is free; shorten the prompt or lower --max-new-tokens")
-    return FullCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, device=device, dtype=dtype)
+    if need > free:
+        raise UsageError(f"the {cfg.policy} KV cache for {max_len} positions needs {need / 2**30:.2f} GiB of "
+                         f"{'GPU' if on_gpu else 'host'} memory (cache {plan['device_bytes'] / 2**30:.2f} + prefill "
+                         f"{plan['prefill_stage_bytes'] / 2**30:.2f} + working {headroom / 2**30:.2f}) but only "
+                         f"{free / 2**30:.2f} GiB is free; shorten the prompt, lower --max-new-tokens or pick a "
+                         f"smaller cache (--cache tailor)")
+    if on_gpu and plan["host_bytes"] > free_memory("cpu"):
+        raise UsageError(f"the {cfg.policy} KV cache needs {plan['host_bytes'] / 2**30:.2f} GiB of pinned host memory "
+                         f"but only {free_memory('cpu') / 2**30:.2f} GiB is available; shorten the prompt or "
+                         f"quantize more layers (--quant-layers)")
+    return KVCache(model, max_len, cfg, device=device, dtype=dtype)
 
 
 def free_memory(device) -> int:
@@ -111,25 +116,43 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def compare(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
+    """KL(ref || policy) in nats and whether the top-1 tokens agree, for one position's logits (vocab,)."""
+    ref_lp, lp = ref_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum().item()
+    return {"kl": max(kl, 0.0), "top1": bool(ref_logits.argmax() == logits.argmax())}
+
+
 @torch.inference_mode()
 def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
-             seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK):
+             seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK, check_cache=None):
     """Prefill the prompt, then decode up to max_new_tokens. Returns (new ids, stats dict).
 
+    check_cache: a full cache run alongside on the same tokens; each step's logits are compared
+    (stats["check"]) and its time is left out of the timings.
     A KeyboardInterrupt stops generation and returns what was made so far (stats["interrupted"]).
     """
     device = model.embed.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out, stats = [], {"prompt_tokens": len(prompt_ids), "interrupted": False}
-    t0 = time.perf_counter()
-    try:
-        logits = model.prefill(torch.tensor([prompt_ids], device=device), cache, chunk_size, progress)
+    out, steps = [], []
+    stats = {"prompt_tokens": len(prompt_ids), "interrupted": False, "prefill_s": 0.0, "decode_s": 0.0}
+    prompt = torch.tensor([prompt_ids], device=device)
+
+    def timed(key, fn, *a):
+        t = time.perf_counter()
+        r = fn(*a)
         sync()
-        t1 = time.perf_counter()
-        stats["prefill_s"] = t1 - t0
+        stats[key] += time.perf_counter() - t
+        return r
+
+    try:
+        logits = timed("prefill_s", model.prefill, prompt, cache, chunk_size, progress)
+        ref = model.prefill(prompt, check_cache, chunk_size) if check_cache is not None else None
         pos = len(prompt_ids)
         for _ in range(max_new_tokens):
+            if ref is not None:
+                steps.append(compare(ref[0], logits[0]))
             tok = sample(logits[0], temperature, top_p, gen)
             if tok in stop_ids:
                 break
@@ -138,16 +161,20 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
                 on_token(tok)
             if len(out) == max_new_tokens:
                 break
-            logits = model(torch.tensor([[tok]], device=device), cache, pos)[:, -1]
+            step = torch.tensor([[tok]], device=device)
+            logits = timed("decode_s", model, step, cache, pos)[:, -1]
+            if check_cache is not None:
+                ref = model(step, check_cache, pos)[:, -1]
             pos += 1
     except KeyboardInterrupt:
         stats["interrupted"] = True
-    sync()
-    t2 = time.perf_counter()
-    stats.setdefault("prefill_s", t2 - t0)
-    steps = max(len(out) - 1, 0)  # forward passes after the prefill
-    stats["decode_ms_per_token"] = 1e3 * (t2 - t0 - stats["prefill_s"]) / steps if steps else None
-    stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"]
+    n = max(len(out) - 1, 0)  # forward passes after the prefill
+    stats["decode_ms_per_token"] = 1e3 * stats["decode_s"] / n if n else None
+    stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"] if stats["prefill_s"] else None
+    if steps:
+        stats["check"] = {"steps": steps, "mean_kl": sum(r["kl"] for r in steps) / len(steps),
+                          "max_kl": max(r["kl"] for r in steps),
+                          "top1_agreement": sum(r["top1"] for r in steps) / len(steps)}
     return out, stats
 
 
@@ -158,6 +185,19 @@ def positive_int(s):
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
+
+
+def layer_list(s):
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer ids such as 0,1, got {s!r}") from None
+
+
+def cache_config(args) -> CacheConfig:
+    return CacheConfig(policy=args.cache, quant_layers=args.quant_layers, bits=args.bits, group=args.group,
+                       residual=args.residual, budget=args.budget, sink=args.sink, recent=args.recent,
+                       select=args.select, channels=args.channels, sketch_bits=args.sketch_bits)
 
 
 def parse_args(argv=None):
@@ -173,7 +213,24 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--cache", choices=["full"], default="full", help="KV-cache policy")
+    d = CacheConfig()
+    c = p.add_argument_group("KV cache (defaults are CacheConfig's)")
+    c.add_argument("--cache", choices=POLICIES, default=d.policy,
+                   help="full; tailor: quantize --quant-layers, offload the rest; kivi: quantize all; "
+                        "sparse: offload all; streaming: sinks + recent window only")
+    c.add_argument("--quant-layers", type=layer_list, default=d.quant_layers, help="tailor: comma-separated layer ids")
+    c.add_argument("--bits", type=int, default=None, help="quantized layers' bits (1, 2, 4, 8; default: tailor 1, kivi 2)")
+    c.add_argument("--group", type=int, default=d.group, help="quantization group size g")
+    c.add_argument("--residual", type=int, default=d.residual, help="full-precision recent tokens R of a quantized layer")
+    c.add_argument("--budget", type=int, default=d.budget, help="device tokens per offloaded layer: sink + recent + top-k")
+    c.add_argument("--sink", type=int, default=d.sink)
+    c.add_argument("--recent", type=int, default=d.recent)
+    c.add_argument("--select", choices=["sketch", "channels"], default=d.select,
+                   help="top-k selector: a low-bit key sketch on the device, or the paper's C channels")
+    c.add_argument("--channels", type=int, default=d.channels, help="C for --select channels")
+    c.add_argument("--sketch-bits", type=int, default=d.sketch_bits)
+    c.add_argument("--check", action="store_true",
+                   help="run a full cache alongside; print top-1 agreement and KL(full || policy) per step")
     p.add_argument("--prefill-chunk", type=positive_int, default=PREFILL_CHUNK, help="prompt tokens per prefill step")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: on when it has one)")
@@ -181,6 +238,10 @@ def parse_args(argv=None):
                    help="what to do with a prompt longer than the context")
     p.add_argument("--report", help="write a JSON run report to this path")
     args = p.parse_args(argv)
+    try:
+        cache_config(args)
+    except ValueError as e:
+        p.error(str(e))
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -219,13 +280,16 @@ def run(args) -> int:
     ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
     stop_ids = set(tok.eos_ids)
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
+    cfg = cache_config(args)
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
         f"on {args.device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
-        f"cache {args.cache}")
-    cache = make_cache(args.cache, model, len(ids) + max_new, args.device, dtype)
+        f"cache {describe(cfg, model.args.n_layers)}")
+    cache = make_cache(cfg, model, len(ids) + max_new, args.device, dtype)
+    check = make_cache(CacheConfig(), model, len(ids) + max_new, args.device, dtype) if args.check else None
 
     from tqdm import tqdm
-    bar = tqdm(total=len(ids), unit="tok", desc="prefill", file=sys.stderr, leave=False)
+    bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} layers [{elapsed}<{remaining}]")
     stream = StreamDecoder(tok)
 
     def on_token(t):
@@ -234,7 +298,7 @@ def run(args) -> int:
         sys.stdout.flush()
 
     out, stats = generate(model, cache, ids, max_new, stop_ids, args.temperature, args.top_p, args.seed,
-                          on_token, bar.update, args.prefill_chunk)
+                          on_token, bar.update, args.prefill_chunk, check)
     bar.close()
     sys.stdout.write("\n")
     mem = cache.memory_report()
@@ -242,18 +306,52 @@ def run(args) -> int:
     log(("[interrupted] " if stats["interrupted"] else "") +
         f"prefill {len(ids)} tok in {stats['prefill_s']:.2f} s ({stats['prefill_tok_per_s']:.0f} tok/s); "
         f"decode {len(out)} tok" + (f" at {decode:.1f} ms/tok" if decode else "") +
-        f"; KV cache {mem['device_bytes'] / 2**20:.1f} MiB on device; peak memory {peak_memory(args.device) / 2**30:.2f} GiB")
+        f"; peak memory {peak_memory(args.device) / 2**30:.2f} GiB")
+    log(memory_table(mem))
+    if "check" in stats:
+        c = stats["check"]
+        log("check vs full cache, per step (KL nats / top-1): " +
+            " ".join(f"{r['kl']:.3f}{'' if r['top1'] else '*'}" for r in c["steps"][:64]) +
+            (" ..." if len(c["steps"]) > 64 else "") + "  (* = top-1 differs)")
+        log(f"check summary: {len(c['steps'])} steps, top-1 agreement {c['top1_agreement']:.3f}, "
+            f"mean KL {c['mean_kl']:.4f}, max KL {c['max_kl']:.4f}")
     if args.report:
         report = {"model": str(model_dir), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-                  "policy": {"cache": args.cache, "prefill_chunk": args.prefill_chunk},
+                  "policy": {"cache": args.cache, **vars(cfg), "kinds": cache.kinds, "prefill_chunk": args.prefill_chunk},
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "chat": chat},
                   "prompt_tokens": len(ids), "generated_ids": out, "generated_text": tok.decode(out, skip_special_tokens=True),
                   **{k: stats[k] for k in ("prefill_s", "prefill_tok_per_s", "decode_ms_per_token", "interrupted")},
-                  "kv_cache": mem, "peak_memory_bytes": peak_memory(args.device), "versions": versions()}
+                  "kv_cache": mem, "check": stats.get("check"), "peak_memory_bytes": peak_memory(args.device),
+                  "versions": versions()}
         if torch.device(args.device).type == "cuda":
             report["gpu"] = torch.cuda.get_device_name(args.device)
         Path(args.report).write_text(json.dumps(report, indent=2))
     return 130 if stats["interrupted"] else 0
+
+
+def describe(cfg: CacheConfig, n_layers: int) -> str:
+    kinds = cfg.layer_kinds(n_layers)
+    parts = []
+    if "quant" in kinds:
+        parts.append(f"quant {cfg.bits}-bit g={cfg.group} R={cfg.residual} on layers "
+                     f"{','.join(str(i) for i, k in enumerate(kinds) if k == 'quant') if len(set(kinds)) > 1 else 'all'}")
+    if "sparse" in kinds:
+        parts.append(f"offload {kinds.count('sparse')} layers: sink {cfg.sink} + recent {cfg.recent} + top-{cfg.topk} "
+                     f"by {cfg.select}" + (f" (C={cfg.channels})" if cfg.select == "channels" else f" ({cfg.sketch_bits}-bit)"))
+    if "window" in kinds:
+        parts.append(f"sink {cfg.sink} + recent {cfg.recent} only")
+    return f"{cfg.policy}" + (f" [{'; '.join(parts)}]" if parts else "")
+
+
+def memory_table(mem: dict) -> str:
+    mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
+    rows = [f"{'KV cache':<9}{'layers':>7}{'device MiB':>12}{'host MiB':>10}{'H2D KiB/step':>14}{'vs full':>9}"]
+    for kind, r in mem["by_kind"].items():
+        rows.append(f"{kind:<9}{r['layers']:>7}{mib(r['device_bytes']):>12}{mib(r['host_bytes']):>10}"
+                    f"{r['h2d_bytes_per_step'] / 1024:>14.1f}{r['full_cache_bytes'] / r['device_bytes']:>8.1f}x")
+    rows.append(f"{'total':<9}{sum(r['layers'] for r in mem['by_kind'].values()):>7}{mib(mem['device_bytes']):>12}"
+                f"{mib(mem['host_bytes']):>10}{mem['h2d_bytes_per_step'] / 1024:>14.1f}{mem['compression']:>8.1f}x")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:

@@ -1,63 +1,492 @@
-"""KV caches. The model calls exactly one method per attention layer:
+"""KV caches: the full baseline and the TailorKV hybrid (arXiv 2505.19586), in plain PyTorch.
 
-    out = cache.attend(layer, q, k, v, start)
+The model calls exactly one method per attention layer:
 
-    q: (B, H, T, hd)      queries of T new tokens at positions start..start+T-1, RoPE applied
+    out = cache.attend(layer, q, k, v, start, x)
+
+    q: (B, H, T, hd)       queries of T new tokens at positions start..start+T-1, RoPE applied
     k, v: (B, n_kv, T, hd) their keys (RoPE applied) and values
-    out: (B, H, T, hd)    attention of the new tokens over everything cached so far plus themselves
+    x: (B, T, dim)         the layer's normalised input (lets a cache predict the next layer's query)
+    out: (B, H, T, hd)     attention of the new tokens over everything cached plus themselves
 
-The cache appends k/v and computes the attention itself, so a policy that stores keys
-quantized or in host memory never has to hand full K/V back to the model. Every cache also
-reports its memory (`memory_report`), counted from the tensors it actually holds.
+T > 1 is a prefill chunk (exact attention); T == 1 is a decode step, which a compressed layer
+answers from its compressed store. Each layer has one strategy:
+
+  full    K/V in preallocated device buffers.
+  quant   KIVI-style: keys quantized per channel over groups of g tokens, values per token over
+          groups of g channels, codes packed LSB-first into int32; the newest R-g..R-1 tokens stay
+          in full precision and each group is quantized exactly once.
+  sparse  K/V of every token in (pinned) host memory; on the device only `sink` first tokens, a
+          sliding window of the `recent` newest, and what the selector needs. Each decode step
+          picks the top-k offloaded tokens per KV head and gathers their rows to the device.
+  window  sinks + recent window only (StreamingLLM): a sparse layer with top-k = 0 and no host store.
+
+Compressed caches hold batch 1. Buffers are preallocated at their final size (no growth by
+torch.cat) so the same layout can be driven by kernels and captured in a CUDA graph later.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+POLICIES = ("full", "tailor", "kivi", "sparse", "streaming")
+DEFAULT_BITS = {"tailor": 1, "kivi": 2}  # TailorKV-1 (the paper's LongBench/latency setting), KIVI-2
+
+
+@dataclass
+class CacheConfig:
+    """Every knob of every policy, with the defaults generate.py exposes as flags."""
+    policy: str = "full"
+    quant_layers: tuple[int, ...] = (0,)  # tailor: quantized layers; every other layer is offloaded
+    bits: int | None = None               # quant layers; None: DEFAULT_BITS[policy]
+    group: int = 64                       # g: tokens per key group, channels per value group
+    residual: int = 128                   # R: full-precision window of a quant layer
+    budget: int = 192                     # device-resident tokens of a sparse layer: sink + recent + top-k
+    sink: int = 8
+    recent: int = 56
+    select: str = "sketch"                # sparse selector: sketch | channels
+    channels: int = 8                     # C: channels the `channels` selector scores on
+    sketch_bits: int = 2
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.bits is None:
+            self.bits = DEFAULT_BITS.get(self.policy, 2)
+        for name, value, allowed in (("bits", self.bits, (1, 2, 4, 8)), ("sketch-bits", self.sketch_bits, (1, 2, 4, 8)),
+                                     ("select", self.select, ("sketch", "channels"))):
+            if value not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {value!r}")
+        if self.group <= 0 or self.group % 32:
+            raise ValueError(f"--group must be a positive multiple of 32 (codes pack 32 bits per int32), got {self.group}")
+        if self.residual < self.group or self.residual % self.group:
+            raise ValueError(f"--residual must be a multiple of --group ({self.group}), got {self.residual}")
+        if self.sink < 0 or self.recent < 1:
+            raise ValueError(f"--sink must be >= 0 and --recent >= 1, got {self.sink} and {self.recent}")
+        if self.policy in ("tailor", "sparse") and self.topk < 1:
+            raise ValueError(f"--budget {self.budget} leaves no room for retrieved tokens after --sink {self.sink} "
+                             f"and --recent {self.recent}; raise it above {self.sink + self.recent}")
+        if self.channels < 1:
+            raise ValueError(f"--channels must be >= 1, got {self.channels}")
+
+    @property
+    def topk(self) -> int:
+        return self.budget - self.sink - self.recent
+
+    def layer_kinds(self, n_layers: int) -> list[str]:
+        if self.policy == "tailor":
+            bad = [i for i in self.quant_layers if not 0 <= i < n_layers]
+            if bad:
+                raise ValueError(f"--quant-layers {bad} out of range for a {n_layers}-layer model")
+            return ["quant" if i in self.quant_layers else "sparse" for i in range(n_layers)]
+        return [{"full": "full", "kivi": "quant", "sparse": "sparse", "streaming": "window"}[self.policy]] * n_layers
+
+
+# ------------------------------------------------------------------------------- attention
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of T queries over S >= T keys, the queries being the last T positions.
 
     q: (B, H, T, hd); k, v: (B, n_kv, S, hd). GQA is handled without repeating K/V.
     Prefill (T > 1) uses SDPA with a lower-right causal mask (flash/memory-efficient kernels
-    on CUDA, a tiled kernel on CPU); decode (T == 1) folds the query group into one matmul.
+    on CUDA, a tiled kernel on CPU); decode (T == 1) folds the query group into one matmul
+    and takes the softmax in fp32. The result has q's dtype.
     """
     B, H, T, hd = q.shape
     n_kv = k.shape[1]
     if T > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, k.shape[2]),
                                               enable_gqa=H != n_kv)
-    qg = q.view(B, n_kv, H // n_kv, hd)                                  # (B, n_kv, G, hd)
+    qg = q.view(B, n_kv, H // n_kv, hd).to(k.dtype)                      # (B, n_kv, G, hd)
     scores = (qg @ k.transpose(-1, -2)).float() * hd ** -0.5              # (B, n_kv, G, S)
     out = scores.softmax(-1).to(v.dtype) @ v                             # (B, n_kv, G, hd)
-    return out.view(B, H, 1, hd)
+    return out.view(B, H, 1, hd).to(q.dtype)
 
 
-class FullCache:
-    """The uncompressed baseline: K/V of every layer in preallocated device buffers."""
+# ---------------------------------------------------------------------------- quantization
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 batch: int = 1, device="cpu", dtype=torch.float32):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # (L, B, n_kv, max_len, hd)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0  # tokens held (all layers agree once a forward pass has finished)
+def quantize(x: torch.Tensor, bits: int, store_dtype: torch.dtype):
+    """Asymmetric min/max quantization of each group along the last dim.
 
-    @staticmethod
-    def bytes_needed(n_layers, n_kv_heads, head_dim, max_len, batch=1, dtype=torch.float32) -> int:
-        return 2 * n_layers * batch * n_kv_heads * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
+    x: (..., g) -> codes uint8 (..., g), scale (...), mn (...) with x ~= codes * scale + mn.
+    scale and mn are rounded to store_dtype before the codes are computed, so the stored
+    triple reconstructs every element within scale / 2. A constant group gets scale 0.
+    """
+    xf = x.float()
+    mn, mx = xf.amin(-1), xf.amax(-1)
+    scale = ((mx - mn) / (2 ** bits - 1)).to(store_dtype)
+    mn = mn.to(store_dtype)
+    s = scale.float()
+    codes = ((xf - mn.float()[..., None]) / torch.where(s == 0, 1.0, s)[..., None]).round_()
+    return codes.clamp_(0, 2 ** bits - 1).to(torch.uint8), scale, mn
 
-    def attend(self, layer, q, k, v, start):
-        T = k.shape[2]
-        end = start + T
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache full: position {end} exceeds its {self.max_len} slots")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (..., N) of `bits` each -> int32 (..., N * bits / 32), LSB first."""
+    per = 32 // bits
+    c = codes.view(*codes.shape[:-1], -1, per).to(torch.int64)
+    shifts = torch.arange(0, 32, bits, device=codes.device, dtype=torch.int64)
+    word = (c << shifts).sum(-1)                                  # in [0, 2^32)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 (..., M) -> uint8 codes (..., M * 32 / bits); inverse of pack."""
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
+    codes = (words[..., None] >> shifts) & (2 ** bits - 1)
+    return codes.reshape(*words.shape[:-1], -1).to(torch.uint8)
+
+
+class QuantStore:
+    """Append-only quantized token store with a full-precision residual (one layer, batch 1).
+
+    per_channel=True (keys): a group is g consecutive tokens of one channel; codes are packed
+    along the token axis, (n_kv, hd, max_len * bits / 32). per_channel=False (values): a group
+    is g consecutive channels of one token; codes (n_kv, max_len, hd * bits / 32).
+    The newest tokens wait in `res` (n_kv, R, hd); when it would hold R, its oldest full groups
+    are quantized and appended, so R - g .. R - 1 tokens stay exact and no token is quantized twice.
+    """
+
+    def __init__(self, n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype):
+        assert (group * bits) % 32 == 0 and residual % group == 0 and (per_channel or hd % group == 0)
+        self.bits, self.g, self.R, self.per_channel = bits, group, residual, per_channel
+        cap = -(-max_len // group) * group  # token capacity, whole groups
+        w = 32 // bits
+        if per_channel:
+            self.codes = torch.zeros(n_kv, hd, cap // w, dtype=torch.int32, device=device)
+            self.scale = torch.zeros(n_kv, hd, cap // group, dtype=dtype, device=device)
+        else:
+            self.codes = torch.zeros(n_kv, cap, hd // w, dtype=torch.int32, device=device)
+            self.scale = torch.zeros(n_kv, cap, hd // group, dtype=dtype, device=device)
+        self.mn = torch.zeros_like(self.scale)
+        self.res = torch.zeros(n_kv, residual, hd, dtype=dtype, device=device)
+        self.n_q = 0  # quantized tokens (a multiple of g)
+        self.n_r = 0  # tokens waiting in the residual
+
+    def __len__(self):
+        return self.n_q + self.n_r
+
+    def tensors(self):
+        return [self.codes, self.scale, self.mn, self.res]
+
+    def append(self, x: torch.Tensor):
+        """x: (n_kv, T, hd) new tokens, oldest first."""
+        pending = torch.cat([self.res[:, :self.n_r], x.to(self.res.dtype)], dim=1)  # (n_kv, n_r + T, hd)
+        total = pending.shape[1]
+        n_flush = ((total - self.R) // self.g + 1) * self.g if total >= self.R else 0
+        if n_flush:
+            self._quantize_into(pending[:, :n_flush])
+        keep = pending[:, n_flush:]
+        self.res[:, :keep.shape[1]] = keep
+        self.n_r = keep.shape[1]
+
+    def _quantize_into(self, x):  # x: (n_kv, n, hd), n a multiple of g
+        n_kv, n, hd = x.shape
+        g, w = self.g, 32 // self.bits
+        a, b = self.n_q, self.n_q + n
+        if self.per_channel:
+            codes, scale, mn = quantize(x.transpose(1, 2).reshape(n_kv, hd, n // g, g), self.bits, self.scale.dtype)
+            self.codes[:, :, a // w:b // w] = pack(codes.reshape(n_kv, hd, n), self.bits)
+            self.scale[:, :, a // g:b // g], self.mn[:, :, a // g:b // g] = scale, mn
+        else:
+            codes, scale, mn = quantize(x.reshape(n_kv, n, hd // g, g), self.bits, self.scale.dtype)
+            self.codes[:, a:b] = pack(codes.reshape(n_kv, n, hd), self.bits)
+            self.scale[:, a:b], self.mn[:, a:b] = scale, mn
+        self.n_q = b
+
+    def dequantize(self) -> torch.Tensor:
+        """All stored tokens in fp32, oldest first: (n_kv, n_q + n_r, hd)."""
+        g, w, n = self.g, 32 // self.bits, self.n_q
+        if self.per_channel:
+            codes = unpack(self.codes[:, :, :n // w], self.bits).float()                    # (n_kv, hd, n)
+            n_kv, hd = codes.shape[:2]
+            x = codes.view(n_kv, hd, n // g, g) * self.scale[:, :, :n // g, None].float() \
+                + self.mn[:, :, :n // g, None].float()
+            x = x.reshape(n_kv, hd, n).transpose(1, 2)
+        else:
+            codes = unpack(self.codes[:, :n], self.bits).float()                             # (n_kv, n, hd)
+            n_kv, _, hd = codes.shape
+            x = codes.view(n_kv, n, hd // g, g) * self.scale[:, :n, :, None].float() + self.mn[:, :n, :, None].float()
+            x = x.reshape(n_kv, n, hd)
+        return torch.cat([x, self.res[:, :self.n_r].float()], dim=1)
+
+
+# ---------------------------------------------------------------------------- layer strategies
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FullLayer:
+    kind = "full"
+
+    def __init__(self, n_kv, hd, max_len, batch, device, dtype):
+        self.k = torch.empty(batch, n_kv, max_len, hd, device=device, dtype=dtype)  # (B, n_kv, max_len, hd)
+        self.v = torch.empty_like(self.k)
+        self.length, self.h2d_bytes = 0, 0
+
+    def decode(self, q, k, v, start):
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         self.length = end
-        return attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
+        return attention(q, self.k[:, :, :end], self.v[:, :, :end])
+
+    def prefill(self, q, k, v, start, stage):
+        return self.decode(q, k, v, start)  # its own buffers hold the exact K/V already
+
+    def device_tensors(self):
+        return [self.k, self.v]
+
+    def host_tensors(self):
+        return []
+
+
+class QuantLayer:
+    """KIVI-style quantized K/V (see QuantStore); exact attention during prefill."""
+    kind = "quant"
+
+    def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype):
+        args = (n_kv, hd, max_len, cfg.bits, cfg.group, cfg.residual)
+        self.keys = QuantStore(*args, per_channel=True, device=device, dtype=dtype)
+        self.values = QuantStore(*args, per_channel=False, device=device, dtype=dtype)
+        self.h2d_bytes = 0
+
+    def prefill(self, q, k, v, start, stage):
+        out = stage.attend(q, k, v, start)  # exact: the prompt's own K/V
+        self.keys.append(k[0])
+        self.values.append(v[0])
+        return out
+
+    def decode(self, q, k, v, pos):
+        self.keys.append(k[0])
+        self.values.append(v[0])
+        K, V = self.keys.dequantize(), self.values.dequantize()  # (n_kv, S, hd) fp32
+        return attention(q.float(), K[None], V[None]).to(q.dtype)
+
+    def device_tensors(self):
+        return self.keys.tensors() + self.values.tensors()
+
+    def host_tensors(self):
+        return []
+
+
+class SparseLayer:
+    """Offloaded K/V with top-k retrieval (topk > 0), or a plain sink + window layer (topk == 0).
+
+    Positions [0, sink) live in `sink_k/v`, the newest `recent` positions in the ring buffer
+    `win_k/v` (position p at slot p % recent); the positions between them are "offloaded":
+    reachable only through the host store, from which each decode step gathers the top-k.
+    """
+
+    def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, topk, device, dtype, host_device):
+        self.sink, self.recent, self.topk = cfg.sink, cfg.recent, topk
+        self.kind = "sparse" if topk else "window"
+        self.select, self.C = cfg.select, min(cfg.channels, hd)
+        kw = dict(device=device, dtype=dtype)
+        self.sink_k = torch.zeros(n_kv, cfg.sink, hd, **kw)
+        self.sink_v = torch.zeros_like(self.sink_k)
+        self.win_k = torch.zeros(n_kv, cfg.recent, hd, **kw)
+        self.win_v = torch.zeros_like(self.win_k)
+        self.length, self.h2d_bytes = 0, 0
+        self.sketch = self.kmax = None
+        self.qhat = None  # (H, hd) this layer's query as predicted one layer earlier (channels selector)
+        if topk:
+            pin = torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu"
+            self.sel_k = torch.zeros(n_kv, topk, hd, **kw)
+            self.sel_v = torch.zeros_like(self.sel_k)
+            self.host_k = torch.empty(n_kv, max_len, hd, dtype=dtype, device=host_device, pin_memory=pin)
+            self.host_v = torch.empty(n_kv, max_len, hd, dtype=dtype, device=host_device, pin_memory=pin)
+            if cfg.select == "sketch":  # low-bit copy of every key; its residual covers the last partial group
+                self.sketch = QuantStore(n_kv, hd, max_len, cfg.sketch_bits, cfg.group, cfg.group, True, device, dtype)
+            else:
+                self.kmax = torch.zeros(n_kv, hd, **kw)  # running max_t |K[t, c]| per channel
+
+    def _store(self, k, v, start):
+        """Place new tokens k, v: (n_kv, T, hd) at positions start.. in sinks, window and host store."""
+        T = k.shape[1]
+        end = start + T
+        if start < self.sink:
+            n = min(end, self.sink) - start
+            self.sink_k[:, start:start + n], self.sink_v[:, start:start + n] = k[:, :n], v[:, :n]
+        first = max(start, self.sink, end - self.recent)  # only the newest `recent` can stay in the ring
+        if first < end:
+            slots = torch.arange(first, end, device=k.device) % self.recent
+            self.win_k[:, slots], self.win_v[:, slots] = k[:, first - start:], v[:, first - start:]
+        if self.topk:
+            self.host_k[:, start:end].copy_(k)
+            self.host_v[:, start:end].copy_(v)
+            if self.sketch is not None:
+                self.sketch.append(k)
+            else:
+                torch.maximum(self.kmax, k.abs().amax(1), out=self.kmax)
+        self.length = end
+
+    def prefill(self, q, k, v, start, stage):
+        out = stage.attend(q, k, v, start)  # exact: the prompt's own K/V
+        self._store(k[0], v[0], start)
+        return out
+
+    def decode(self, q, k, v, pos):
+        self._store(k[0], v[0], pos)
+        L = self.length
+        n_sink = min(L, self.sink)
+        first_recent = max(self.sink, L - self.recent)
+        slots = torch.arange(first_recent, L, device=k.device) % self.recent
+        parts_k, parts_v = [self.sink_k[:, :n_sink]], [self.sink_v[:, :n_sink]]
+        n_off = first_recent - self.sink  # offloaded positions [sink, first_recent)
+        if self.topk and n_off > 0:
+            idx = self._select(q[0, :, 0], n_off)  # (n_kv, k) positions
+            n = idx.shape[1]
+            self.sel_k[:, :n], self.sel_v[:, :n] = self._gather(idx)
+            parts_k.append(self.sel_k[:, :n])
+            parts_v.append(self.sel_v[:, :n])
+        parts_k.append(self.win_k[:, slots])
+        parts_v.append(self.win_v[:, slots])
+        return attention(q, torch.cat(parts_k, 1)[None], torch.cat(parts_v, 1)[None])
+
+    def _select(self, q, n_off):
+        """q: (H, hd) real queries -> (n_kv, min(topk, n_off)) offloaded positions to fetch."""
+        n_kv = self.win_k.shape[0]
+        qk = q.view(n_kv, -1, q.shape[-1]).float().mean(1)  # (n_kv, hd): one query per KV head
+        lo, hi = self.sink, self.sink + n_off
+        if n_off <= self.topk:  # everything fits in the budget: take it all, exactly
+            return torch.arange(lo, hi, device=q.device).expand(n_kv, n_off)
+        if self.sketch is not None:
+            keys = self.sketch.dequantize()[:, lo:hi]                         # (n_kv, n_off, hd) fp32
+            scores = (keys @ qk[..., None])[..., 0]                           # (n_kv, n_off)
+        else:
+            qhat = self.qhat if self.qhat is not None else q  # layer 0 has no predictor: its own query
+            qhat = qhat.view(n_kv, -1, q.shape[-1]).float().mean(1)          # (n_kv, hd)
+            ch = (qhat.abs() * self.kmax.float()).topk(self.C, dim=-1).indices  # (n_kv, C)
+            # the paper's data path: C channels of every offloaded key cross host -> device each step
+            heads = torch.arange(n_kv)[:, None, None]
+            cols = self.host_k[heads, torch.arange(lo, hi)[None, :, None], ch.cpu()[:, None, :]]  # (n_kv, n_off, C)
+            self.h2d_bytes += cols.numel() * cols.element_size()
+            kc = cols.to(q.device, non_blocking=True).float()
+            scores = (kc * qk.gather(1, ch)[:, None, :]).sum(-1)              # (n_kv, n_off)
+        return scores.topk(self.topk, dim=-1).indices + lo
+
+    def _gather(self, idx):
+        """Rows idx (n_kv, k) of the host store -> device (n_kv, k, hd) K and V."""
+        rows = idx.cpu()
+        heads = torch.arange(rows.shape[0])[:, None]
+        k, v = self.host_k[heads, rows], self.host_v[heads, rows]
+        self.h2d_bytes += 2 * k.numel() * k.element_size()
+        dev = self.sel_k.device
+        return k.to(dev, non_blocking=True), v.to(dev, non_blocking=True)
+
+    def device_tensors(self):
+        t = [self.sink_k, self.sink_v, self.win_k, self.win_v]
+        if self.topk:
+            t += [self.sel_k, self.sel_v] + (self.sketch.tensors() if self.sketch is not None else [self.kmax])
+        return t
+
+    def host_tensors(self):
+        return [self.host_k, self.host_v] if self.topk else []
+
+
+class PrefillStage:
+    """Exact K/V of the layer being prefilled, shared by all compressed layers.
+
+    The model prefills layer by layer, so one (n_kv, max_len, hd) buffer pair serves every
+    layer in turn; it is freed at the first decode step.
+    """
+
+    def __init__(self, n_kv, hd, max_len, device, dtype):
+        self.shape, self.device, self.dtype = (1, n_kv, max_len, hd), device, dtype
+        self.k = self.v = None
+
+    def attend(self, q, k, v, start):
+        if self.k is None:
+            self.k = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+            self.v = torch.empty_like(self.k)
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return attention(q, self.k[:, :, :end], self.v[:, :, :end])
+
+    def nbytes(self):
+        return 2 * torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def free(self):
+        self.k = self.v = None
+
+
+# ---------------------------------------------------------------------------------- the cache
+
+class KVCache:
+    """One strategy per layer behind the model's single `attend` call, plus memory telemetry."""
+
+    def __init__(self, model, max_len: int, cfg: CacheConfig = CacheConfig(), batch: int = 1,
+                 device="cpu", dtype=torch.float32, host_device="cpu"):
+        a = model.args
+        self.cfg, self.max_len, self.dtype = cfg, max_len, dtype
+        self.kinds = cfg.layer_kinds(a.n_layers)
+        if batch != 1 and any(k != "full" for k in self.kinds):
+            raise ValueError("compressed caches hold a batch of 1")
+        shape = (a.n_kv_heads, a.head_dim, max_len)
+        self.layers = []
+        for kind in self.kinds:
+            if kind == "full":
+                self.layers.append(FullLayer(*shape, batch, device, dtype))
+            elif kind == "quant":
+                self.layers.append(QuantLayer(*shape, cfg, device, dtype))
+            else:
+                topk = cfg.topk if kind == "sparse" else 0
+                self.layers.append(SparseLayer(*shape, cfg, topk, device, dtype, host_device))
+        self.stage = PrefillStage(*shape, device, dtype)
+        # the channels selector predicts layer l+1's query from layer l's input: W_q of l+1, RoPE
+        self.predict = [kind == "sparse" and cfg.select == "channels" for kind in self.kinds[1:]] + [False]
+        self.wq = [b.attn.wq.weight for b in model.layers]
+        self.inv_freq, self.n_heads, self.head_dim = model.inv_freq, a.n_heads, a.head_dim
+        self.full_layer_bytes = 2 * a.n_kv_heads * a.head_dim * max_len * batch * torch.empty((), dtype=dtype).element_size()
+        self.length, self.decode_steps = 0, 0
+
+    def attend(self, layer, q, k, v, start, x=None):
+        if q.shape[0] != 1 and self.kinds[layer] != "full":
+            raise ValueError("compressed caches hold a batch of 1")
+        if start + k.shape[2] > self.max_len:
+            raise RuntimeError(f"KV cache full: position {start + k.shape[2]} exceeds its {self.max_len} slots")
+        cache = self.layers[layer]
+        if q.shape[2] > 1:
+            out = cache.prefill(q, k, v, start, self.stage)
+        else:
+            if layer == 0:
+                self.stage.free()
+                self.decode_steps += 1
+            out = cache.decode(q, k, v, start)
+            if self.predict[layer] and x is not None:
+                self.layers[layer + 1].qhat = self._predict_query(layer + 1, x, start)
+        self.length = start + k.shape[2]
+        return out
+
+    def _predict_query(self, layer, x, pos):
+        """Layer `layer`'s query at `pos`, predicted from the previous layer's normalised input x (1, 1, dim)."""
+        from model import apply_rope
+        qhat = F.linear(x, self.wq[layer]).view(1, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (1, H, 1, hd)
+        freqs = pos * self.inv_freq
+        return apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]  # (H, hd)
 
     def memory_report(self) -> dict:
-        held = self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-        return {"policy": "full", "device_bytes": held, "host_bytes": 0, "h2d_bytes_per_step": 0}
+        """Bytes held, counted from the tensors themselves, per layer kind and in total."""
+        by_kind = {}
+        for layer in self.layers:
+            r = by_kind.setdefault(layer.kind, {"layers": 0, "device_bytes": 0, "host_bytes": 0, "h2d_bytes": 0})
+            r["layers"] += 1
+            r["device_bytes"] += nbytes(layer.device_tensors())
+            r["host_bytes"] += nbytes(layer.host_tensors())
+            r["h2d_bytes"] += layer.h2d_bytes
+        steps = max(self.decode_steps, 1)
+        for r in by_kind.values():
+            r["h2d_bytes_per_step"] = r.pop("h2d_bytes") / steps
+            r["full_cache_bytes"] = r["layers"] * self.full_layer_bytes
+        total = {k: sum(r[k] for r in by_kind.values())
+                 for k in ("device_bytes", "host_bytes", "h2d_bytes_per_step", "full_cache_bytes")}
+        return {"policy": self.cfg.policy, **total, "compression": total["full_cache_bytes"] / total["device_bytes"],
+                "prefill_stage_bytes": 0 if all(k == "full" for k in self.kinds) else self.stage.nbytes(),
+                "by_kind": by_kind}
+
+
+def plan_memory(model, max_len: int, cfg: CacheConfig, batch: int = 1, dtype=torch.float32) -> dict:
+    """The memory report of a cache that is never allocated: built on the meta device."""
+    return KVCache(model, max_len, cfg, batch, device="meta", dtype=dtype, host_device="meta").memory_report()

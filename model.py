@@ -1,9 +1,10 @@
 """A from-scratch Llama (Llama 2/3/3.1/3.2, SmolLM2, Mistral) for long-context inference.
 
 Reading order: config -> RoPE -> blocks -> Transformer -> weight loading.
-The model knows nothing about caching: each attention layer hands its fresh q/k/v to
-`cache.attend(layer, q, k, v, start)` and gets the attention output back (see kvcache.py),
-so a compressed cache can run its own attention over data the model never sees.
+The model knows nothing about caching: each attention layer hands its fresh q/k/v (and its
+normalised input x) to `cache.attend(layer, q, k, v, start, x)` and gets the attention output
+back (see kvcache.py), so a compressed cache can run its own attention over data the model
+never sees.
 """
 import json
 import math
@@ -127,7 +128,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = cache.attend(self.layer, q, k, v, start)                     # (B, H, T, hd)
+        out = cache.attend(self.layer, q, k, v, start, x)                  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -165,16 +166,19 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
+    def rope(self, start: int, T: int, device):
+        """cos, sin (T, hd/2) for positions start..start+T-1."""
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
     def forward(self, tokens: torch.Tensor, cache, start: int, logits_at: slice | None = slice(-1, None)):
         """Run tokens (B, T) at positions start..start+T-1 through the model, appending to `cache`.
 
         Returns float32 logits (B, T', vocab) only for the positions `logits_at` selects
-        (default: the last one), so a long chunk never materialises a T x vocab tensor.
+        (default: the last one), so a long input never materialises a T x vocab tensor.
         """
-        B, T = tokens.shape
-        pos = torch.arange(start, start + T, device=tokens.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]  # (T, hd/2)
-        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = self.rope(start, tokens.shape[1], tokens.device)
         x = self.embed(tokens)  # (B, T, dim)
         for block in self.layers:
             x = block(x, cos, sin, cache, start)
@@ -184,19 +188,27 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache, chunk_size: int = PREFILL_CHUNK, progress=None):
-        """Feed a long prompt (B, T) through in chunks; returns the last position's logits (B, vocab).
+        """Feed a long prompt (B, T) through, layer by layer and chunk by chunk; returns the last
+        position's logits (B, vocab).
 
-        Attention memory per chunk is chunk_size x context, never T x T; `progress(n)` is
-        called after each chunk with the number of tokens it consumed.
+        Layer-major order means a cache needs the exact K/V of only the current layer's prompt
+        while prefilling (a compressed cache can then store each layer its own way), and
+        attention memory per step is chunk_size x T, never T x T. `progress(f)` is called after
+        each (layer, chunk) step with the fraction f of a layer it covered.
         """
-        T = tokens.shape[1]
+        B, T = tokens.shape
         assert T > 0 and chunk_size > 0
-        for s in range(0, T, chunk_size):
-            last = s + chunk_size >= T
-            logits = self(tokens[:, s:s + chunk_size], cache, s, slice(-1, None) if last else None)
-            if progress is not None:
-                progress(min(chunk_size, T - s))
-        return logits[:, -1]
+        cos, sin = self.rope(0, T, tokens.device)
+        bounds = list(range(0, T, chunk_size)) + [T]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]  # a cache reads a 1-token call as a decode step: keep prefill chunks longer
+        x = self.embed(tokens)  # (B, T, dim): the whole prompt's residual stream
+        for block in self.layers:
+            for s, e in zip(bounds, bounds[1:]):
+                x[:, s:e] = block(x[:, s:e], cos[s:e], sin[s:e], cache, s)
+                if progress is not None:
+                    progress((e - s) / T)
+        return self.lm_head(self.norm(x[:, -1])).float()
 
 
 # ----------------------------------------------------------------------------- weight loading
