@@ -125,7 +125,7 @@ def quantize(x: torch.Tensor, bits: int, store_dtype: torch.dtype):
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (..., N) of `bits` each -> int32 (..., N * bits / 32), LSB first."""
     per = 32 // bits
-    c = codes.view(*codes.shape[:-1], -1, per).to(torch.int64)
+    c = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.int64)
     shifts = torch.arange(0, 32, bits, device=codes.device, dtype=torch.int64)
     word = (c << shifts).sum(-1)                                  # in [0, 2^32)
     return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
@@ -135,7 +135,7 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 (..., M) -> uint8 codes (..., M * 32 / bits); inverse of pack."""
     shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
     codes = (words[..., None] >> shifts) & (2 ** bits - 1)
-    return codes.reshape(*words.shape[:-1], -1).to(torch.uint8)
+    return codes.reshape(*words.shape[:-1], words.shape[-1] * (32 // bits)).to(torch.uint8)
 
 
 class QuantStore:

@@ -11,14 +11,13 @@ from conftest import ROOT, TINY_LLAMA31, write_hf_model
 
 import checkpoint
 from generate import generate
-from kvcache import FullCache
+from kvcache import KVCache
 from tokenizer import StreamDecoder, Tokenizer
 
 
 def greedy(model, tok, text, n=30):
     ids = tok.encode_chat([{"role": "user", "content": text}])
-    a = model.args
-    cache = FullCache(a.n_layers, a.n_kv_heads, a.head_dim, len(ids) + n)
+    cache = KVCache(model, len(ids) + n)
     out, _ = generate(model, cache, ids, n, set(tok.eos_ids))
     return tok.decode(out)
 

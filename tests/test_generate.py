@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 
 import generate
-from kvcache import FullCache
+from kvcache import CacheConfig, KVCache
 from tokenizer import Tokenizer
 
 DOC = ROOT / "examples" / "lighthouse.txt"
@@ -98,7 +98,6 @@ def test_sampling():
 def test_interrupt_keeps_what_was_generated(default_dir, default_model):
     tok = Tokenizer(default_dir)
     ids = tok.encode_chat([{"role": "user", "content": "Count from one to fifty in words."}])
-    a = default_model.args
     seen = []
 
     def on_token(t):
@@ -106,13 +105,15 @@ def test_interrupt_keeps_what_was_generated(default_dir, default_model):
         if len(seen) == 5:
             raise KeyboardInterrupt
 
-    cache = FullCache(a.n_layers, a.n_kv_heads, a.head_dim, len(ids) + 40)
+    cache = KVCache(default_model, len(ids) + 40)
     out, stats = generate.generate(default_model, cache, ids, 40, set(tok.eos_ids), on_token=on_token)
     assert stats["interrupted"] and out == seen and len(out) == 5
 
 
 def test_memory_refusal_before_allocating(default_model, monkeypatch):
-    monkeypatch.setattr(generate, "free_memory", lambda device: 100 << 20)
-    with pytest.raises(generate.UsageError, match=r"for 8192 positions needs 0.35 GiB .* only 0.10 GiB of host memory is free"):
-        generate.make_cache("full", default_model, 8192, "cpu", torch.float32)
-    assert FullCache.bytes_needed(30, 3, 64, 8192) == 2 * 30 * 3 * 64 * 8192 * 4
+    monkeypatch.setattr(generate, "free_memory", lambda device: 600 << 20)
+    with pytest.raises(generate.UsageError, match=r"full KV cache for 8192 positions needs 0.67 GiB of host memory "
+                                                  r"\(cache 0.35 \+ prefill 0.00 \+ working 0.32\) but only 0.59 GiB"):
+        generate.make_cache(CacheConfig(), default_model, 8192, "cpu", torch.float32)
+    # the same budget holds a shorter one (on a CPU an offloaded layer's host store is the same memory)
+    assert isinstance(generate.make_cache(CacheConfig("tailor"), default_model, 2048, "cpu", torch.float32), KVCache)

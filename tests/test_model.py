@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY_LLAMA31, TINY_MISTRAL, write_hf_model
 
-from kvcache import FullCache
+from kvcache import KVCache
 from model import ModelArgs, load_model
 
 # fp32 on both sides. The two implementations order reductions differently (SDPA kernels, RoPE
@@ -17,8 +17,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same 
 
 
 def new_cache(model, max_len):
-    a, w = model.args, model.embed.weight
-    return FullCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, device=w.device, dtype=w.dtype)
+    w = model.embed.weight
+    return KVCache(model, max_len, device=w.device, dtype=w.dtype)
 
 
 def full_logits(model, tokens):
@@ -88,8 +88,9 @@ def test_chunked_prefill_equals_one_pass(default_dir, device):
     torch.testing.assert_close(last[0].cpu(), ref, rtol=1e-4, atol=1e-4)
     one = new_cache(model, 250)
     model.prefill(tokens, one, chunk_size=250)
-    torch.testing.assert_close(chunked.k, one.k, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(chunked.v, one.v, rtol=1e-4, atol=1e-4)
+    for a, b in zip(chunked.layers, one.layers):
+        torch.testing.assert_close(a.k, b.k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.v, b.v, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,8 +121,7 @@ def test_bf16_tracks_fp32(tiny_llama_dir, device):
 
 def test_cache_overflow_is_refused(tiny_llama_dir):
     model = load_model(tiny_llama_dir)
-    a = model.args
-    cache = FullCache(a.n_layers, a.n_kv_heads, a.head_dim, 8)
+    cache = KVCache(model, 8)
     with pytest.raises(RuntimeError, match="KV cache full"):
         model.prefill(torch.zeros(1, 9, dtype=torch.long), cache)
 

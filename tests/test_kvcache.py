@@ -1,0 +1,277 @@
+"""kvcache.py: quantization, every layer strategy against exact attention, boundaries, telemetry."""
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from kvcache import (CacheConfig, KVCache, PrefillStage, QuantLayer, QuantStore, SparseLayer, attention,
+                     nbytes, pack, plan_memory, quantize, unpack)
+from model import ModelArgs, Transformer
+
+sys.path.insert(0, str(ROOT / "bench"))
+from doc_repeat import document_repeat, first_pass_nll  # noqa: E402
+
+GQA_SHAPES = [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 128)]  # (heads, kv heads, head_dim): ratios 1, 3, 4, 8
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------- quantization
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_round_trips(bits):
+    codes = torch.randint(0, 2 ** bits, (3, 5, 128), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    words = pack(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (3, 5, 128 * bits // 32)
+    assert torch.equal(unpack(words, bits), codes)
+    if bits == 1:  # LSB first: code i of a word is bit i
+        assert pack(torch.tensor([[1] + [0] * 31], dtype=torch.uint8), 1).item() == 1
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_quantize_error_within_half_step(bits):
+    x = rand(4, 6, 64, seed=bits) * torch.linspace(0.1, 10, 64)  # groups of very different ranges
+    x[0, 0] = 3.25  # a constant group: max == min must not divide by zero
+    codes, scale, mn = quantize(x, bits, torch.float32)
+    assert codes.max() <= 2 ** bits - 1 and torch.isfinite(scale).all()
+    err = (codes.float() * scale[..., None] + mn[..., None] - x).abs()
+    assert (err <= scale[..., None] / 2 + 1e-5).all()
+    assert scale[0, 0] == 0 and err[0, 0].max() == 0
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["keys", "values"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_quant_store_flush_groups_and_residual(per_channel, bits):
+    n_kv, hd, g, R = 2, 64, 64, 128
+    x = rand(n_kv, 700, hd, seed=bits) * 3
+    store = QuantStore(n_kv, hd, 700, bits, g, R, per_channel, "cpu", torch.float32)
+    frozen = None
+    pos = 0
+    for size in [1, 5, 63, 1, 64, 130, 1, 1, 200, 2, 232]:  # crosses group and residual edges, sums to 700
+        store.append(x[:, pos:pos + size])
+        pos += size
+        assert store.n_q % g == 0 and len(store) == pos
+        assert (store.n_r < R) and (pos < R or store.n_r >= R - g)  # R-g .. R-1 newest tokens stay exact
+        assert torch.equal(store.res[:, :store.n_r], x[:, pos - store.n_r:pos])
+        deq = store.dequantize()
+        if frozen is not None:  # tokens quantized earlier are never quantized again
+            assert torch.equal(deq[:, :frozen.shape[1]], frozen)
+        frozen = deq[:, :store.n_q]
+    # per-group error bound with the stored scales
+    n = store.n_q
+    if per_channel:
+        step = store.scale[:, :, :n // g].repeat_interleave(g, dim=2).transpose(1, 2)  # (n_kv, n, hd)
+    else:
+        step = store.scale[:, :n].repeat_interleave(g, dim=2)
+    assert ((deq[:, :n] - x[:, :n]).abs() <= step / 2 + 1e-5).all()
+
+
+# ------------------------------------------------------------------------ layers, exact attention
+
+def run_layer(layer, q, k, v, prompt):
+    """Prefill `prompt` positions, then decode the rest one by one; returns (1, H, N, hd) outputs."""
+    stage = PrefillStage(k.shape[1], k.shape[3], k.shape[2], "cpu", k.dtype)
+    outs = [layer.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], 0, stage)] if prompt > 1 else []
+    for t in range(prompt if prompt > 1 else 0, q.shape[2]):
+        outs.append(layer.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t))
+    return torch.cat(outs, dim=2)
+
+
+def reference(q, k, v, keep):
+    """Per position t, attention of q_t over the positions keep(t) returns (a list of indices)."""
+    outs = []
+    for t in range(q.shape[2]):
+        idx = torch.tensor(sorted(keep(t)))
+        outs.append(attention(q[:, :, t:t + 1], k[:, :, idx], v[:, :, idx]))
+    return torch.cat(outs, dim=2)
+
+
+def qkv(H, n_kv, hd, N, seed=0):
+    return rand(1, H, N, hd, seed=seed), rand(1, n_kv, N, hd, seed=seed + 1), rand(1, n_kv, N, hd, seed=seed + 2)
+
+
+@pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
+@pytest.mark.parametrize("prompt", [3, 20, 100])  # shorter than the sink, than the budget, longer than both
+def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):
+    cfg = CacheConfig("streaming", sink=4, recent=16)
+    q, k, v = qkv(H, n_kv, hd, prompt + 40)  # generation runs far past the window
+    out = run_layer(SparseLayer(n_kv, hd, prompt + 40, cfg, 0, "cpu", torch.float32, "cpu"), q, k, v, prompt)
+
+    def keep(t):
+        return set(range(min(4, t + 1))) | set(range(max(4, t + 1 - 16), t + 1)) if t >= prompt else range(t + 1)
+    torch.testing.assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
+def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
+    N, prompt = 90, 30
+    cfg = CacheConfig("sparse", sink=4, recent=8, budget=4 + 8 + N, select=select)
+    q, k, v = qkv(H, n_kv, hd, N)
+    out = run_layer(SparseLayer(n_kv, hd, N, cfg, cfg.topk, "cpu", torch.float32, "cpu"), q, k, v, prompt)
+    torch.testing.assert_close(out, reference(q, k, v, lambda t: range(t + 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
+def test_sparse_layer_retrieves_the_dominant_tokens(select, H, n_kv, hd):
+    """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those."""
+    N, prompt, topk = 300, 250, 6
+    cfg = CacheConfig("sparse", sink=4, recent=8, budget=4 + 8 + topk, select=select, sketch_bits=2)
+    q, k, v = qkv(H, n_kv, hd, N, seed=3)
+    direction = rand(n_kv, hd, seed=9)
+    G = H // n_kv
+    q[0] = 0.3 * q[0] + direction.repeat_interleave(G, 0)[:, None, :]           # all queries share a direction
+    needles = {h: sorted(torch.randperm(prompt - 20, generator=torch.Generator().manual_seed(h))[:topk] + 4)
+               for h in range(n_kv)}
+    for h, pos in needles.items():
+        k[0, h, pos] = 4 * direction[h] + 0.1 * rand(topk, hd, seed=h)
+    layer = SparseLayer(n_kv, hd, N, cfg, topk, "cpu", torch.float32, "cpu")
+    out = run_layer(layer, q, k, v, prompt)
+    for h in range(n_kv):  # the last step's selection, per KV head
+        got = sorted(layer.host_k[h].eq(layer.sel_k[h][:, None]).all(-1).nonzero()[:, 1].tolist())
+        assert got == [int(p) for p in needles[h]], f"head {h}: fetched {got}, planted {needles[h]}"
+    # and the decode outputs are attention over exactly sinks + needles + recent window, per KV head
+    for h in range(n_kv):
+        heads = slice(h * G, (h + 1) * G)
+        ref = reference(q[:, heads, prompt:], k[:, h:h + 1], v[:, h:h + 1],
+                        lambda t: set(range(4)) | set(needles[h]) | set(range(prompt + t + 1 - 8, prompt + t + 1)))
+        torch.testing.assert_close(out[:, heads, prompt:], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
+def test_quant_layer_residual_only_is_exact_and_8bit_is_close(H, n_kv, hd):
+    # prompt shorter than g and R, generation crossing R: exact until the first flush
+    cfg = CacheConfig("kivi", bits=8, group=64, residual=128)
+    q, k, v = qkv(H, n_kv, hd, 300, seed=5)
+    out = run_layer(QuantLayer(n_kv, hd, 300, cfg, "cpu", torch.float32), q, k, v, prompt=10)
+    ref = reference(q, k, v, lambda t: range(t + 1))
+    torch.testing.assert_close(out[:, :, :127], ref[:, :, :127], rtol=1e-5, atol=1e-5)  # the 128th token flushes
+    # 8 bits: keys and values each within range/510 per element; on unit-variance data that moves the
+    # attention output by well under 2% of its scale
+    err = (out - ref).abs().max().item()
+    assert 0 < err < 0.02 * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_quant_layer_error_shrinks_with_bits(bits):
+    q, k, v = qkv(8, 2, 64, 400, seed=6)
+    errs = {}
+    for b in (bits, 8):
+        out = run_layer(QuantLayer(2, 64, 400, CacheConfig("kivi", bits=b), "cpu", torch.float32), q, k, v, prompt=300)
+        errs[b] = (out - reference(q, k, v, lambda t: range(t + 1))).abs().mean().item()
+    assert errs[8] < errs[bits]
+
+
+# ------------------------------------------------------------------------------ the whole cache
+
+def tiny_model(H, n_kv, hd, layers=3, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=64, n_layers=layers, n_heads=H, n_kv_heads=n_kv, head_dim=hd, ffn_dim=128,
+                                 vocab_size=97, max_seq_len=4096)).eval()
+
+
+def logits_through(model, cache, tokens, prompt, chunk=32):
+    """Prefill tokens[:prompt] in chunks, then decode the rest teacher-forced; logits per decode step."""
+    with torch.inference_mode():
+        out = [model.prefill(tokens[:, :prompt], cache, chunk)]
+        for t in range(prompt, tokens.shape[1] - 1):
+            out.append(model(tokens[:, t:t + 1], cache, t)[:, -1])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
+@pytest.mark.parametrize("cfg", [CacheConfig("sparse", sink=4, recent=8, budget=4096),
+                                 CacheConfig("tailor", quant_layers=(), sink=4, recent=8, budget=4096, select="channels"),
+                                 CacheConfig("streaming", sink=4, recent=4096)], ids=["sparse-sketch", "sparse-channels",
+                                                                                    "streaming"])
+def test_policies_with_room_for_everything_equal_full(H, n_kv, hd, cfg):
+    model = tiny_model(H, n_kv, hd)
+    tokens = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
+    ref = logits_through(model, KVCache(model, 150), tokens, 70)
+    got = logits_through(model, KVCache(model, 150, cfg), tokens, 70)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_selector_predicts_the_next_layers_query():
+    model = tiny_model(8, 2, 64)
+    cache = KVCache(model, 64, CacheConfig("sparse", sink=2, recent=4, budget=10, select="channels"))
+    x = torch.randn(1, 1, 64)
+    q_true = model.layers[2].attn.wq(x).view(1, 1, 8, 64).transpose(1, 2)
+    cos, sin = model.rope(17, 1, "cpu")
+    from model import apply_rope
+    torch.testing.assert_close(cache._predict_query(2, x, 17), apply_rope(q_true, cos, sin)[0, :, 0])
+    assert cache.predict == [True, True, False]  # layer l predicts l+1; the last has no successor
+
+
+def tensors_of(obj):
+    """Every tensor reachable from a layer's attributes (one level into stores), for counting bytes."""
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, QuantStore):
+            yield from tensors_of(value)
+
+
+@pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming"])
+def test_telemetry_counts_the_tensors_held(policy):
+    model = tiny_model(8, 2, 64, layers=4)
+    cfg = CacheConfig(policy, quant_layers=(0, 2), sink=4, recent=8, budget=20)
+    cache = KVCache(model, 200, cfg)
+    tokens = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(2))
+    logits_through(model, cache, tokens, 100)
+    rep = cache.memory_report()
+    host = [t for layer in cache.layers if hasattr(layer, "host_k") for t in (layer.host_k, layer.host_v)]
+    not_kv = [layer.qhat for layer in cache.layers if getattr(layer, "qhat", None) is not None]  # one query row
+    skip = {id(t) for t in host + not_kv}
+    device = sum(t.numel() * t.element_size() for layer in cache.layers for t in tensors_of(layer) if id(t) not in skip)
+    host = nbytes(host)
+    assert rep["device_bytes"] == device and rep["host_bytes"] == host
+    full = 4 * 2 * 2 * 200 * 64 * 4  # layers x K,V x kv heads x positions x head_dim x fp32
+    assert rep["full_cache_bytes"] == full and rep["compression"] == pytest.approx(full / device)
+    n_sparse = cache.kinds.count("sparse")
+    # each of 19 decode steps gathers top-k (8) rows of K and V per KV head per sparse layer
+    assert rep["h2d_bytes_per_step"] == n_sparse * 2 * 2 * 8 * 64 * 4
+    assert plan_memory(model, 200, cfg) == {**rep, "by_kind": {k: {**r, "h2d_bytes_per_step": 0.0}
+                                                                for k, r in rep["by_kind"].items()},
+                                            "h2d_bytes_per_step": 0.0}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="--budget 60 leaves no room"):
+        CacheConfig("tailor", budget=60)
+    with pytest.raises(ValueError, match="--bits must be one of"):
+        CacheConfig("kivi", bits=3)
+    with pytest.raises(ValueError, match="multiple of --group"):
+        CacheConfig("kivi", residual=100)
+    with pytest.raises(ValueError, match=r"--quant-layers \[40\] out of range"):
+        CacheConfig("tailor", quant_layers=(40,)).layer_kinds(30)
+    with pytest.raises(ValueError, match="batch of 1"):
+        KVCache(tiny_model(4, 4, 64), 10, CacheConfig("kivi"), batch=2)
+
+
+# ------------------------------------------------------------------------- default model, recall
+
+def test_document_repeat_on_the_default_model(default_dir, default_model, capsys):
+    from tokenizer import Tokenizer
+    doc = Tokenizer(default_dir).encode((ROOT / "examples" / "lighthouse.txt").read_text(), add_special_tokens=False)
+    results = {}
+    for name, cfg in [("full", CacheConfig()), ("tailor", CacheConfig("tailor")),
+                      ("sparse/sketch", CacheConfig("sparse")), ("sparse/channels", CacheConfig("sparse", select="channels")),
+                      ("streaming", CacheConfig("streaming"))]:
+        results[name] = document_repeat(default_model, cfg, doc, context=2048, n_copy=96)
+    first = first_pass_nll(default_model, doc[:1024])
+    with capsys.disabled():
+        print(f"\ndocument repeat, 1952 + 96 tokens (first-pass NLL {first:.2f}):")
+        for name, r in results.items():
+            print(f"  {name:<16} top-1 {r['top1']:.3f}  NLL {r['nll']:.3f}  device KV {r['device_kv_bytes'] / 2**20:6.2f} MiB")
+    full, stream = results["full"], results["streaming"]
+    assert full["top1"] > 0.85 and full["nll"] < 0.5 * first           # the model copies with a full cache
+    assert stream["top1"] < full["top1"] - 0.3 and stream["nll"] > 0.5 * first  # a 64-token window cannot
+    for name in ("tailor", "sparse/sketch", "sparse/channels"):
+        r = results[name]
+        assert r["top1"] > stream["top1"] + 0.3 and r["nll"] < stream["nll"] / 2, name
+        assert r["device_kv_bytes"] < full["device_kv_bytes"] / 3, name
