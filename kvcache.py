@@ -417,9 +417,10 @@ class PrefillStage:
 class KVCache:
     """One strategy per layer behind the model's single `attend` call, plus memory telemetry."""
 
-    def __init__(self, model, max_len: int, cfg: CacheConfig = CacheConfig(), batch: int = 1,
+    def __init__(self, model, max_len: int, cfg: CacheConfig | None = None, batch: int = 1,
                  device="cpu", dtype=torch.float32, host_device="cpu"):
         a = model.args
+        cfg = cfg or CacheConfig()
         self.cfg, self.max_len, self.dtype = cfg, max_len, dtype
         self.kinds = cfg.layer_kinds(a.n_layers)
         if batch != 1 and any(k != "full" for k in self.kinds):

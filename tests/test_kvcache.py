@@ -12,6 +12,7 @@ from model import ModelArgs, Transformer
 sys.path.insert(0, str(ROOT / "bench"))
 from doc_repeat import document_repeat, first_pass_nll  # noqa: E402
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GQA_SHAPES = [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 128)]  # (heads, kv heads, head_dim): ratios 1, 3, 4, 8
 
 
@@ -188,12 +189,29 @@ def logits_through(model, cache, tokens, prompt, chunk=32):
                                  CacheConfig("tailor", quant_layers=(), sink=4, recent=8, budget=4096, select="channels"),
                                  CacheConfig("streaming", sink=4, recent=4096)], ids=["sparse-sketch", "sparse-channels",
                                                                                     "streaming"])
-def test_policies_with_room_for_everything_equal_full(H, n_kv, hd, cfg):
-    model = tiny_model(H, n_kv, hd)
-    tokens = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
-    ref = logits_through(model, KVCache(model, 150), tokens, 70)
-    got = logits_through(model, KVCache(model, 150, cfg), tokens, 70)
+@pytest.mark.parametrize("device", DEVICES)
+def test_policies_with_room_for_everything_equal_full(H, n_kv, hd, cfg, device):
+    model = tiny_model(H, n_kv, hd).to(device)
+    tokens = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1)).to(device)
+    ref = logits_through(model, KVCache(model, 150, device=device), tokens, 70)
+    got = logits_through(model, KVCache(model, 150, cfg, device=device), tokens, 70)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["tailor", "kivi", "sparse", "streaming"])
+def test_policies_run_in_bf16(policy, device):
+    """Every policy in bf16 on every device: finite, close to the full cache while all tokens fit."""
+    model = tiny_model(8, 2, 128).to(device, torch.bfloat16)
+    tokens = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(3)).to(device)
+    cfg = CacheConfig(policy, sink=4, recent=8, budget=40, select="channels" if policy == "tailor" else "sketch")
+    cache = KVCache(model, 300, cfg, device=device, dtype=torch.bfloat16)
+    got = logits_through(model, cache, tokens, 250)
+    ref = logits_through(model, KVCache(model, 300, device=device, dtype=torch.bfloat16), tokens, 250)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)  # the prefill is exact in every policy
+    if device == "cuda" and policy in ("tailor", "sparse"):
+        assert all(layer.host_k.is_pinned() for layer in cache.layers if layer.kind == "sparse")
 
 
 def test_channel_selector_predicts_the_next_layers_query():
