@@ -218,7 +218,9 @@ def parse_args(argv=None):
     c.add_argument("--cache", choices=POLICIES, default=d.policy,
                    help="full; tailor: quantize --quant-layers, offload the rest; kivi: quantize all; "
                         "sparse: offload all; streaming: sinks + recent window only")
-    c.add_argument("--quant-layers", type=layer_list, default=d.quant_layers, help="tailor: comma-separated layer ids")
+    c.add_argument("--quant-layers", type=layer_list, default=d.quant_layers,
+                   help="tailor: comma-separated layer ids to quantize (default: from the model's plan, else online)")
+    c.add_argument("--plan", help="tailor: a plan file from profile_layers.py (default: plans/ entry for this model)")
     c.add_argument("--bits", type=int, default=None, help="quantized layers' bits (1, 2, 4, 8; default: tailor 1, kivi 2)")
     c.add_argument("--group", type=int, default=d.group, help="quantization group size g")
     c.add_argument("--residual", type=int, default=d.residual, help="full-precision recent tokens R of a quantized layer")
@@ -280,7 +282,7 @@ def run(args) -> int:
     ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
     stop_ids = set(tok.eos_ids)
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
-    cfg = cache_config(args)
+    cfg, plan_info = tailor_layers(cache_config(args), args.plan, model)
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
         f"on {args.device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
         f"cache {describe(cfg, model.args.n_layers)}")
@@ -308,6 +310,9 @@ def run(args) -> int:
         f"decode {len(out)} tok" + (f" at {decode:.1f} ms/tok" if decode else "") +
         f"; peak memory {peak_memory(args.device) / 2**30:.2f} GiB")
     log(memory_table(mem))
+    if cache.decisions():
+        log(f"online layer plan: quantized layers {cache.decisions()['quant_layers']} "
+            f"(proxy per layer: {' '.join(f'{x:.2f}' for x in cache.decisions()['proxy'])})")
     if "check" in stats:
         c = stats["check"]
         log("check vs full cache, per step (KL nats / top-1): " +
@@ -317,7 +322,8 @@ def run(args) -> int:
             f"mean KL {c['mean_kl']:.4f}, max KL {c['max_kl']:.4f}")
     if args.report:
         report = {"model": str(model_dir), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-                  "policy": {"cache": args.cache, **vars(cfg), "kinds": cache.kinds, "prefill_chunk": args.prefill_chunk},
+                  "policy": {"cache": args.cache, **vars(cfg), "kinds": cache.kinds, "prefill_chunk": args.prefill_chunk,
+                             "layer_plan": cache.decisions() or plan_info},
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "chat": chat},
                   "prompt_tokens": len(ids), "generated_ids": out, "generated_text": tok.decode(out, skip_special_tokens=True),
                   **{k: stats[k] for k in ("prefill_s", "prefill_tok_per_s", "decode_ms_per_token", "interrupted")},
@@ -329,7 +335,35 @@ def run(args) -> int:
     return 130 if stats["interrupted"] else 0
 
 
+def tailor_layers(cfg: CacheConfig, plan_path, model) -> tuple[CacheConfig, dict | None]:
+    """Which layers tailor quantizes: --quant-layers, else the plan (--plan, or found by fingerprint),
+    else decided online during the prefill."""
+    from dataclasses import replace
+
+    from profile_layers import PLANS, find_plan, load_plan
+    if cfg.policy != "tailor":
+        if plan_path:
+            raise UsageError("--plan applies to --cache tailor only")
+        return cfg, None
+    if cfg.quant_layers is not None:
+        return cfg, {"source": "--quant-layers", "quant_layers": list(cfg.quant_layers)}
+    path = Path(plan_path) if plan_path else find_plan(model)
+    if plan_path and not path.is_file():
+        raise UsageError(f"plan file {path} does not exist")
+    if path is None:
+        log(f"no layer plan for this model in {PLANS}: deciding online from the prompt's prefill "
+            f"(mass outside the top {cfg.alpha:.0%} keys > {cfg.tau} -> quantize); "
+            f"make one with: python profile_layers.py --model <model>")
+        return cfg, None
+    plan = load_plan(path, model)
+    log(f"layer plan {path}: quantize layers {plan['quant_layers']} ({plan['parameters']['method']} method)")
+    return replace(cfg, quant_layers=tuple(plan["quant_layers"])), {"source": str(path), "quant_layers": plan["quant_layers"]}
+
+
 def describe(cfg: CacheConfig, n_layers: int) -> str:
+    if cfg.online:
+        return (f"tailor [online: quant {cfg.bits}-bit where the proxy > {cfg.tau}, else offload: sink {cfg.sink} + "
+                f"recent {cfg.recent} + top-{cfg.topk} by {cfg.select}]")
     kinds = cfg.layer_kinds(n_layers)
     parts = []
     if "quant" in kinds:

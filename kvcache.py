@@ -24,7 +24,7 @@ answers from its compressed store. Each layer has one strategy:
 Compressed caches hold batch 1. Buffers are preallocated at their final size (no growth by
 torch.cat) so the same layout can be driven by kernels and captured in a CUDA graph later.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,9 @@ DEFAULT_BITS = {"tailor": 1, "kivi": 2}  # TailorKV-1 (the paper's LongBench/lat
 class CacheConfig:
     """Every knob of every policy, with the defaults generate.py exposes as flags."""
     policy: str = "full"
-    quant_layers: tuple[int, ...] = (0,)  # tailor: quantized layers; every other layer is offloaded
+    quant_layers: tuple[int, ...] | None = None  # tailor: quantized layers, the rest offloaded; None: decide
+    #                                              online from the prompt's own prefill (the proxy below)
+    layers: tuple[str, ...] = ()          # explicit kind per layer (full|quant|sparse|window), overrides policy
     bits: int | None = None               # quant layers; None: DEFAULT_BITS[policy]
     group: int = 64                       # g: tokens per key group, channels per value group
     residual: int = 128                   # R: full-precision window of a quant layer
@@ -48,6 +50,9 @@ class CacheConfig:
     select: str = "sketch"                # sparse selector: sketch | channels
     channels: int = 8                     # C: channels the `channels` selector scores on
     sketch_bits: int = 2
+    alpha: float = 0.05                   # proxy: attention mass outside each query's top alpha of keys...
+    tau: float = 0.2                      # ...above tau marks a layer as quantization-friendly
+    proxy_queries: int = 32               # proxy: the last queries of each prefill chunk it looks at
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -74,7 +79,18 @@ class CacheConfig:
     def topk(self) -> int:
         return self.budget - self.sink - self.recent
 
-    def layer_kinds(self, n_layers: int) -> list[str]:
+    @property
+    def online(self) -> bool:
+        return self.policy == "tailor" and self.quant_layers is None and not self.layers
+
+    def layer_kinds(self, n_layers: int) -> list[str | None]:
+        """The strategy of each layer; None where it is decided online at the end of its prefill."""
+        if self.layers:
+            if len(self.layers) != n_layers or set(self.layers) - {"full", "quant", "sparse", "window"}:
+                raise ValueError(f"layers must name full|quant|sparse|window for each of {n_layers} layers")
+            return list(self.layers)
+        if self.online:
+            return [None] * n_layers
         if self.policy == "tailor":
             bad = [i for i in self.quant_layers if not 0 <= i < n_layers]
             if bad:
@@ -226,14 +242,14 @@ class FullLayer:
         self.v = torch.empty_like(self.k)
         self.length, self.h2d_bytes = 0, 0
 
-    def decode(self, q, k, v, start):
+    def load(self, k, v, start):
         end = start + k.shape[2]
         self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         self.length = end
-        return attention(q, self.k[:, :, :end], self.v[:, :, :end])
 
-    def prefill(self, q, k, v, start, stage):
-        return self.decode(q, k, v, start)  # its own buffers hold the exact K/V already
+    def decode(self, q, k, v, start):
+        self.load(k, v, start)
+        return attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length])
 
     def device_tensors(self):
         return [self.k, self.v]
@@ -252,15 +268,13 @@ class QuantLayer:
         self.values = QuantStore(*args, per_channel=False, device=device, dtype=dtype)
         self.h2d_bytes = 0
 
-    def prefill(self, q, k, v, start, stage):
-        out = stage.attend(q, k, v, start)  # exact: the prompt's own K/V
+    def load(self, k, v, start):
+        assert start == len(self.keys), "tokens arrive in order"
         self.keys.append(k[0])
         self.values.append(v[0])
-        return out
 
     def decode(self, q, k, v, pos):
-        self.keys.append(k[0])
-        self.values.append(v[0])
+        self.load(k, v, pos)
         K, V = self.keys.dequantize(), self.values.dequantize()  # (n_kv, S, hd) fp32
         return attention(q.float(), K[None], V[None]).to(q.dtype)
 
@@ -302,8 +316,9 @@ class SparseLayer:
             else:
                 self.kmax = torch.zeros(n_kv, hd, **kw)  # running max_t |K[t, c]| per channel
 
-    def _store(self, k, v, start):
-        """Place new tokens k, v: (n_kv, T, hd) at positions start.. in sinks, window and host store."""
+    def load(self, k, v, start):
+        """Place new tokens k, v: (1, n_kv, T, hd) at positions start.. in sinks, window and host store."""
+        k, v = k[0], v[0]
         T = k.shape[1]
         end = start + T
         if start < self.sink:
@@ -322,13 +337,8 @@ class SparseLayer:
                 torch.maximum(self.kmax, k.abs().amax(1), out=self.kmax)
         self.length = end
 
-    def prefill(self, q, k, v, start, stage):
-        out = stage.attend(q, k, v, start)  # exact: the prompt's own K/V
-        self._store(k[0], v[0], start)
-        return out
-
     def decode(self, q, k, v, pos):
-        self._store(k[0], v[0], pos)
+        self.load(k, v, pos)
         L = self.length
         n_sink = min(L, self.sink)
         first_recent = max(self.sink, L - self.recent)
@@ -386,6 +396,40 @@ class SparseLayer:
         return [self.host_k, self.host_v] if self.topk else []
 
 
+class ProxyMeter:
+    """The paper's identification proxy, per layer and head: for the last `n_queries` queries of
+    each prefill chunk, the attention mass outside that query's top `alpha` fraction of keys.
+    A high value means attention is spread out (quantization-friendly), a low one that a few
+    tokens dominate (sparsity-friendly)."""
+
+    def __init__(self, n_layers, n_heads, alpha=0.05, n_queries=32):
+        self.alpha, self.n_queries = alpha, n_queries
+        self.sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.count = torch.zeros(n_layers, dtype=torch.float64)
+
+    def observe(self, layer, q, k):
+        """q: (1, H, T, hd) a chunk's queries; k: (1, n_kv, S, hd) every key up to the chunk's end."""
+        H, T, hd = q.shape[1:]
+        n_kv, S = k.shape[1:3]
+        n = min(self.n_queries, T)
+        qg = q[0, :, -n:].float().reshape(n_kv, H // n_kv * n, hd)                # (n_kv, G*n, hd)
+        scores = (qg @ k[0].float().transpose(1, 2)).view(H, n, S) * hd ** -0.5  # (H, n, S)
+        pos = torch.arange(S - n, S, device=q.device)
+        scores.masked_fill_(torch.arange(S, device=q.device) > pos[:, None], float("-inf"))
+        p = scores.softmax(-1)
+        k_top = torch.ceil(self.alpha * (pos + 1)).long()                          # (n,) per query
+        top = p.topk(int(k_top.max()), dim=-1).values.cumsum(-1)                   # (H, n, k_max)
+        inside = top.gather(-1, (k_top - 1).expand(H, n)[..., None])[..., 0]       # (H, n)
+        self.sum[layer] += (1 - inside).sum(1).double().cpu()
+        self.count[layer] += n
+
+    def head_scores(self) -> torch.Tensor:  # (n_layers, H)
+        return self.sum / self.count.clamp(min=1)[:, None]
+
+    def layer_scores(self) -> torch.Tensor:  # (n_layers,)
+        return self.head_scores().mean(1)
+
+
 class PrefillStage:
     """Exact K/V of the layer being prefilled, shared by all compressed layers.
 
@@ -396,6 +440,7 @@ class PrefillStage:
     def __init__(self, n_kv, hd, max_len, device, dtype):
         self.shape, self.device, self.dtype = (1, n_kv, max_len, hd), device, dtype
         self.k = self.v = None
+        self.length = 0
 
     def attend(self, q, k, v, start):
         if self.k is None:
@@ -403,6 +448,7 @@ class PrefillStage:
             self.v = torch.empty_like(self.k)
         end = start + k.shape[2]
         self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.length = end
         return attention(q, self.k[:, :, :end], self.v[:, :, :end])
 
     def nbytes(self):
@@ -415,7 +461,13 @@ class PrefillStage:
 # ---------------------------------------------------------------------------------- the cache
 
 class KVCache:
-    """One strategy per layer behind the model's single `attend` call, plus memory telemetry."""
+    """One strategy per layer behind the model's single `attend` call, plus memory telemetry.
+
+    During prefill, a compressed layer answers from the exact K/V in the shared stage and takes
+    the whole prompt into its own store when its prefill ends (the model moves to the next
+    layer, or decodes). With `online` identification (tailor without quant_layers), that is also
+    when the layer's strategy is decided, from the proxy measured over its prefill.
+    """
 
     def __init__(self, model, max_len: int, cfg: CacheConfig | None = None, batch: int = 1,
                  device="cpu", dtype=torch.float32, host_device="cpu"):
@@ -425,41 +477,83 @@ class KVCache:
         self.kinds = cfg.layer_kinds(a.n_layers)
         if batch != 1 and any(k != "full" for k in self.kinds):
             raise ValueError("compressed caches hold a batch of 1")
-        shape = (a.n_kv_heads, a.head_dim, max_len)
-        self.layers = []
-        for kind in self.kinds:
-            if kind == "full":
-                self.layers.append(FullLayer(*shape, batch, device, dtype))
-            elif kind == "quant":
-                self.layers.append(QuantLayer(*shape, cfg, device, dtype))
-            else:
-                topk = cfg.topk if kind == "sparse" else 0
-                self.layers.append(SparseLayer(*shape, cfg, topk, device, dtype, host_device))
-        self.stage = PrefillStage(*shape, device, dtype)
-        # the channels selector predicts layer l+1's query from layer l's input: W_q of l+1, RoPE
-        self.predict = [kind == "sparse" and cfg.select == "channels" for kind in self.kinds[1:]] + [False]
+        self.shape, self.batch, self.device, self.host_device = (a.n_kv_heads, a.head_dim, max_len), batch, device, host_device
+        self.layers = [None if kind is None else self._new_layer(kind) for kind in self.kinds]
+        self.stage = PrefillStage(*self.shape, device, dtype)
+        self.meter = ProxyMeter(a.n_layers, a.n_heads, cfg.alpha, cfg.proxy_queries) if cfg.online else None
+        self.prefilling = None  # the layer whose prompt K/V sits in the stage
         self.wq = [b.attn.wq.weight for b in model.layers]
         self.inv_freq, self.n_heads, self.head_dim = model.inv_freq, a.n_heads, a.head_dim
         self.full_layer_bytes = 2 * a.n_kv_heads * a.head_dim * max_len * batch * torch.empty((), dtype=dtype).element_size()
         self.length, self.decode_steps = 0, 0
 
+    def _new_layer(self, kind):
+        if kind == "full":
+            return FullLayer(*self.shape, self.batch, self.device, self.dtype)
+        if kind == "quant":
+            return QuantLayer(*self.shape, self.cfg, self.device, self.dtype)
+        topk = self.cfg.topk if kind == "sparse" else 0
+        return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device)
+
     def attend(self, layer, q, k, v, start, x=None):
         if q.shape[0] != 1 and self.kinds[layer] != "full":
             raise ValueError("compressed caches hold a batch of 1")
-        if start + k.shape[2] > self.max_len:
-            raise RuntimeError(f"KV cache full: position {start + k.shape[2]} exceeds its {self.max_len} slots")
-        cache = self.layers[layer]
-        if q.shape[2] > 1:
-            out = cache.prefill(q, k, v, start, self.stage)
+        T = k.shape[2]
+        if start + T > self.max_len:
+            raise RuntimeError(f"KV cache full: position {start + T} exceeds its {self.max_len} slots")
+        if T > 1:
+            out = self._prefill(layer, q, k, v, start)
         else:
             if layer == 0:
+                self.finish_prefill()
                 self.stage.free()
                 self.decode_steps += 1
-            out = cache.decode(q, k, v, start)
-            if self.predict[layer] and x is not None:
-                self.layers[layer + 1].qhat = self._predict_query(layer + 1, x, start)
-        self.length = start + k.shape[2]
+            if self.layers[layer] is None:  # online, and the prompt was a single token: no proxy to go on
+                self._decide(layer)
+            out = self.layers[layer].decode(q, k, v, start)
+            # the channels selector predicts layer l+1's query from layer l's input (W_q of l+1, RoPE)
+            nxt = layer + 1
+            if self.cfg.select == "channels" and nxt < len(self.kinds) and self.kinds[nxt] == "sparse" and x is not None:
+                self.layers[nxt].qhat = self._predict_query(nxt, x, start)
+        self.length = start + T
         return out
+
+    def _prefill(self, layer, q, k, v, start):
+        """Exact attention of a prompt chunk; a full layer keeps it in its own buffers, others in the stage."""
+        if self.prefilling != layer:
+            self.finish_prefill()
+        cache = self.layers[layer]
+        if cache is not None and cache.kind == "full":
+            out, keys = cache.decode(q, k, v, start), cache.k
+        else:
+            out, keys = self.stage.attend(q, k, v, start), self.stage.k
+            self.prefilling = layer
+        if self.meter is not None:
+            self.meter.observe(layer, q, keys[:, :, :start + k.shape[2]])
+        return out
+
+    def finish_prefill(self):
+        """Hand the staged prompt K/V to the layer that was prefilling (deciding its kind if online)."""
+        layer, self.prefilling = self.prefilling, None
+        if layer is None:
+            return
+        if self.layers[layer] is None:
+            self._decide(layer)
+        n = self.stage.length
+        self.layers[layer].load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0)
+
+    def _decide(self, layer):
+        score = self.meter.layer_scores()[layer].item()
+        self.kinds[layer] = "quant" if score > self.cfg.tau else "sparse"
+        self.layers[layer] = self._new_layer(self.kinds[layer])
+
+    def decisions(self) -> dict | None:
+        """What online identification decided: the proxy per layer and the quantized layers."""
+        if self.meter is None:
+            return None
+        return {"source": "online", "alpha": self.cfg.alpha, "tau": self.cfg.tau,
+                "proxy": [round(x, 4) for x in self.meter.layer_scores().tolist()],
+                "quant_layers": [i for i, k in enumerate(self.kinds) if k == "quant"]}
 
     def _predict_query(self, layer, x, pos):
         """Layer `layer`'s query at `pos`, predicted from the previous layer's normalised input x (1, 1, dim)."""
@@ -470,8 +564,11 @@ class KVCache:
 
     def memory_report(self) -> dict:
         """Bytes held, counted from the tensors themselves, per layer kind and in total."""
+        self.finish_prefill()
         by_kind = {}
         for layer in self.layers:
+            if layer is None:  # online, not prefilled yet
+                continue
             r = by_kind.setdefault(layer.kind, {"layers": 0, "device_bytes": 0, "host_bytes": 0, "h2d_bytes": 0})
             r["layers"] += 1
             r["device_bytes"] += nbytes(layer.device_tensors())
@@ -483,11 +580,21 @@ class KVCache:
             r["full_cache_bytes"] = r["layers"] * self.full_layer_bytes
         total = {k: sum(r[k] for r in by_kind.values())
                  for k in ("device_bytes", "host_bytes", "h2d_bytes_per_step", "full_cache_bytes")}
-        return {"policy": self.cfg.policy, **total, "compression": total["full_cache_bytes"] / total["device_bytes"],
+        return {"policy": self.cfg.policy, **total, "compression": total["full_cache_bytes"] / max(total["device_bytes"], 1),
                 "prefill_stage_bytes": 0 if all(k == "full" for k in self.kinds) else self.stage.nbytes(),
                 "by_kind": by_kind}
 
 
 def plan_memory(model, max_len: int, cfg: CacheConfig, batch: int = 1, dtype=torch.float32) -> dict:
-    """The memory report of a cache that is never allocated: built on the meta device."""
-    return KVCache(model, max_len, cfg, batch, device="meta", dtype=dtype, host_device="meta").memory_report()
+    """The memory report of a cache that is never allocated: built on the meta device.
+
+    With online identification the kinds are not known yet: the plan takes, per field, the larger
+    of "every layer quantized" and "every layer offloaded"."""
+    def report(c):
+        return KVCache(model, max_len, c, batch, device="meta", dtype=dtype, host_device="meta").memory_report()
+    if not cfg.online:
+        return report(cfg)
+    n = model.args.n_layers
+    a, b = (report(replace(cfg, layers=(kind,) * n)) for kind in ("quant", "sparse"))
+    return {**b, **{k: max(a[k], b[k]) for k in ("device_bytes", "host_bytes", "full_cache_bytes", "prefill_stage_bytes")},
+            "policy": cfg.policy, "by_kind": {**a["by_kind"], **b["by_kind"]}}

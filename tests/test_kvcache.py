@@ -75,7 +75,10 @@ def test_quant_store_flush_groups_and_residual(per_channel, bits):
 def run_layer(layer, q, k, v, prompt):
     """Prefill `prompt` positions, then decode the rest one by one; returns (1, H, N, hd) outputs."""
     stage = PrefillStage(k.shape[1], k.shape[3], k.shape[2], "cpu", k.dtype)
-    outs = [layer.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], 0, stage)] if prompt > 1 else []
+    outs = []
+    if prompt > 1:  # what KVCache does: exact attention from the stage, then the layer takes the prompt
+        outs.append(stage.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], 0))
+        layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
     for t in range(prompt if prompt > 1 else 0, q.shape[2]):
         outs.append(layer.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t))
     return torch.cat(outs, dim=2)
@@ -222,7 +225,10 @@ def test_channel_selector_predicts_the_next_layers_query():
     cos, sin = model.rope(17, 1, "cpu")
     from model import apply_rope
     torch.testing.assert_close(cache._predict_query(2, x, 17), apply_rope(q_true, cos, sin)[0, :, 0])
-    assert cache.predict == [True, True, False]  # layer l predicts l+1; the last has no successor
+    tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    logits_through(model, cache, tokens, 30)
+    assert cache.layers[0].qhat is None  # layer 0 has no predecessor: it selects with its own query
+    assert all(layer.qhat is not None for layer in cache.layers[1:])
 
 
 def tensors_of(obj):

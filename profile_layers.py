@@ -1,0 +1,323 @@
+"""Decide per layer between quantization and offloading; write the decision as a plan file.
+
+TailorKV (arXiv 2505.19586) quantizes the layers whose attention is spread out and offloads the
+layers where a few tokens dominate. This tool measures both ways of telling them apart, on
+calibration text that is not used for the accuracy numbers:
+
+  proxy   the paper's: over the last 32 queries of each prefill chunk, the attention mass outside
+          each query's top alpha (5%) keys, averaged over queries and heads; > tau (0.2) -> quant.
+  direct  the damage itself: replace only layer l by quant (1 and 2 bits) or by sparse (the chosen
+          budget), every other layer full, decode teacher-forced over held-out tokens and record
+          KL(full || that) and top-1 agreement; quant wins where its KL is the smaller.
+
+    python profile_layers.py                          # default model, bundled calibration text
+    python profile_layers.py --model DIR --calib a.txt b.txt --method proxy
+
+Writes plans/<model>.json (and a PNG beside it with matplotlib); generate.py --cache tailor finds
+the plan by the model's fingerprint.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from checkpoint import resolve_model
+from kvcache import CacheConfig, KVCache, ProxyMeter
+from model import PREFILL_CHUNK, load_model
+from tokenizer import Tokenizer
+
+VERSION = 1
+ROOT = Path(__file__).resolve().parent
+PLANS = ROOT / "plans"
+DEFAULT_CALIB = sorted((ROOT / "examples" / "calibration").glob("*"))
+
+
+# ------------------------------------------------------------------------------------ plans
+
+def model_name(model_dir: Path) -> str:
+    """A readable name: the HF repo (from a hub cache path) or the directory, without a cache hash."""
+    parts = model_dir.resolve().parts
+    if "snapshots" in parts:
+        repo = parts[parts.index("snapshots") - 1]
+        return repo.removeprefix("models--").split("--", 1)[-1]
+    name = model_dir.name
+    stem, _, suffix = name.rpartition("-")
+    return stem if stem and len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix) else name
+
+
+def fingerprint(model) -> str:
+    """Identity of a model's config and weights, independent of the dtype it was loaded in."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in vars(model.args).items() if k != "eos_token_ids"},
+                                  sort_keys=True).encode())
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        h.update(name.encode() + bytes(str(tuple(p.shape)), "ascii"))
+        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_plan(plan: dict, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=1))
+
+
+def load_plan(path: Path, model) -> dict:
+    """Read a plan and check that it was made for `model`; refuse it otherwise."""
+    plan = json.loads(Path(path).read_text())
+    fp = fingerprint(model)
+    if plan.get("model", {}).get("fingerprint") != fp:
+        raise ValueError(f"plan {path} was made for {plan.get('model', {}).get('name')!r} (fingerprint "
+                         f"{plan.get('model', {}).get('fingerprint')}), not for the loaded model (fingerprint {fp}); "
+                         f"make one with: python profile_layers.py --model <the model>")
+    if len(plan["layers"]) != model.args.n_layers:
+        raise ValueError(f"plan {path} has {len(plan['layers'])} layers, the model {model.args.n_layers}")
+    return plan
+
+
+def find_plan(model, plans_dir: Path = PLANS) -> Path | None:
+    """The plan in plans_dir whose fingerprint matches the model, if any."""
+    fp = fingerprint(model)
+    for path in sorted(Path(plans_dir).glob("*.json")):
+        try:
+            if json.loads(path.read_text()).get("model", {}).get("fingerprint") == fp:
+                return path
+        except (json.JSONDecodeError, OSError):
+            continue
+    return None
+
+
+# -------------------------------------------------------------------------------- measuring
+
+@torch.inference_mode()
+def measure_proxy(model, docs: list[list[int]], cfg: CacheConfig, chunk: int, progress=None) -> torch.Tensor:
+    """The proxy per layer and head (n_layers, H), accumulated over every document's prefill."""
+    a, dev, dtype = model.args, model.embed.weight.device, model.embed.weight.dtype
+    meter = ProxyMeter(a.n_layers, a.n_heads, cfg.alpha, cfg.proxy_queries)
+    for doc in docs:
+        cache = KVCache(model, len(doc), device=dev, dtype=dtype)
+        cache.meter = meter
+        model.prefill(torch.tensor([doc], device=dev), cache, chunk)
+        if progress:
+            progress(1)
+    return meter.head_scores()
+
+
+@torch.inference_mode()
+def measure_direct(model, docs: list[list[int]], cfg: CacheConfig, heldout: int, chunk: int, progress=None) -> list:
+    """Per layer, KL(full || variant) and top-1 agreement with only that layer compressed.
+
+    Each document is prefilled once with a full cache; every variant reuses that prefill (it is
+    exact in every policy) and swaps in one compressed layer loaded with the prompt's K/V.
+    """
+    from generate import compare
+    a, dev, dtype = model.args, model.embed.weight.device, model.embed.weight.dtype
+    variants = {"quant1": replace(cfg, bits=1), "quant2": replace(cfg, bits=2), "sparse": cfg}
+    sums = [{f"{m}_{v}": 0.0 for v in variants for m in ("kl", "top1")} for _ in range(a.n_layers)]
+    steps = 0
+    for doc in docs:
+        prompt, target = doc[:-heldout], doc[-heldout:]
+        full = KVCache(model, len(doc), device=dev, dtype=dtype)
+        first = model.prefill(torch.tensor([prompt], device=dev), full, chunk)
+        ref = teacher_forced(model, full, first, target, len(prompt))
+        for layer in range(a.n_layers):
+            for name, vcfg in variants.items():
+                cache = swap_layer(full, layer, "sparse" if name == "sparse" else "quant", vcfg, len(prompt))
+                got = teacher_forced(model, cache, first, target, len(prompt))
+                for r, g in zip(ref, got):
+                    c = compare(r, g)
+                    sums[layer][f"kl_{name}"] += c["kl"]
+                    sums[layer][f"top1_{name}"] += c["top1"]
+            if progress:
+                progress(1 / len(docs))
+        steps += len(target) - 1
+    return [{k: v / steps for k, v in s.items()} for s in sums]
+
+
+def teacher_forced(model, cache, first_logits, target, pos) -> list[torch.Tensor]:
+    """Logits predicting target[1:], feeding target[:-1] one by one from position pos."""
+    out = []
+    for i, tok in enumerate(target[:-1]):
+        out.append(model(torch.tensor([[tok]], device=first_logits.device), cache, pos + i)[0, -1])
+    return out
+
+
+def swap_layer(full: KVCache, layer: int, kind: str, cfg: CacheConfig, n: int) -> KVCache:
+    """A cache that shares the full cache's prompt K/V in every layer but `layer`, which is `kind`.
+
+    Decoding only writes positions >= n, so the shared full layers stay valid across variants."""
+    cache = copy.copy(full)
+    cache.cfg, cache.kinds, cache.layers = cfg, list(full.kinds), list(full.layers)
+    cache.kinds[layer] = kind
+    cache.layers[layer] = cache._new_layer(kind)
+    cache.layers[layer].load(full.layers[layer].k[:, :, :n], full.layers[layer].v[:, :, :n], 0)
+    return cache
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = float(rank)
+        return r
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx, sy = math.sqrt(sum((a - mx) ** 2 for a in rx)), math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+# -------------------------------------------------------------------------------------- plan
+
+def make_plan(model, model_dir, sources, docs, cfg, method, heads, direct, chunk, heldout) -> dict:
+    proxy = heads.mean(1).tolist()
+    layers = []
+    for i in range(model.args.n_layers):
+        row = {"layer": i, "proxy": round(proxy[i], 5), "proxy_heads": [round(x, 5) for x in heads[i].tolist()],
+               "proxy_decision": "quant" if proxy[i] > cfg.tau else "sparse"}
+        if direct:
+            d = direct[i]
+            row.update({k: round(v, 6) for k, v in d.items()})
+            row["direct_decision"] = "quant" if d[f"kl_quant{cfg.bits}"] < d["kl_sparse"] else "sparse"
+        row["decision"] = row[f"{method}_decision"]
+        layers.append(row)
+    plan = {
+        "tool": "profile_layers.py", "version": VERSION,
+        "model": {"name": model_name(model_dir), "fingerprint": fingerprint(model)},
+        "calibration": {"sources": [{"file": s.name, "tokens": len(d)} for s, d in zip(sources, docs)],
+                        "tokens": sum(len(d) for d in docs)},
+        "parameters": {"method": method, "alpha": cfg.alpha, "tau": cfg.tau, "proxy_queries": cfg.proxy_queries,
+                       "prefill_chunk": chunk, "bits": cfg.bits, "budget": cfg.budget, "sink": cfg.sink,
+                       "recent": cfg.recent, "select": cfg.select, "heldout": heldout if direct else None,
+                       "dtype": str(model.embed.weight.dtype).removeprefix("torch.")},
+        "quant_layers": [r["layer"] for r in layers if r["decision"] == "quant"],
+        "layers": layers,
+    }
+    if direct:
+        score = [math.log(r["kl_sparse"] + 1e-9) - math.log(r[f"kl_quant{cfg.bits}"] + 1e-9) for r in layers]
+        plan["proxy_vs_direct"] = {
+            "spearman": round(spearman(proxy, score), 4),
+            "decisions_agree": sum(r["proxy_decision"] == r["direct_decision"] for r in layers)}
+    return plan
+
+
+def table(plan: dict) -> str:
+    has_direct = "kl_sparse" in plan["layers"][0]
+    bits = plan["parameters"]["bits"]
+    head = f"{'layer':>5} {'proxy':>7} " + (f"{'KL q1':>8} {'KL q2':>8} {'KL sparse':>9} {'top1 q' + str(bits):>8} "
+                                           f"{'top1 sp':>8} " if has_direct else "") + "decision"
+    rows = [head]
+    for r in plan["layers"]:
+        line = f"{r['layer']:>5} {r['proxy']:>7.3f} "
+        if has_direct:
+            line += (f"{r['kl_quant1']:>8.4f} {r['kl_quant2']:>8.4f} {r['kl_sparse']:>9.4f} "
+                     f"{r[f'top1_quant{bits}']:>8.3f} {r['top1_sparse']:>8.3f} ")
+        rows.append(line + r["decision"])
+    rows.append(f"quantized layers: {plan['quant_layers']}")
+    if "proxy_vs_direct" in plan:
+        p = plan["proxy_vs_direct"]
+        rows.append(f"proxy vs direct: Spearman {p['spearman']:+.3f}; decisions agree on {p['decisions_agree']}"
+                    f"/{len(plan['layers'])} layers")
+    return "\n".join(rows)
+
+
+def plot(plan: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = plan["layers"]
+    n = len(layers)
+    x = list(range(n))
+    has_direct = "kl_sparse" in layers[0]
+    fig, axes = plt.subplots(1 + has_direct + 1, 1, figsize=(max(8, n * 0.32), 9 if has_direct else 6),
+                             gridspec_kw={"height_ratios": [2] + ([2] if has_direct else []) + [1.6]}, sharex=True)
+    ax = axes[0]
+    colors = ["tab:orange" if r["decision"] == "quant" else "tab:blue" for r in layers]
+    ax.bar(x, [r["proxy"] for r in layers], color=colors)
+    ax.axhline(plan["parameters"]["tau"], color="k", ls="--", lw=1, label=f"tau = {plan['parameters']['tau']}")
+    ax.set_ylabel("mass outside top 5%")
+    ax.set_title(f"{plan['model']['name']}: per-layer decision (orange = quantize, blue = offload), "
+                 f"method {plan['parameters']['method']}")
+    ax.legend(loc="upper right")
+    if has_direct:
+        ax = axes[1]
+        for key, label, style in (("kl_quant1", "quant 1-bit", "o-"), ("kl_quant2", "quant 2-bit", "s-"),
+                                  ("kl_sparse", f"sparse, budget {plan['parameters']['budget']}", "^-")):
+            ax.plot(x, [max(r[key], 1e-6) for r in layers], style, ms=4, label=label)
+        ax.set_yscale("log")
+        ax.set_ylabel("KL(full || layer compressed)")
+        ax.legend(loc="upper right", fontsize=8)
+    ax = axes[-1]
+    heads = torch.tensor([r["proxy_heads"] for r in layers]).T
+    im = ax.imshow(heads.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_ylabel("head")
+    ax.set_xlabel("layer")
+    ax.set_xticks(x)
+    fig.colorbar(im, ax=axes, shrink=0.5, pad=0.01, label="proxy per head")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    d = CacheConfig("tailor")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="as in generate.py (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--calib", nargs="+", type=Path, default=DEFAULT_CALIB, help="calibration documents")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per document, at most")
+    p.add_argument("--method", choices=["direct", "proxy"], default="direct")
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--tau", type=float, default=d.tau)
+    p.add_argument("--bits", type=int, default=d.bits, help="the quantized layers' bits the decision is for")
+    p.add_argument("--budget", type=int, default=d.budget)
+    p.add_argument("--sink", type=int, default=d.sink)
+    p.add_argument("--recent", type=int, default=d.recent)
+    p.add_argument("--select", choices=["sketch", "channels"], default=d.select)
+    p.add_argument("--heldout", type=int, default=64, help="direct: tokens decoded at the end of each document")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--out", type=Path, help="plan path (default: plans/<model name>.json)")
+    args = p.parse_args(argv)
+    cfg = CacheConfig("tailor", bits=args.bits, budget=args.budget, sink=args.sink, recent=args.recent,
+                      select=args.select, alpha=args.alpha, tau=args.tau)
+    missing = [str(f) for f in args.calib if not f.is_file()]
+    if missing:
+        p.error(f"calibration files not found: {', '.join(missing)}")
+    model_dir = resolve_model(args.model)
+    tok = Tokenizer(model_dir)
+    model = load_model(model_dir, args.device, getattr(torch, args.dtype))
+    docs = [tok.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)[:args.max_tokens]
+            for f in args.calib]
+    if args.method == "direct" and min(len(doc) for doc in docs) <= 2 * args.heldout:
+        p.error(f"each calibration document needs more than {2 * args.heldout} tokens for --heldout {args.heldout}")
+    print(f"# {model_name(model_dir)} on {args.device} ({args.dtype}); calibration: "
+          f"{', '.join(f'{f.name} ({len(d)} tok)' for f, d in zip(args.calib, docs))}", file=sys.stderr)
+    from tqdm import tqdm
+    with tqdm(total=len(docs), desc="proxy", unit="doc", file=sys.stderr) as bar:
+        heads = measure_proxy(model, docs, cfg, args.prefill_chunk, bar.update)
+    direct = None
+    if args.method == "direct":
+        with tqdm(total=model.args.n_layers, desc="direct", unit="layer", file=sys.stderr,
+                  bar_format="{l_bar}{bar}| {n:.1f}/{total} layers [{elapsed}<{remaining}]") as bar:
+            direct = measure_direct(model, docs, cfg, args.heldout, args.prefill_chunk, bar.update)
+    plan = make_plan(model, model_dir, args.calib, docs, cfg, args.method, heads, direct, args.prefill_chunk,
+                     args.heldout)
+    out = args.out or PLANS / f"{plan['model']['name']}.json"
+    save_plan(plan, out)
+    print(table(plan))
+    try:
+        plot(plan, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+    except ImportError:
+        print(f"wrote {out} (pip install matplotlib for the plot)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
