@@ -477,6 +477,9 @@ class KVCache:
         self.kinds = cfg.layer_kinds(a.n_layers)
         if batch != 1 and any(k != "full" for k in self.kinds):
             raise ValueError("compressed caches hold a batch of 1")
+        if any(k in ("quant", None) for k in self.kinds) and a.head_dim % cfg.group:
+            raise ValueError(f"--group {cfg.group} must divide head_dim {a.head_dim}: values are quantized in groups "
+                             f"of --group channels")
         self.shape, self.batch, self.device, self.host_device = (a.n_kv_heads, a.head_dim, max_len), batch, device, host_device
         self.layers = [None if kind is None else self._new_layer(kind) for kind in self.kinds]
         self.stage = PrefillStage(*self.shape, device, dtype)

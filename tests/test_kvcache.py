@@ -273,6 +273,8 @@ def test_bad_settings_are_refused():
         CacheConfig("kivi", residual=100)
     with pytest.raises(ValueError, match=r"--quant-layers \[40\] out of range"):
         CacheConfig("tailor", quant_layers=(40,)).layer_kinds(30)
+    with pytest.raises(ValueError, match="--group 64 must divide head_dim 16"):
+        KVCache(tiny_model(4, 4, 16), 10, CacheConfig("kivi"))
     with pytest.raises(ValueError, match="batch of 1"):
         KVCache(tiny_model(4, 4, 64), 10, CacheConfig("kivi"), batch=2)
 
