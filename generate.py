@@ -282,7 +282,7 @@ def run(args) -> int:
     ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
     stop_ids = set(tok.eos_ids)
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
-    cfg, plan_info = tailor_layers(cache_config(args), args.plan, model)
+    cfg, plan_info = tailor_layers(cache_config(args), args.plan, model, bits_given=args.bits is not None)
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
         f"on {args.device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
         f"cache {describe(cfg, model.args.n_layers)}")
@@ -335,9 +335,10 @@ def run(args) -> int:
     return 130 if stats["interrupted"] else 0
 
 
-def tailor_layers(cfg: CacheConfig, plan_path, model) -> tuple[CacheConfig, dict | None]:
+def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False) -> tuple[CacheConfig, dict | None]:
     """Which layers tailor quantizes: --quant-layers, else the plan (--plan, or found by fingerprint),
-    else decided online during the prefill."""
+    else decided online during the prefill. A plan's decisions hold for its bit width, which is
+    used unless --bits says otherwise."""
     from dataclasses import replace
 
     from profile_layers import PLANS, find_plan, load_plan
@@ -356,8 +357,11 @@ def tailor_layers(cfg: CacheConfig, plan_path, model) -> tuple[CacheConfig, dict
             f"make one with: python profile_layers.py --model <model>")
         return cfg, None
     plan = load_plan(path, model)
-    log(f"layer plan {path}: quantize layers {plan['quant_layers']} ({plan['parameters']['method']} method)")
-    return replace(cfg, quant_layers=tuple(plan["quant_layers"])), {"source": str(path), "quant_layers": plan["quant_layers"]}
+    bits = cfg.bits if bits_given else plan["parameters"]["bits"]
+    log(f"layer plan {path}: quantize layers {plan['quant_layers']} to {plan['parameters']['bits']} bits "
+        f"({plan['parameters']['method']} method)" + (f"; running them at --bits {bits}" if bits != plan["parameters"]["bits"] else ""))
+    return (replace(cfg, quant_layers=tuple(plan["quant_layers"]), bits=bits),
+            {"source": str(path), "quant_layers": plan["quant_layers"], "bits": plan["parameters"]["bits"]})
 
 
 def describe(cfg: CacheConfig, n_layers: int) -> str:

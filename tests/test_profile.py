@@ -125,7 +125,10 @@ def test_generate_uses_the_shipped_plan_and_refuses_a_foreign_one(tmp_path):
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     shipped = pl.find_plan(pl.load_model(pl.resolve_model(None)))
-    assert f"layer plan {shipped}" in r.stderr
+    bits = json.loads(shipped.read_text())["parameters"]["bits"]
+    assert f"layer plan {shipped}: quantize layers" in r.stderr and f"to {bits} bits" in r.stderr
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "4", "--bits", "4")
+    assert r.returncode == 0 and "running them at --bits 4" in r.stderr
     foreign = json.loads(shipped.read_text())
     foreign["model"] = {"name": "some-other-model", "fingerprint": "0123456789abcdef"}
     (tmp_path / "other.json").write_text(json.dumps(foreign))
