@@ -420,11 +420,12 @@ class ProxyMeter:
         k_top = torch.ceil(self.alpha * (pos + 1)).long()                          # (n,) per query
         top = p.topk(int(k_top.max()), dim=-1).values.cumsum(-1)                   # (H, n, k_max)
         inside = top.gather(-1, (k_top - 1).expand(H, n)[..., None])[..., 0]       # (H, n)
-        self.sum[layer] += (1 - inside).sum(1).double().cpu()
+        self.sum = self.sum.to(q.device)  # accumulate where the attention is: no sync per chunk
+        self.sum[layer] += (1 - inside).sum(1).double()
         self.count[layer] += n
 
     def head_scores(self) -> torch.Tensor:  # (n_layers, H)
-        return self.sum / self.count.clamp(min=1)[:, None]
+        return self.sum.cpu() / self.count.clamp(min=1)[:, None]
 
     def layer_scores(self) -> torch.Tensor:  # (n_layers,)
         return self.head_scores().mean(1)

@@ -118,7 +118,7 @@ def measure_direct(model, docs: list[list[int]], cfg: CacheConfig, heldout: int,
     """
     from generate import compare
     a, dev, dtype = model.args, model.embed.weight.device, model.embed.weight.dtype
-    variants = {"quant1": replace(cfg, bits=1), "quant2": replace(cfg, bits=2), "sparse": cfg}
+    variants = {**{f"quant{b}": replace(cfg, bits=b) for b in sorted({1, 2, cfg.bits})}, "sparse": cfg}
     sums = [{f"{m}_{v}": 0.0 for v in variants for m in ("kl", "top1")} for _ in range(a.n_layers)]
     steps = 0
     for doc in docs:
@@ -178,34 +178,20 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def make_plan(model, model_dir, sources, docs, cfg, method, heads, direct, chunk, heldout) -> dict:
     proxy = heads.mean(1).tolist()
-    layers = []
-    for i in range(model.args.n_layers):
-        row = {"layer": i, "proxy": round(proxy[i], 5), "proxy_heads": [round(x, 5) for x in heads[i].tolist()],
-               "proxy_decision": "quant" if proxy[i] > cfg.tau else "sparse"}
-        if direct:
-            d = direct[i]
-            row.update({k: round(v, 6) for k, v in d.items()})
-            row["direct_decision"] = "quant" if d[f"kl_quant{cfg.bits}"] < d["kl_sparse"] else "sparse"
-        row["decision"] = row[f"{method}_decision"]
-        layers.append(row)
+    layers = [{"layer": i, "proxy": round(proxy[i], 5), "proxy_heads": [round(x, 5) for x in heads[i].tolist()],
+               **({k: round(v, 6) for k, v in direct[i].items()} if direct else {})} for i in range(len(proxy))]
     plan = {
         "tool": "profile_layers.py", "version": VERSION,
         "model": {"name": model_name(model_dir), "fingerprint": fingerprint(model)},
         "calibration": {"sources": [{"file": s.name, "tokens": len(d)} for s, d in zip(sources, docs)],
                         "tokens": sum(len(d) for d in docs)},
-        "parameters": {"method": method, "alpha": cfg.alpha, "tau": cfg.tau, "proxy_queries": cfg.proxy_queries,
-                       "prefill_chunk": chunk, "bits": cfg.bits, "budget": cfg.budget, "sink": cfg.sink,
-                       "recent": cfg.recent, "select": cfg.select, "heldout": heldout if direct else None,
+        "parameters": {"alpha": cfg.alpha, "proxy_queries": cfg.proxy_queries, "prefill_chunk": chunk,
+                       "budget": cfg.budget, "sink": cfg.sink, "recent": cfg.recent, "select": cfg.select,
+                       "heldout": heldout if direct else None,
                        "dtype": str(model.embed.weight.dtype).removeprefix("torch.")},
-        "quant_layers": [r["layer"] for r in layers if r["decision"] == "quant"],
         "layers": layers,
     }
-    if direct:
-        score = [math.log(r["kl_sparse"] + 1e-9) - math.log(r[f"kl_quant{cfg.bits}"] + 1e-9) for r in layers]
-        plan["proxy_vs_direct"] = {
-            "spearman": round(spearman(proxy, score), 4),
-            "decisions_agree": sum(r["proxy_decision"] == r["direct_decision"] for r in layers)}
-    return plan
+    return redecide(plan, cfg, method)
 
 
 def table(plan: dict) -> str:
@@ -284,12 +270,17 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", type=Path, help="plan path (default: plans/<model name>.json)")
+    p.add_argument("--from-plan", type=Path, help="re-decide from this plan's measurements (e.g. for other --bits "
+                                                   "or --tau) instead of measuring again")
     args = p.parse_args(argv)
     cfg = CacheConfig("tailor", bits=args.bits, budget=args.budget, sink=args.sink, recent=args.recent,
                       select=args.select, alpha=args.alpha, tau=args.tau)
     missing = [str(f) for f in args.calib if not f.is_file()]
     if missing:
         p.error(f"calibration files not found: {', '.join(missing)}")
+    if args.from_plan:
+        plan = redecide(json.loads(args.from_plan.read_text()), cfg, args.method)
+        return write(plan, args.out or args.from_plan)
     model_dir = resolve_model(args.model)
     tok = Tokenizer(model_dir)
     model = load_model(model_dir, args.device, getattr(torch, args.dtype))
@@ -309,7 +300,32 @@ def main(argv=None):
             direct = measure_direct(model, docs, cfg, args.heldout, args.prefill_chunk, bar.update)
     plan = make_plan(model, model_dir, args.calib, docs, cfg, args.method, heads, direct, args.prefill_chunk,
                      args.heldout)
-    out = args.out or PLANS / f"{plan['model']['name']}.json"
+    write(plan, args.out or PLANS / f"{plan['model']['name']}.json")
+
+
+def redecide(plan: dict, cfg: CacheConfig, method: str) -> dict:
+    """The same measurements, decided again for cfg's bits and tau."""
+    if method == "direct" and "kl_sparse" not in plan["layers"][0]:
+        raise SystemExit("--from-plan: that plan has no direct measurements; use --method proxy")
+    if method == "direct" and f"kl_quant{cfg.bits}" not in plan["layers"][0]:
+        raise ValueError(f"the plan has no direct measurement at {cfg.bits} bits; measure again with --bits {cfg.bits}")
+    plan = copy.deepcopy(plan)
+    plan["parameters"].update(method=method, bits=cfg.bits, tau=cfg.tau)
+    for r in plan["layers"]:
+        r["proxy_decision"] = "quant" if r["proxy"] > cfg.tau else "sparse"
+        if "kl_sparse" in r:
+            r["direct_decision"] = "quant" if r[f"kl_quant{cfg.bits}"] < r["kl_sparse"] else "sparse"
+        r["decision"] = r[f"{method}_decision"]
+    plan["quant_layers"] = [r["layer"] for r in plan["layers"] if r["decision"] == "quant"]
+    if "kl_sparse" in plan["layers"][0]:
+        score = [math.log(r["kl_sparse"] + 1e-9) - math.log(r[f"kl_quant{cfg.bits}"] + 1e-9) for r in plan["layers"]]
+        plan["proxy_vs_direct"] = {
+            "spearman": round(spearman([r["proxy"] for r in plan["layers"]], score), 4),
+            "decisions_agree": sum(r["proxy_decision"] == r["direct_decision"] for r in plan["layers"])}
+    return plan
+
+
+def write(plan: dict, out: Path):
     save_plan(plan, out)
     print(table(plan))
     try:

@@ -284,14 +284,18 @@ def test_bad_settings_are_refused():
 def test_document_repeat_on_the_default_model(default_dir, default_model, capsys):
     from tokenizer import Tokenizer
     doc = Tokenizer(default_dir).encode((ROOT / "examples" / "lighthouse.txt").read_text(), add_special_tokens=False)
+    import profile_layers
+    plan = profile_layers.load_plan(profile_layers.find_plan(default_model), default_model)  # as generate.py does
+    tailor = CacheConfig("tailor", quant_layers=tuple(plan["quant_layers"]), bits=plan["parameters"]["bits"])
     results = {}
-    for name, cfg in [("full", CacheConfig()), ("tailor", CacheConfig("tailor")),
+    for name, cfg in [("full", CacheConfig()), ("tailor", tailor),
                       ("sparse/sketch", CacheConfig("sparse")), ("sparse/channels", CacheConfig("sparse", select="channels")),
                       ("streaming", CacheConfig("streaming"))]:
         results[name] = document_repeat(default_model, cfg, doc, context=2048, n_copy=96)
     first = first_pass_nll(default_model, doc[:1024])
     with capsys.disabled():
-        print(f"\ndocument repeat, 1952 + 96 tokens (first-pass NLL {first:.2f}):")
+        print(f"\ndocument repeat, 1952 + 96 tokens (first-pass NLL {first:.2f}); tailor quantizes "
+              f"{tailor.quant_layers} to {tailor.bits} bits:")
         for name, r in results.items():
             print(f"  {name:<16} top-1 {r['top1']:.3f}  NLL {r['nll']:.3f}  device KV {r['device_kv_bytes'] / 2**20:6.2f} MiB")
     full, stream = results["full"], results["streaming"]

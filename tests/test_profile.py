@@ -64,6 +64,10 @@ def test_plan_round_trips_and_is_refused_for_another_model(tmp_path):
     src = tmp_path / "calib.txt"
     plan = pl.make_plan(model, tmp_path, [src], [[1] * 10], cfg, "direct", heads, direct, 2048, 64)
     assert plan["quant_layers"] == [0] and [r["decision"] for r in plan["layers"]] == ["quant", "sparse", "sparse"]
+    two_bit = pl.redecide(plan, CacheConfig("tailor", bits=2), "direct")  # 2-bit KL 0.001 < sparse 0.02 everywhere
+    assert two_bit["quant_layers"] == [0, 1, 2] and two_bit["parameters"]["bits"] == 2
+    with pytest.raises(ValueError, match="no direct measurement at 4 bits"):
+        pl.redecide(plan, CacheConfig("tailor", bits=4), "direct")
     path = tmp_path / "plans" / "tiny.json"
     pl.save_plan(plan, path)
     assert pl.load_plan(path, model) == json.loads(json.dumps(plan))
