@@ -229,8 +229,8 @@ def plot(plan: dict, path: Path):
     ax.bar(x, [r["proxy"] for r in layers], color=colors)
     ax.axhline(plan["parameters"]["tau"], color="k", ls="--", lw=1, label=f"tau = {plan['parameters']['tau']}")
     ax.set_ylabel("mass outside top 5%")
-    ax.set_title(f"{plan['model']['name']}: per-layer decision (orange = quantize, blue = offload), "
-                 f"method {plan['parameters']['method']}")
+    ax.set_title(f"{plan['model']['name']}: orange = quantize to {plan['parameters']['bits']} bits, blue = offload "
+                 f"({plan['parameters']['method']} method)")
     ax.legend(loc="upper right")
     if has_direct:
         ax = axes[1]
