@@ -59,8 +59,11 @@ def document_repeat(model, cfg: CacheConfig, doc: list[int], context: int, n_cop
 
 
 def label(cfg: CacheConfig) -> str:
-    if cfg.policy in ("tailor", "kivi"):
-        extra = f"-{cfg.bits}bit" + (f"/{cfg.select}" if cfg.policy == "tailor" else "")
+    if cfg.policy == "tailor":
+        layers = "online" if cfg.quant_layers is None else ",".join(map(str, cfg.quant_layers)) or "none"
+        extra = f"-{cfg.bits}bit[{layers}]/{cfg.select}"
+    elif cfg.policy == "kivi":
+        extra = f"-{cfg.bits}bit"
     elif cfg.policy == "sparse":
         extra = f"/{cfg.select}"
     else:
@@ -68,13 +71,20 @@ def label(cfg: CacheConfig) -> str:
     return cfg.policy + extra
 
 
-def parse_policy(spec: str, **knobs) -> CacheConfig:
-    """'tailor', 'sparse:channels', 'kivi:1' (bits) -> CacheConfig."""
+def parse_policy(spec: str, model=None, **knobs) -> CacheConfig:
+    """'tailor', 'sparse:channels', 'kivi:1' (bits) -> CacheConfig. tailor takes its layers and bits
+    from the model's plan in plans/, as generate.py does (online identification without one)."""
     name, _, opt = spec.partition(":")
     if opt in ("sketch", "channels"):
         knobs["select"] = opt
     elif opt:
         knobs["bits"] = int(opt)
+    if name == "tailor" and model is not None:
+        from profile_layers import find_plan, load_plan
+        path = find_plan(model)
+        if path is not None:
+            plan = load_plan(path, model)
+            knobs = {"quant_layers": tuple(plan["quant_layers"]), "bits": plan["parameters"]["bits"], **knobs}
     return CacheConfig(name, **knobs)
 
 
@@ -83,8 +93,9 @@ def main():
     p.add_argument("--model")
     p.add_argument("--doc", default=str(ROOT / "examples" / "lighthouse.txt"))
     p.add_argument("--context", type=int, nargs="+", default=[2048, 4096])
-    p.add_argument("--policies", nargs="+", default=["full", "tailor", "tailor:channels", "sparse", "sparse:channels",
-                                                     "kivi", "kivi:1", "streaming"])
+    p.add_argument("--policies", nargs="+", default=["full", "tailor", "tailor:channels", "tailor:1", "sparse",
+                                                     "sparse:channels", "kivi", "kivi:1", "streaming"],
+                   help="policy[:sketch|channels|BITS]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
@@ -96,7 +107,7 @@ def main():
     print(f"| context | policy | top-1 | NLL | device KV MiB | vs full | H2D KiB/step |\n|---|---|---|---|---|---|---|")
     for context in args.context:
         for spec in args.policies:
-            r = document_repeat(model, parse_policy(spec), doc, context)
+            r = document_repeat(model, parse_policy(spec, model), doc, context)
             print(f"| {context} | {r['policy']} | {r['top1']:.3f} | {r['nll']:.3f} | {r['device_kv_bytes'] / 2**20:.2f} "
                   f"| {r['compression']:.1f}x | {r['h2d_bytes_per_step'] / 1024:.0f} |", flush=True)
 
