@@ -69,18 +69,19 @@ def fit_to_context(ids: list[int], context: int, max_new_tokens: int, truncate: 
 
 # ----------------------------------------------------------------------------------- caching
 
-def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype) -> KVCache:
+def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype, chunk: int = PREFILL_CHUNK) -> KVCache:
     """Build the KV cache, refusing up front (with the numbers) when device or host cannot hold it."""
     a = model.args
     plan = plan_memory(model, max_len, cfg, dtype=dtype)  # counted on the meta device: nothing allocated
     # headroom for one prefill chunk's activations (a handful of chunk x ffn tensors) and the logits
-    headroom = 6 * PREFILL_CHUNK * max(a.ffn_dim, a.dim) * torch.empty((), dtype=dtype).element_size() + (256 << 20)
+    headroom = 6 * chunk * max(a.ffn_dim, a.dim) * torch.empty((), dtype=dtype).element_size() + (256 << 20)
     on_gpu = torch.device(device).type == "cuda"
-    need = plan["device_bytes"] + plan["prefill_stage_bytes"] + headroom + (0 if on_gpu else plan["host_bytes"])
+    host_here = 0 if on_gpu else plan["host_bytes"]  # on a CPU the "offloaded" store is the same memory
+    need = plan["device_bytes"] + host_here + plan["prefill_stage_bytes"] + headroom
     free = free_memory(device)
     if need > free:
         raise UsageError(f"the {cfg.policy} KV cache for {max_len} positions needs {need / 2**30:.2f} GiB of "
-                         f"{'GPU' if on_gpu else 'host'} memory (cache {plan['device_bytes'] / 2**30:.2f} + prefill "
+                         f"{'GPU' if on_gpu else 'host'} memory (cache {(plan['device_bytes'] + host_here) / 2**30:.2f} + prefill "
                          f"{plan['prefill_stage_bytes'] / 2**30:.2f} + working {headroom / 2**30:.2f}) but only "
                          f"{free / 2**30:.2f} GiB is free; shorten the prompt, lower --max-new-tokens or pick a "
                          f"smaller cache (--cache tailor)")
@@ -286,8 +287,8 @@ def run(args) -> int:
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
         f"on {args.device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
         f"cache {describe(cfg, model.args.n_layers)}")
-    cache = make_cache(cfg, model, len(ids) + max_new, args.device, dtype)
-    check = make_cache(CacheConfig(), model, len(ids) + max_new, args.device, dtype) if args.check else None
+    cache = make_cache(cfg, model, len(ids) + max_new, args.device, dtype, args.prefill_chunk)
+    check = make_cache(CacheConfig(), model, len(ids) + max_new, args.device, dtype, args.prefill_chunk) if args.check else None
 
     from tqdm import tqdm
     bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
