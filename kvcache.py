@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from model import apply_rope
+
 POLICIES = ("full", "tailor", "kivi", "sparse", "streaming")
 DEFAULT_BITS = {"tailor": 1, "kivi": 2}  # TailorKV-1 (the paper's LongBench/latency setting), KIVI-2
 
@@ -500,8 +502,6 @@ class KVCache:
         return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device)
 
     def attend(self, layer, q, k, v, start, x=None):
-        if q.shape[0] != 1 and self.kinds[layer] != "full":
-            raise ValueError("compressed caches hold a batch of 1")
         T = k.shape[2]
         if start + T > self.max_len:
             raise RuntimeError(f"KV cache full: position {start + T} exceeds its {self.max_len} slots")
@@ -561,7 +561,6 @@ class KVCache:
 
     def _predict_query(self, layer, x, pos):
         """Layer `layer`'s query at `pos`, predicted from the previous layer's normalised input x (1, 1, dim)."""
-        from model import apply_rope
         qhat = F.linear(x, self.wq[layer]).view(1, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (1, H, 1, hd)
         freqs = pos * self.inv_freq
         return apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]  # (H, hd)
