@@ -124,6 +124,17 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
     return {"kl": max(kl, 0.0), "top1": bool(ref_logits.argmax() == logits.argmax())}
 
 
+class Decoder:
+    """One decode step at a time: token at position pos -> next-token logits (vocab,), float32."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.device = model.embed.weight.device
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        return self.model(torch.tensor([[token]], device=self.device), self.cache, pos)[0, -1]
+
+
 @torch.inference_mode()
 def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
              seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK, check_cache=None):

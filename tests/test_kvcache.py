@@ -10,7 +10,7 @@ from kvcache import (CacheConfig, KVCache, PrefillStage, QuantLayer, QuantStore,
 from model import ModelArgs, Transformer
 
 sys.path.insert(0, str(ROOT / "bench"))
-from doc_repeat import document_repeat, first_pass_nll  # noqa: E402
+from accuracy import first_pass_nll, run_repeat  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GQA_SHAPES = [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 128)]  # (heads, kv heads, head_dim): ratios 1, 3, 4, 8
@@ -291,7 +291,7 @@ def test_document_repeat_on_the_default_model(default_dir, default_model, capsys
     for name, cfg in [("full", CacheConfig()), ("tailor", tailor),
                       ("sparse/sketch", CacheConfig("sparse")), ("sparse/channels", CacheConfig("sparse", select="channels")),
                       ("streaming", CacheConfig("streaming"))]:
-        results[name] = document_repeat(default_model, cfg, doc, context=2048, n_copy=96)
+        results[name] = run_repeat(default_model, cfg, doc, context=2048, n_copy=96)
     first = first_pass_nll(default_model, doc[:1024])
     with capsys.disabled():
         print(f"\ndocument repeat, 1952 + 96 tokens (first-pass NLL {first:.2f}); tailor quantizes "

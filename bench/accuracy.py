@@ -1,0 +1,359 @@
+"""Accuracy of every cache policy, read against the device memory it keeps.
+
+Three tasks (protocol: the document-repeat recall test, fidelity to the full cache, passkey):
+
+  repeat    prefill a document D, then decode teacher-forced through the start of D again, so every
+            copied token is predicted through the compressed cache: top-1 accuracy and NLL on the
+            copy. A model that still sees D copies it; a policy that lost D falls toward the NLL of
+            reading D for the first time (`first_nll`).
+  fidelity  prefill `context` tokens of a document, decode teacher-forced over the next 256:
+            mean and p99 KL(full || policy) per step and top-1 agreement with the full cache.
+  passkey   a five-digit key hidden at several depths of filler text; greedy answer. Small models
+            fail it at long contexts even with a full cache: the full row says whether they can.
+
+Every row states its device-resident KV bytes and the compression vs a full cache of the same
+dtype, so accuracy is read against memory. A sweep of the budget (sink + recent + top-k tokens
+per layer) covers tailor, sparse and streaming at one context.
+
+    python bench/accuracy.py                                   # default model, CPU fp32, 1k and 2k
+    python bench/accuracy.py --device cuda --dtype bfloat16 --contexts 1024 2048 4096 7500
+    python bench/accuracy.py --model meta-llama/Llama-3.1-8B-Instruct --device cuda --dtype bfloat16 \\
+        --contexts 8192 32768 --docs my_long_document.txt
+
+Policies are written name[-bits][/selector][@budget]: tailor-2/channels, kivi-1, sparse@512,
+streaming@192. tailor takes its quantized layers from the model's plan in plans/ (online
+identification without one) and the bits from the spec.
+"""
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from checkpoint import resolve_model  # noqa: E402
+from generate import Decoder, compare  # noqa: E402
+from kvcache import CacheConfig, KVCache  # noqa: E402
+from model import load_model  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+DOCS = ROOT / "examples" / "documents"
+DOCUMENTS = {  # none of them is used by profile_layers.py (its calibration texts are in examples/calibration)
+    "prose": [ROOT / "examples" / "lighthouse.txt", DOCS / "salt_road.txt"],
+    "code": [DOCS / "tidegauge.py.txt"],
+    "table": [DOCS / "observations_table.txt"],
+}
+POLICIES = ["full", "tailor-1", "tailor-2", "tailor-1/channels", "tailor-2/channels", "kivi-1", "kivi-2",
+            "sparse", "sparse/channels", "streaming"]
+SWEEP = ["tailor-2", "sparse", "streaming"]
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+# ------------------------------------------------------------------------------------ policies
+
+def budget_knobs(budget: int, sink: int = 8) -> dict:
+    """Split a per-layer device budget into sink + recent + top-k: 192 -> 8 + 56 + 128 (the paper's),
+    64 -> 8 + 24 + 32, 1024 -> 8 + 56 + 960."""
+    return {"budget": budget, "sink": sink, "recent": max(1, min(56, budget - sink - budget // 2))}
+
+
+def parse_policy(spec: str, model=None) -> CacheConfig:
+    """'tailor-2/channels@512' -> CacheConfig. streaming@B keeps sink + a window of B - sink tokens, the
+    same device token budget as a sparse layer with budget B; plain 'streaming' means streaming@192."""
+    spec, _, budget = spec.partition("@")
+    spec, _, select = spec.partition("/")
+    name, _, bits = spec.partition("-")
+    knobs = {"select": select} if select else {}
+    if bits:
+        knobs["bits"] = int(bits)
+    if name in ("tailor", "sparse") and budget:
+        knobs.update(budget_knobs(int(budget)))
+    if name == "streaming":
+        b = int(budget or CacheConfig.budget)
+        knobs.update(sink=CacheConfig.sink, recent=b - CacheConfig.sink, budget=b + 1)  # no top-k: budget unused
+    if name == "tailor" and model is not None:
+        from profile_layers import find_plan, load_plan
+        path = find_plan(model)
+        if path is not None:
+            plan = load_plan(path, model)
+            knobs = {"quant_layers": tuple(plan["quant_layers"]), "bits": plan["parameters"]["bits"], **knobs}
+    return CacheConfig(name, **knobs)
+
+
+# ------------------------------------------------------------------------------- task builders
+
+def repeat_task(doc: list[int], context: int, n_copy: int) -> tuple[list[int], list[int]]:
+    """(prefix, targets): prefix = D = doc[:context - n_copy], targets = the first n_copy tokens of D again."""
+    n = context - n_copy
+    if n_copy < 1 or n < n_copy or len(doc) < n:
+        raise ValueError(f"document repeat at context {context} needs a document of {n} tokens and 0 < n_copy <= {n}")
+    return doc[:n], doc[:n_copy]
+
+
+def fidelity_task(doc: list[int], context: int, n_next: int) -> tuple[list[int], list[int]]:
+    """(prefix, targets): the first `context` tokens, then the next n_next of the same document."""
+    if len(doc) < context + n_next:
+        raise ValueError(f"fidelity at context {context} needs a document of {context + n_next} tokens, got {len(doc)}")
+    return doc[:context], doc[context:context + n_next]
+
+
+def passkey_task(tok: Tokenizer, context: int, depth: float, key: int) -> list[int]:
+    """A prompt of about `context` tokens: filler with the key sentence at `depth` (0..1), then the question.
+    The answer is str(key)."""
+    head = tok.encode("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
+                      "memorize it.\n\n", add_special_tokens=False)
+    needle = tok.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
+    tail = tok.encode("\n\nWhat is the pass key? The pass key is", add_special_tokens=False)
+    unit = tok.encode(FILLER, add_special_tokens=False)
+    n_fill = max(context - len(head) - len(needle) - len(tail), 0)
+    filler = (unit * (n_fill // len(unit) + 1))[:n_fill]
+    at = int(depth * n_fill)
+    return head + filler[:at] + needle + filler[at:] + tail
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+def token_metrics(logits: torch.Tensor, target: int) -> tuple[float, bool]:
+    """(NLL of target, whether it is the top-1) for one position's logits (vocab,)."""
+    lp = logits.float().log_softmax(-1)
+    return -lp[target].item(), int(lp.argmax()) == target
+
+
+def recall(nll: list[float], top1: list[bool]) -> dict:
+    return {"top1": sum(top1) / len(top1), "nll": sum(nll) / len(nll)}
+
+
+def fidelity(kl: list[float], agree: list[bool]) -> dict:
+    """Mean and p99 of the per-step KL(full || policy), top-1 agreement with the full cache."""
+    q = sorted(kl)
+    return {"kl_mean": sum(kl) / len(kl), "kl_p99": q[min(len(q) - 1, int(0.99 * len(q)))],
+            "agreement": sum(agree) / len(agree)}
+
+
+def passkey_found(answer: str, key: int) -> bool:
+    return str(key) in answer.replace(" ", "")
+
+
+# ------------------------------------------------------------------------------------- running
+
+@torch.inference_mode()
+def teacher_force(model, cfg: CacheConfig, prefix: list[int], targets: list[int], on_logits) -> dict:
+    """Prefill prefix, then decode targets one by one; on_logits(i, logits) sees the prediction of
+    targets[i] (made from everything before it). Returns the cache's memory report."""
+    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+    cache = KVCache(model, len(prefix) + len(targets), cfg, device=dev, dtype=dtype)
+    logits = model.prefill(torch.tensor([prefix], device=dev), cache)[0]
+    decoder = Decoder(model, cache)
+    for i, target in enumerate(targets):
+        on_logits(i, logits)
+        if i + 1 < len(targets):
+            logits = decoder.step(target, len(prefix) + i)
+    return cache.memory_report()
+
+
+@torch.inference_mode()
+def greedy(model, cfg: CacheConfig, prompt: list[int], n_new: int) -> list[int]:
+    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+    cache = KVCache(model, len(prompt) + n_new, cfg, device=dev, dtype=dtype)
+    logits = model.prefill(torch.tensor([prompt], device=dev), cache)[0]
+    decoder, out = Decoder(model, cache), []
+    for i in range(n_new):
+        out.append(int(logits.argmax()))
+        if i + 1 < n_new:
+            logits = decoder.step(out[-1], len(prompt) + i)
+    return out
+
+
+def first_pass_nll(model, ids: list[int]) -> float:
+    """Mean NLL of reading ids for the first time (full cache, teacher-forced)."""
+    nll = []
+    teacher_force(model, CacheConfig(), ids[:1], ids[1:], lambda i, lg: nll.append(token_metrics(lg, ids[1 + i])[0]))
+    return sum(nll) / len(nll)
+
+
+def memory_fields(mem: dict) -> dict:
+    return {"device_kv_bytes": mem["device_bytes"], "compression": mem["compression"],
+            "h2d_bytes_per_step": mem["h2d_bytes_per_step"]}
+
+
+def run_repeat(model, cfg, doc, context, n_copy) -> dict:
+    prefix, targets = repeat_task(doc, context, n_copy)
+    nll, top1 = [], []
+
+    def score(i, logits):
+        a, b = token_metrics(logits, targets[i])
+        nll.append(a)
+        top1.append(b)
+    mem = teacher_force(model, cfg, prefix, targets, score)
+    return {**recall(nll, top1), **memory_fields(mem)}
+
+
+def run_fidelity(model, cfg, doc, context, n_next, reference: list[torch.Tensor]) -> dict:
+    """reference: the full cache's logits at each step (recorded when cfg is the full cache)."""
+    prefix, targets = fidelity_task(doc, context, n_next)
+    kl, agree = [], []
+
+    def score(i, logits):
+        if cfg.policy == "full" and len(reference) < len(targets):
+            reference.append(logits.float().clone())
+        c = compare(reference[i], logits)
+        kl.append(c["kl"])
+        agree.append(c["top1"])
+    mem = teacher_force(model, cfg, prefix, targets, score)
+    return {**fidelity(kl, agree), **memory_fields(mem)}
+
+
+def run_passkey(model, tok, cfg, context, depths, seed=0) -> dict:
+    rng, found = random.Random(seed + context), []
+    for depth in depths:
+        key = rng.randrange(10000, 100000)
+        answer = tok.decode(greedy(model, cfg, passkey_task(tok, context, depth, key), 8))
+        found.append(passkey_found(answer, key))
+    return {"passkey": sum(found) / len(found)}
+
+
+def load_documents(tok, names: list[str]) -> dict[str, list[int]]:
+    docs = {}
+    for name in names:
+        files = DOCUMENTS.get(name) or [Path(name)]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise SystemExit(f"error: document {missing[0]} not found; name one of {', '.join(DOCUMENTS)} or a text file")
+        docs[name if name in DOCUMENTS else Path(name).stem] = tok.encode(
+            "\n\n".join(f.read_text() for f in files), add_special_tokens=False)
+    return docs
+
+
+# -------------------------------------------------------------------------------------- report
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean and spread (standard deviation) over documents, per context and policy."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["context"], r["policy"], r.get("sweep", False)), []).append(r)
+    rows = []
+    for (context, policy, sweep), rs in groups.items():
+        row = {"context": context, "policy": policy, "sweep": sweep, "docs": len(rs)}
+        for key in ("top1", "nll", "kl_mean", "kl_p99", "agreement", "passkey", "device_kv_bytes", "compression",
+                    "h2d_bytes_per_step"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                row[key] = statistics.fmean(vals)
+                row[key + "_sd"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+                row[key + "_n"] = len(vals)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(r, key, fmt):
+        if key not in r:
+            return "–"
+        return f"{r[key]:{fmt}} ± {r[key + '_sd']:{fmt}}" if r[key + "_n"] > 1 else f"{r[key]:{fmt}}"
+    out = ["| context | policy | copy top-1 | copy NLL | KL mean | KL p99 | top-1 agree | passkey | device KV MiB "
+           "| vs full |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [str(r["context"]), r["policy"], cell(r, "top1", ".3f"), cell(r, "nll", ".2f"), cell(r, "kl_mean", ".3f"),
+                 cell(r, "kl_p99", ".2f"), cell(r, "agreement", ".3f"), cell(r, "passkey", ".2f"),
+                 f"{r['device_kv_bytes'] / 2**20:.2f}", f"{r['compression']:.1f}x"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], context: int, path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    sel = [r for r in rows if r["context"] == context and "top1" in r]
+    for r in sel:
+        if not r["sweep"]:
+            ax.scatter(r["device_kv_bytes"] / 2**20, r["top1"], zorder=3)
+            ax.annotate(r["policy"], (r["device_kv_bytes"] / 2**20, r["top1"]), fontsize=7,
+                        xytext=(4, 2), textcoords="offset points")
+    for base in SWEEP:
+        pts = sorted((r["device_kv_bytes"] / 2**20, r["top1"], r["policy"]) for r in sel
+                     if r["sweep"] and r["policy"].split("@")[0] == base)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", marker=".", alpha=0.6, label=f"{base}, budget 64…1024")
+    ax.set_xscale("log")
+    ax.set_xlabel("device-resident KV cache (MiB, log scale)")
+    ax.set_ylabel("document repeat: top-1 on the copy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model dir, .gguf or hub repo id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--docs", nargs="+", default=list(DOCUMENTS), help=f"{' '.join(DOCUMENTS)} or text files")
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--policies", nargs="+", default=POLICIES)
+    p.add_argument("--tasks", nargs="+", default=["repeat", "fidelity", "passkey"],
+                   choices=["repeat", "fidelity", "passkey"])
+    p.add_argument("--copy", type=int, default=256, help="copied tokens decoded in the repeat task")
+    p.add_argument("--next", type=int, default=256, help="tokens decoded in the fidelity task")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="passkey depths")
+    p.add_argument("--sweep-budgets", type=int, nargs="*", default=[64, 128, 256, 512, 1024])
+    p.add_argument("--sweep-context", type=int, help="context of the budget sweep (default: the largest)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy"), help="prefix of .json/.md/.png")
+    args = p.parse_args()
+
+    model_dir = resolve_model(args.model)
+    model = load_model(model_dir, args.device, getattr(torch, args.dtype))
+    tok = Tokenizer(model_dir)
+    docs = load_documents(tok, args.docs)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    header = f"{model_dir.name}, {device_name}, {args.dtype}"
+    sweep_context = args.sweep_context or max(args.contexts)
+    runs = [(c, spec, False) for c in args.contexts for spec in args.policies]
+    runs += [(sweep_context, f"{base}@{b}", True) for base in SWEEP for b in args.sweep_budgets]
+    print(f"# {header}; documents {', '.join(f'{n} ({len(d)} tokens)' for n, d in docs.items())}", flush=True)
+    first = {n: first_pass_nll(model, d[:1024]) for n, d in docs.items()}
+    print(f"# first-pass NLL of each document's first 1024 tokens: "
+          f"{', '.join(f'{n} {v:.2f}' for n, v in first.items())}", flush=True)
+    records, reference, t0 = [], {}, time.perf_counter()
+    for context, spec, sweep in sorted(runs, key=lambda r: (r[0], r[1] != "full")):
+        cfg = parse_policy(spec, model)
+        for name, doc in docs.items():
+            r = {"context": context, "policy": spec, "sweep": sweep, "doc": name, "quant_layers": cfg.quant_layers,
+                 "bits": cfg.bits if cfg.policy in ("tailor", "kivi") else None}
+            if "repeat" in args.tasks:
+                r.update(run_repeat(model, cfg, doc, context, args.copy))
+            if "fidelity" in args.tasks:
+                ref = reference.setdefault((name, context), [])
+                if not ref and cfg.policy != "full":
+                    run_fidelity(model, CacheConfig(), doc, context, args.next, ref)
+                r.update(run_fidelity(model, cfg, doc, context, args.next, ref))
+            if "passkey" in args.tasks and not sweep and name == next(iter(docs)):  # doc-independent
+                r.update(run_passkey(model, tok, cfg, context, args.depths))
+            records.append(r)
+            print(f"{time.perf_counter() - t0:7.0f}s  {context:>6} {spec:<20} {name:<6} "
+                  + "  ".join(f"{k} {r[k]:.3f}" for k in ("top1", "nll", "kl_mean", "agreement", "passkey") if k in r)
+                  + f"  device KV {r['device_kv_bytes'] / 2**20:.2f} MiB", flush=True)
+    rows = summarize(records)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_dir.name, "device": device_name, "dtype": args.dtype, "documents": {n: len(d) for n, d in docs.items()},
+            "first_pass_nll": first, "copy": args.copy, "next": args.next, "depths": args.depths}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records, "summary": rows}, indent=1))
+    table = f"{header}; mean ± sd over {len(docs)} documents\n\n" + markdown(rows)
+    out.with_suffix(".md").write_text(table + "\n")
+    plot(rows, sweep_context, out.with_suffix(".png"), f"{header}, context {sweep_context}: recall vs device memory")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""bench/accuracy.py: the task builders, the metrics and the policy specs, on tiny inputs."""
+import math
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import accuracy  # noqa: E402
+from accuracy import (budget_knobs, fidelity, fidelity_task, markdown, parse_policy, passkey_found,  # noqa: E402
+                      passkey_task, recall, repeat_task, summarize, token_metrics)
+
+
+def test_repeat_task_feeds_the_document_then_asks_for_it_again():
+    doc = list(range(100, 200))
+    prefix, targets = repeat_task(doc, context=40, n_copy=10)
+    assert prefix == doc[:30] and targets == doc[:10]        # context = D + the start of D again
+    assert len(prefix) + len(targets) == 40
+    with pytest.raises(ValueError):
+        repeat_task(doc[:20], context=40, n_copy=10)           # the document is shorter than D
+    with pytest.raises(ValueError):
+        repeat_task(doc, context=40, n_copy=30)                # more copied than read
+
+
+def test_fidelity_task_continues_the_same_document():
+    doc = list(range(50))
+    prefix, targets = fidelity_task(doc, context=30, n_next=8)
+    assert prefix == doc[:30] and targets == doc[30:38]
+    with pytest.raises(ValueError):
+        fidelity_task(doc, context=45, n_next=8)
+
+
+def test_passkey_prompt_hides_the_key_at_the_depth(default_dir):
+    from tokenizer import Tokenizer
+    tok = Tokenizer(default_dir)
+    for depth in (0.1, 0.9):
+        ids = passkey_task(tok, 400, depth, 48213)
+        text = tok.decode(ids)
+        assert abs(len(ids) - 400) < 8 and text.count("48213") == 2
+        at = text.index("48213") / len(text)
+        assert abs(at - depth) < 0.15, (depth, at)
+        assert text.rstrip().endswith("The pass key is")
+    assert passkey_found(" 48213.", 48213) and passkey_found("4 8 2 1 3", 48213) and not passkey_found("48231", 48213)
+
+
+def test_a_perfect_predictor_scores_perfectly_and_a_bad_one_worse():
+    V, targets = 50, [3, 17, 42, 8, 8, 0]
+    perfect = [torch.full((V,), -30.0).index_fill_(0, torch.tensor([t]), 30.0) for t in targets]
+    uniform = [torch.zeros(V) for _ in targets]
+    wrong = [torch.full((V,), -30.0).index_fill_(0, torch.tensor([(t + 1) % V]), 30.0) for t in targets]
+    scores = {}
+    for name, logits in (("perfect", perfect), ("uniform", uniform), ("wrong", wrong)):
+        nll, top1 = zip(*(token_metrics(lg, t) for lg, t in zip(logits, targets)))
+        scores[name] = recall(list(nll), list(top1))
+    assert scores["perfect"] == {"top1": 1.0, "nll": pytest.approx(0.0, abs=1e-6)}
+    assert scores["uniform"]["nll"] == pytest.approx(math.log(V), rel=1e-5)
+    assert scores["wrong"]["top1"] == 0.0 and scores["wrong"]["nll"] > scores["uniform"]["nll"]
+
+
+def test_fidelity_metrics_against_the_reference():
+    from generate import compare
+    torch.manual_seed(0)
+    ref = [torch.randn(64) for _ in range(200)]
+    same = fidelity(*zip(*((c["kl"], c["top1"]) for c in (compare(r, r.clone()) for r in ref))))
+    assert same == {"kl_mean": pytest.approx(0, abs=1e-6), "kl_p99": pytest.approx(0, abs=1e-6), "agreement": 1.0}
+    noisy = fidelity(*zip(*((c["kl"], c["top1"]) for c in (compare(r, r + 2 * torch.randn(64)) for r in ref))))
+    assert noisy["kl_mean"] > 0.5 and noisy["kl_p99"] >= noisy["kl_mean"] and noisy["agreement"] < 0.8
+    kl = [0.0] * 99 + [5.0]
+    assert fidelity(kl, [True] * 100)["kl_p99"] == 5.0   # p99 of 100 steps is the worst one
+
+
+def test_policy_specs_and_budgets():
+    c = parse_policy("tailor-2/channels@512")
+    assert (c.policy, c.bits, c.select, c.budget, c.sink, c.recent, c.topk) == ("tailor", 2, "channels", 512, 8, 56, 448)
+    assert budget_knobs(192) == {"budget": 192, "sink": 8, "recent": 56}   # the paper's 8 + 56 + 128
+    assert topk_of(64) == 32 and topk_of(1024) == 960
+    s = parse_policy("streaming@192")
+    assert s.sink + s.recent == 192                       # the same device tokens per layer as sparse@192
+    assert parse_policy("kivi-1").bits == 1 and parse_policy("sparse").select == "sketch"
+    with pytest.raises(ValueError):
+        parse_policy("quest")
+
+
+def topk_of(budget):
+    return parse_policy(f"sparse@{budget}").topk
+
+
+def test_tailor_takes_its_layers_from_the_plan(default_model):
+    c = parse_policy("tailor-1", default_model)
+    assert c.quant_layers == (0,) and c.bits == 1          # the shipped plan's layers, the spec's bits
+
+
+def test_summary_gives_mean_and_spread_over_documents():
+    recs = [{"context": 8, "policy": "full", "doc": d, "top1": t, "nll": 1.0, "device_kv_bytes": 2**20,
+             "compression": 1.0, "h2d_bytes_per_step": 0} for d, t in (("a", 0.5), ("b", 1.0))]
+    (row,) = summarize(recs)
+    assert row["top1"] == 0.75 and row["top1_sd"] == 0.25 and row["docs"] == 2
+    table = markdown([row])
+    assert "0.750 ± 0.250" in table and "| 1.00 | 1.0x |" in table
+
+
+def test_full_cache_beats_a_tiny_window_on_a_tiny_model(tiny_llama_dir):
+    """End to end on a random model: the full cache agrees with itself, a 4-token window does not."""
+    from kvcache import CacheConfig
+    from model import load_model
+    model = load_model(tiny_llama_dir, "cpu", torch.float32)
+    doc = torch.randint(4, 300, (120,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = []
+    full = accuracy.run_fidelity(model, CacheConfig(), doc, 80, 16, ref)
+    assert full["kl_mean"] < 1e-9 and full["agreement"] == 1.0 and len(ref) == 16
+    window = accuracy.run_fidelity(model, CacheConfig("streaming", sink=2, recent=2), doc, 80, 16, ref)
+    assert window["kl_mean"] > 1e-4 and window["device_kv_bytes"] < full["device_kv_bytes"] / 10
