@@ -125,14 +125,57 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
 
 
 class Decoder:
-    """One decode step at a time: token at position pos -> next-token logits (vocab,), float32."""
+    """One decode step at a time: token at position pos -> next-token logits (vocab,), float32.
 
-    def __init__(self, model, cache):
+    With a cache on the kernel path (KVCache(kernels=True)) the step runs with the position in a
+    device tensor and no host synchronisation, so on CUDA it is captured once into a CUDA graph
+    (cuda_graph=True) and replayed: all layers' launches in one. The returned logits are then a
+    static buffer, overwritten by the next step: clone them to keep them.
+    """
+
+    def __init__(self, model, cache, cuda_graph: bool | None = None):
         self.model, self.cache = model, cache
         self.device = model.embed.weight.device
+        self.device_step = bool(getattr(cache, "kernels", False))
+        if cuda_graph is None:
+            cuda_graph = self.device_step and self.device.type == "cuda"
+        if cuda_graph and not (self.device_step and self.device.type == "cuda"):
+            raise ValueError("a CUDA graph needs a CUDA device and a cache on the kernel path (kernels=True)")
+        self.cuda_graph, self.graph = cuda_graph, None
+        if self.device_step:
+            self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.pos = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def _forward(self):
+        return self.model(self.token, self.cache, self.pos)[0, -1]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
-        return self.model(torch.tensor([[token]], device=self.device), self.cache, pos)[0, -1]
+        if not self.device_step:
+            return self.model(torch.tensor([[token]], device=self.device), self.cache, pos)[0, -1]
+        if pos >= self.cache.max_len:
+            raise RuntimeError(f"KV cache full: position {pos + 1} exceeds its {self.cache.max_len} slots")
+        if self.cache.decode_steps == 0:
+            self.cache.prepare_decode()
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+        if not self.cuda_graph:
+            logits = self._forward()
+        elif self.graph is None:  # warm up on a side stream (compiles the kernels), then capture
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._forward()  # a step is idempotent: rewriting position pos with the same token changes nothing
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+            self.graph.replay()
+            logits = self.logits
+        else:
+            self.graph.replay()
+            logits = self.logits
+        self.cache.advance(pos + 1)
+        return logits
 
 
 @torch.inference_mode()

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+import kernels as K
 from model import apply_rope
 
 POLICIES = ("full", "tailor", "kivi", "sparse", "streaming")
@@ -162,13 +163,15 @@ class QuantStore:
     per_channel=True (keys): a group is g consecutive tokens of one channel; codes are packed
     along the token axis, (n_kv, hd, max_len * bits / 32). per_channel=False (values): a group
     is g consecutive channels of one token; codes (n_kv, max_len, hd * bits / 32).
-    The newest tokens wait in `res` (n_kv, R, hd); when it would hold R, its oldest full groups
-    are quantized and appended, so R - g .. R - 1 tokens stay exact and no token is quantized twice.
+    The newest tokens wait in the ring `res` (n_kv, R, hd), token t at slot t % R; when it would
+    hold R, its oldest full groups are quantized, so R - g .. R - 1 tokens stay exact and no token is
+    quantized twice. What is quantized is a function of the length alone (`quantized`), which lets
+    a decode step run on the device without the host knowing the length (kernels.quantize_step).
     """
 
-    def __init__(self, n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype):
+    def __init__(self, n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=False):
         assert (group * bits) % 32 == 0 and residual % group == 0 and (per_channel or hd % group == 0)
-        self.bits, self.g, self.R, self.per_channel = bits, group, residual, per_channel
+        self.bits, self.g, self.R, self.per_channel, self.kernels = bits, group, residual, per_channel, kernels
         cap = -(-max_len // group) * group  # token capacity, whole groups
         w = 32 // bits
         if per_channel:
@@ -179,30 +182,52 @@ class QuantStore:
             self.scale = torch.zeros(n_kv, cap, hd // group, dtype=dtype, device=device)
         self.mn = torch.zeros_like(self.scale)
         self.res = torch.zeros(n_kv, residual, hd, dtype=dtype, device=device)
-        self.n_q = 0  # quantized tokens (a multiple of g)
-        self.n_r = 0  # tokens waiting in the residual
+        self.length = 0  # tokens stored
+        self.n_q = 0     # of which quantized (a multiple of g)
+
+    def quantized(self, length: int) -> int:
+        """How many of the first `length` tokens are quantized."""
+        return ((length - self.R) // self.g + 1) * self.g if length >= self.R else 0
 
     def __len__(self):
-        return self.n_q + self.n_r
+        return self.length
+
+    @property
+    def n_r(self):  # tokens waiting in the residual ring
+        return self.length - self.n_q
 
     def tensors(self):
         return [self.codes, self.scale, self.mn, self.res]
 
+    def _slots(self, a, b):
+        return torch.arange(a, b, device=self.res.device) % self.R
+
     def append(self, x: torch.Tensor):
         """x: (n_kv, T, hd) new tokens, oldest first."""
-        pending = torch.cat([self.res[:, :self.n_r], x.to(self.res.dtype)], dim=1)  # (n_kv, n_r + T, hd)
-        total = pending.shape[1]
-        n_flush = ((total - self.R) // self.g + 1) * self.g if total >= self.R else 0
-        if n_flush:
-            self._quantize_into(pending[:, :n_flush])
-        keep = pending[:, n_flush:]
-        self.res[:, :keep.shape[1]] = keep
-        self.n_r = keep.shape[1]
+        x = x.to(self.res.dtype)
+        L0, L1 = self.length, self.length + x.shape[1]
+        n_q1 = self.quantized(L1)
+        if n_q1 > self.n_q:
+            pending = x if L0 == self.n_q else torch.cat([self.res[:, self._slots(self.n_q, L0)], x], dim=1)
+            pending = pending[:, :n_q1 - self.n_q]
+            if self.kernels:
+                import kernels
+                kernels.quantize(self, pending, self.n_q // self.g)
+            else:
+                self._quantize_into(pending, self.n_q)
+        first = max(n_q1, L0)
+        if first < L1:
+            self.res[:, self._slots(first, L1)] = x[:, first - L0:]
+        self.length, self.n_q = L1, n_q1
 
-    def _quantize_into(self, x):  # x: (n_kv, n, hd), n a multiple of g
+    def advance(self, length: int):
+        """Record that device-side steps (kernels.quantize_step) brought the store to `length` tokens."""
+        self.length, self.n_q = length, self.quantized(length)
+
+    def _quantize_into(self, x, a):  # x: (n_kv, n, hd), tokens a..a+n-1, n a multiple of g
         n_kv, n, hd = x.shape
         g, w = self.g, 32 // self.bits
-        a, b = self.n_q, self.n_q + n
+        b = a + n
         if self.per_channel:
             codes, scale, mn = quantize(x.transpose(1, 2).reshape(n_kv, hd, n // g, g), self.bits, self.scale.dtype)
             self.codes[:, :, a // w:b // w] = pack(codes.reshape(n_kv, hd, n), self.bits)
@@ -211,10 +236,9 @@ class QuantStore:
             codes, scale, mn = quantize(x.reshape(n_kv, n, hd // g, g), self.bits, self.scale.dtype)
             self.codes[:, a:b] = pack(codes.reshape(n_kv, n, hd), self.bits)
             self.scale[:, a:b], self.mn[:, a:b] = scale, mn
-        self.n_q = b
 
     def dequantize(self) -> torch.Tensor:
-        """All stored tokens in fp32, oldest first: (n_kv, n_q + n_r, hd)."""
+        """All stored tokens in fp32, oldest first: (n_kv, length, hd)."""
         g, w, n = self.g, 32 // self.bits, self.n_q
         if self.per_channel:
             codes = unpack(self.codes[:, :, :n // w], self.bits).float()                    # (n_kv, hd, n)
@@ -227,7 +251,7 @@ class QuantStore:
             n_kv, _, hd = codes.shape
             x = codes.view(n_kv, n, hd // g, g) * self.scale[:, :n, :, None].float() + self.mn[:, :n, :, None].float()
             x = x.reshape(n_kv, n, hd)
-        return torch.cat([x, self.res[:, :self.n_r].float()], dim=1)
+        return torch.cat([x, self.res[:, self._slots(n, self.length)].float()], dim=1)
 
 
 # ---------------------------------------------------------------------------- layer strategies
@@ -239,10 +263,13 @@ def nbytes(tensors) -> int:
 class FullLayer:
     kind = "full"
 
-    def __init__(self, n_kv, hd, max_len, batch, device, dtype):
+    def __init__(self, n_kv, hd, max_len, batch, device, dtype, n_heads=None, kernels=False):
         self.k = torch.empty(batch, n_kv, max_len, hd, device=device, dtype=dtype)  # (B, n_kv, max_len, hd)
         self.v = torch.empty_like(self.k)
         self.length, self.h2d_bytes = 0, 0
+        if kernels:
+            self.split, n = K.split_plan(max_len, n_kv, 64)
+            self.ws = K.Workspace(n_heads, n, hd, device)
 
     def load(self, k, v, start):
         end = start + k.shape[2]
@@ -252,6 +279,15 @@ class FullLayer:
     def decode(self, q, k, v, start):
         self.load(k, v, start)
         return attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length])
+
+    def step(self, q, k, v, pos):
+        """decode() on the device, pos a device tensor: what a CUDA graph captures."""
+        self.k[0].index_copy_(1, pos.view(1), k[0])
+        self.v[0].index_copy_(1, pos.view(1), v[0])
+        return K.dense_attend(q[0, :, 0].contiguous(), self.k[0], self.v[0], pos, self.ws, self.split)[None, :, None]
+
+    def advance(self, length):
+        self.length = length
 
     def device_tensors(self):
         return [self.k, self.v]
@@ -264,11 +300,14 @@ class QuantLayer:
     """KIVI-style quantized K/V (see QuantStore); exact attention during prefill."""
     kind = "quant"
 
-    def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype):
+    def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype, n_heads=None, kernels=False):
         args = (n_kv, hd, max_len, cfg.bits, cfg.group, cfg.residual)
-        self.keys = QuantStore(*args, per_channel=True, device=device, dtype=dtype)
-        self.values = QuantStore(*args, per_channel=False, device=device, dtype=dtype)
+        self.keys = QuantStore(*args, per_channel=True, device=device, dtype=dtype, kernels=kernels)
+        self.values = QuantStore(*args, per_channel=False, device=device, dtype=dtype, kernels=kernels)
         self.h2d_bytes = 0
+        if kernels:
+            self.split, n = K.split_plan(self.keys.codes.shape[2] * (32 // cfg.bits), n_kv, cfg.group)
+            self.ws = K.Workspace(n_heads, n + 1, hd, device)  # + 1: the residual ring's split
 
     def load(self, k, v, start):
         assert start == len(self.keys), "tokens arrive in order"
@@ -277,8 +316,17 @@ class QuantLayer:
 
     def decode(self, q, k, v, pos):
         self.load(k, v, pos)
-        K, V = self.keys.dequantize(), self.values.dequantize()  # (n_kv, S, hd) fp32
-        return attention(q.float(), K[None], V[None]).to(q.dtype)
+        K_, V_ = self.keys.dequantize(), self.values.dequantize()  # (n_kv, S, hd) fp32
+        return attention(q.float(), K_[None], V_[None]).to(q.dtype)
+
+    def step(self, q, k, v, pos):
+        K.quantize_step(self.keys, k[0, :, 0].contiguous(), pos)
+        K.quantize_step(self.values, v[0, :, 0].contiguous(), pos)
+        return K.quant_attend(q[0, :, 0].contiguous(), self.keys, self.values, pos, self.ws, self.split)[None, :, None]
+
+    def advance(self, length):
+        self.keys.advance(length)
+        self.values.advance(length)
 
     def device_tensors(self):
         return self.keys.tensors() + self.values.tensors()
@@ -290,36 +338,40 @@ class QuantLayer:
 class SparseLayer:
     """Offloaded K/V with top-k retrieval (topk > 0), or a plain sink + window layer (topk == 0).
 
-    Positions [0, sink) live in `sink_k/v`, the newest `recent` positions in the ring buffer
-    `win_k/v` (position p at slot p % recent); the positions between them are "offloaded":
-    reachable only through the host store, from which each decode step gathers the top-k.
+    The device rows are one buffer (n_kv, sink + topk + recent, hd): positions [0, sink) in the
+    sinks, the retrieved rows, then the newest `recent` positions in a ring (position p at slot
+    p % recent). The positions between sinks and window are "offloaded": reachable only through
+    the host store (max_len, n_kv, hd), token-major so a prompt chunk is one contiguous copy.
     """
 
-    def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, topk, device, dtype, host_device):
+    def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, topk, device, dtype, host_device, scores=None,
+                 kernels=False):
         self.sink, self.recent, self.topk = cfg.sink, cfg.recent, topk
         self.kind = "sparse" if topk else "window"
         self.select, self.C = cfg.select, min(cfg.channels, hd)
         kw = dict(device=device, dtype=dtype)
-        self.sink_k = torch.zeros(n_kv, cfg.sink, hd, **kw)
-        self.sink_v = torch.zeros_like(self.sink_k)
-        self.win_k = torch.zeros(n_kv, cfg.recent, hd, **kw)
-        self.win_v = torch.zeros_like(self.win_k)
+        self.att_k = torch.zeros(n_kv, cfg.sink + topk + cfg.recent, hd, **kw)
+        self.att_v = torch.zeros_like(self.att_k)
+        a, b = cfg.sink, cfg.sink + topk
+        self.sink_k, self.sel_k, self.win_k = self.att_k[:, :a], self.att_k[:, a:b], self.att_k[:, b:]
+        self.sink_v, self.sel_v, self.win_v = self.att_v[:, :a], self.att_v[:, a:b], self.att_v[:, b:]
         self.length, self.h2d_bytes = 0, 0
-        self.sketch = self.kmax = None
+        self.sketch = self.kmax = self.host_k = self.host_v = None
         self.qhat = None  # (H, hd) this layer's query as predicted one layer earlier (channels selector)
+        self.scores = scores  # (n_kv, >= max_len) float32 scratch shared by the layers (kernels)
         if topk:
             pin = torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu"
-            self.sel_k = torch.zeros(n_kv, topk, hd, **kw)
-            self.sel_v = torch.zeros_like(self.sel_k)
-            self.host_k = torch.empty(n_kv, max_len, hd, dtype=dtype, device=host_device, pin_memory=pin)
-            self.host_v = torch.empty(n_kv, max_len, hd, dtype=dtype, device=host_device, pin_memory=pin)
+            self.host_k = torch.zeros(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
+            self.host_v = torch.zeros(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             if cfg.select == "sketch":  # low-bit copy of every key; its residual covers the last partial group
-                self.sketch = QuantStore(n_kv, hd, max_len, cfg.sketch_bits, cfg.group, cfg.group, True, device, dtype)
+                self.sketch = QuantStore(n_kv, hd, max_len, cfg.sketch_bits, cfg.group, cfg.group, True, device, dtype,
+                                         kernels)
             else:
                 self.kmax = torch.zeros(n_kv, hd, **kw)  # running max_t |K[t, c]| per channel
 
-    def load(self, k, v, start):
-        """Place new tokens k, v: (1, n_kv, T, hd) at positions start.. in sinks, window and host store."""
+    def load(self, k, v, start, to_host=True):
+        """Place new tokens k, v: (1, n_kv, T, hd) at positions start.. in sinks, window and host store
+        (to_host=False: the caller has streamed them to the host store already)."""
         k, v = k[0], v[0]
         T = k.shape[1]
         end = start + T
@@ -331,8 +383,9 @@ class SparseLayer:
             slots = torch.arange(first, end, device=k.device) % self.recent
             self.win_k[:, slots], self.win_v[:, slots] = k[:, first - start:], v[:, first - start:]
         if self.topk:
-            self.host_k[:, start:end].copy_(k)
-            self.host_v[:, start:end].copy_(v)
+            if to_host:
+                self.host_k[start:end].copy_(k.transpose(0, 1), non_blocking=True)
+                self.host_v[start:end].copy_(v.transpose(0, 1), non_blocking=True)
             if self.sketch is not None:
                 self.sketch.append(k)
             else:
@@ -357,9 +410,16 @@ class SparseLayer:
         parts_v.append(self.win_v[:, slots])
         return attention(q, torch.cat(parts_k, 1)[None], torch.cat(parts_v, 1)[None])
 
+    def _channels(self, q):
+        """The C channels per KV head the channel selector scores on: largest |q̂_c| * max_t |K[t, c]|."""
+        n_kv = self.att_k.shape[0]
+        qhat = self.qhat if self.qhat is not None else q  # layer 0 has no predictor: its own query
+        qhat = qhat.view(n_kv, -1, q.shape[-1]).float().mean(1)          # (n_kv, hd)
+        return (qhat.abs() * self.kmax.float()).topk(self.C, dim=-1).indices  # (n_kv, C)
+
     def _select(self, q, n_off):
         """q: (H, hd) real queries -> (n_kv, min(topk, n_off)) offloaded positions to fetch."""
-        n_kv = self.win_k.shape[0]
+        n_kv = self.att_k.shape[0]
         qk = q.view(n_kv, -1, q.shape[-1]).float().mean(1)  # (n_kv, hd): one query per KV head
         lo, hi = self.sink, self.sink + n_off
         if n_off <= self.topk:  # everything fits in the budget: take it all, exactly
@@ -368,12 +428,10 @@ class SparseLayer:
             keys = self.sketch.dequantize()[:, lo:hi]                         # (n_kv, n_off, hd) fp32
             scores = (keys @ qk[..., None])[..., 0]                           # (n_kv, n_off)
         else:
-            qhat = self.qhat if self.qhat is not None else q  # layer 0 has no predictor: its own query
-            qhat = qhat.view(n_kv, -1, q.shape[-1]).float().mean(1)          # (n_kv, hd)
-            ch = (qhat.abs() * self.kmax.float()).topk(self.C, dim=-1).indices  # (n_kv, C)
+            ch = self._channels(q)
             # the paper's data path: C channels of every offloaded key cross host -> device each step
             heads = torch.arange(n_kv)[:, None, None]
-            cols = self.host_k[heads, torch.arange(lo, hi)[None, :, None], ch.cpu()[:, None, :]]  # (n_kv, n_off, C)
+            cols = self.host_k[torch.arange(lo, hi)[None, :, None], heads, ch.cpu()[:, None, :]]  # (n_kv, n_off, C)
             self.h2d_bytes += cols.numel() * cols.element_size()
             kc = cols.to(q.device, non_blocking=True).float()
             scores = (kc * qk.gather(1, ch)[:, None, :]).sum(-1)              # (n_kv, n_off)
@@ -383,15 +441,46 @@ class SparseLayer:
         """Rows idx (n_kv, k) of the host store -> device (n_kv, k, hd) K and V."""
         rows = idx.cpu()
         heads = torch.arange(rows.shape[0])[:, None]
-        k, v = self.host_k[heads, rows], self.host_v[heads, rows]
+        k, v = self.host_k[rows, heads], self.host_v[rows, heads]
         self.h2d_bytes += 2 * k.numel() * k.element_size()
-        dev = self.sel_k.device
+        dev = self.att_k.device
         return k.to(dev, non_blocking=True), v.to(dev, non_blocking=True)
 
-    def device_tensors(self):
-        t = [self.sink_k, self.sink_v, self.win_k, self.win_v]
+    def step(self, q, k, v, pos):
+        """decode() on the device, pos a device tensor: what a CUDA graph captures."""
+        kr, vr, qh = k[0, :, 0].contiguous(), v[0, :, 0].contiguous(), q[0, :, 0].contiguous()
+        K.sparse_append(kr, vr, pos, self.host_k, self.host_v, self.sink_k, self.sink_v, self.win_k, self.win_v)
+        vals = None
         if self.topk:
-            t += [self.sel_k, self.sel_v] + (self.sketch.tensors() if self.sketch is not None else [self.kmax])
+            if self.sketch is not None:
+                K.quantize_step(self.sketch, kr, pos)
+                K.sketch_scores(qh, self.sketch, pos, self.scores, self.sink, self.recent)
+            else:
+                torch.maximum(self.kmax, kr.abs(), out=self.kmax)
+                K.channel_scores(qh, self._channels(qh).contiguous(), self.host_k, pos, self.scores, self.sink,
+                                 self.recent)
+            vals, idx = self.scores.topk(self.topk, dim=-1, sorted=False)
+            K.gather_rows(idx, vals, self.host_k, self.host_v, self.sel_k, self.sel_v)
+        return K.sparse_attend(qh, self.att_k, self.att_v, vals, pos, self.sink, self.topk, self.recent)[None, :, None]
+
+    def advance(self, length):
+        """Bookkeeping after a device step brought the layer to `length` tokens: lengths and H2D bytes."""
+        self.length = length
+        if not self.topk:
+            return
+        n_kv, _, hd = self.att_k.shape
+        n_off = max(self.sink, length - self.recent) - self.sink
+        row = hd * self.att_k.element_size()
+        self.h2d_bytes += 2 * n_kv * min(self.topk, n_off) * row
+        if self.sketch is not None:
+            self.sketch.advance(length)
+        elif n_off > self.topk:  # the channel selector reads C channels of every offloaded key
+            self.h2d_bytes += n_kv * n_off * self.C * self.att_k.element_size()
+
+    def device_tensors(self):
+        t = [self.att_k, self.att_v]
+        if self.topk:
+            t += self.sketch.tensors() if self.sketch is not None else [self.kmax]
         return t
 
     def host_tensors(self):
@@ -473,57 +562,90 @@ class KVCache:
     """
 
     def __init__(self, model, max_len: int, cfg: CacheConfig | None = None, batch: int = 1,
-                 device="cpu", dtype=torch.float32, host_device="cpu"):
+                 device="cpu", dtype=torch.float32, host_device="cpu", kernels: bool = False):
         a = model.args
         cfg = cfg or CacheConfig()
-        self.cfg, self.max_len, self.dtype = cfg, max_len, dtype
+        self.cfg, self.max_len, self.dtype, self.kernels = cfg, max_len, dtype, kernels
         self.kinds = cfg.layer_kinds(a.n_layers)
-        if batch != 1 and any(k != "full" for k in self.kinds):
-            raise ValueError("compressed caches hold a batch of 1")
+        if batch != 1 and (kernels or any(k != "full" for k in self.kinds)):
+            raise ValueError("compressed caches and the kernel path hold a batch of 1")
         if any(k in ("quant", None) for k in self.kinds) and a.head_dim % cfg.group:
             raise ValueError(f"--group {cfg.group} must divide head_dim {a.head_dim}: values are quantized in groups "
                              f"of --group channels")
         self.shape, self.batch, self.device, self.host_device = (a.n_kv_heads, a.head_dim, max_len), batch, device, host_device
+        self.n_heads = a.n_heads
+        self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
+        if kernels and any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0:
+            width = -(-max(max_len, cfg.topk) // cfg.group) * cfg.group
+            self.scores = torch.empty(a.n_kv_heads, width, device=device)
+        self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
+        if torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu":
+            self.copy_stream = torch.cuda.Stream(device)
         self.layers = [None if kind is None else self._new_layer(kind) for kind in self.kinds]
         self.stage = PrefillStage(*self.shape, device, dtype)
         self.meter = ProxyMeter(a.n_layers, a.n_heads, cfg.alpha, cfg.proxy_queries) if cfg.online else None
         self.prefilling = None  # the layer whose prompt K/V sits in the stage
         self.wq = [b.attn.wq.weight for b in model.layers]
-        self.inv_freq, self.n_heads, self.head_dim = model.inv_freq, a.n_heads, a.head_dim
+        self.inv_freq, self.head_dim = model.inv_freq, a.head_dim
         self.full_layer_bytes = 2 * a.n_kv_heads * a.head_dim * max_len * batch * torch.empty((), dtype=dtype).element_size()
         self.length, self.decode_steps = 0, 0
 
     def _new_layer(self, kind):
         if kind == "full":
-            return FullLayer(*self.shape, self.batch, self.device, self.dtype)
+            return FullLayer(*self.shape, self.batch, self.device, self.dtype, self.n_heads, self.kernels)
         if kind == "quant":
-            return QuantLayer(*self.shape, self.cfg, self.device, self.dtype)
+            return QuantLayer(*self.shape, self.cfg, self.device, self.dtype, self.n_heads, self.kernels)
         topk = self.cfg.topk if kind == "sparse" else 0
-        return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device)
+        return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device, self.scores,
+                           self.kernels)
 
     def attend(self, layer, q, k, v, start, x=None):
         T = k.shape[2]
+        if torch.is_tensor(start):  # a device-side decode step (kernels; see Decoder): no host sync allowed
+            out = self.layers[layer].step(q, k, v, start)
+            self._predict_next(layer, x, start)
+            return out
         if start + T > self.max_len:
             raise RuntimeError(f"KV cache full: position {start + T} exceeds its {self.max_len} slots")
         if T > 1:
             out = self._prefill(layer, q, k, v, start)
         else:
             if layer == 0:
-                self.finish_prefill()
-                self.stage.free()
+                self.prepare_decode()
                 self.decode_steps += 1
             if self.layers[layer] is None:  # online, and the prompt was a single token: no proxy to go on
                 self._decide(layer)
             out = self.layers[layer].decode(q, k, v, start)
-            # the channels selector predicts layer l+1's query from layer l's input (W_q of l+1, RoPE)
-            nxt = layer + 1
-            if self.cfg.select == "channels" and nxt < len(self.kinds) and self.kinds[nxt] == "sparse" and x is not None:
-                self.layers[nxt].qhat = self._predict_query(nxt, x, start)
+            self._predict_next(layer, x, start)
         self.length = start + T
         return out
 
+    def _predict_next(self, layer, x, pos):
+        """The channels selector predicts layer l+1's query from layer l's input (W_q of l+1, RoPE)."""
+        nxt = layer + 1
+        if self.cfg.select == "channels" and nxt < len(self.kinds) and self.kinds[nxt] == "sparse" and x is not None:
+            self.layers[nxt].qhat = self._predict_query(nxt, x, pos)
+
+    def prepare_decode(self):
+        """End the prefill: the last staged layer takes its prompt, the stage is freed, host copies are waited for."""
+        self.finish_prefill()
+        for i, layer in enumerate(self.layers):
+            if layer is None:  # online, and never prefilled (a one-token prompt): no proxy to go on
+                self._decide(i)
+        self.stage.free()
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+
+    def advance(self, length: int):
+        """Bookkeeping after a device-side decode step (Decoder): the cache now holds `length` tokens."""
+        for layer in self.layers:
+            layer.advance(length)
+        self.length = length
+        self.decode_steps += 1
+
     def _prefill(self, layer, q, k, v, start):
-        """Exact attention of a prompt chunk; a full layer keeps it in its own buffers, others in the stage."""
+        """Exact attention of a prompt chunk; a full layer keeps it in its own buffers, others in the stage.
+        A sparse layer's chunk also starts its way to the host store at once, on the copy stream."""
         if self.prefilling != layer:
             self.finish_prefill()
         cache = self.layers[layer]
@@ -532,9 +654,22 @@ class KVCache:
         else:
             out, keys = self.stage.attend(q, k, v, start), self.stage.k
             self.prefilling = layer
+            if cache is not None and cache.kind == "sparse" and self.copy_stream is not None:
+                self._stream_to_host(cache, k, v, start)
         if self.meter is not None:
             self.meter.observe(layer, q, keys[:, :, :start + k.shape[2]])
         return out
+
+    def _stream_to_host(self, cache, k, v, start):
+        end = start + k.shape[2]
+        kt, vt = k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()  # token-major, as stored
+        self.copy_stream.wait_stream(torch.cuda.current_stream(k.device))
+        with torch.cuda.stream(self.copy_stream):
+            cache.host_k[start:end].copy_(kt, non_blocking=True)
+            cache.host_v[start:end].copy_(vt, non_blocking=True)
+        kt.record_stream(self.copy_stream)  # not reused by the allocator before the copy is done
+        vt.record_stream(self.copy_stream)
+        cache.streamed = end
 
     def finish_prefill(self):
         """Hand the staged prompt K/V to the layer that was prefilling (deciding its kind if online)."""
@@ -543,8 +678,11 @@ class KVCache:
             return
         if self.layers[layer] is None:
             self._decide(layer)
-        n = self.stage.length
-        self.layers[layer].load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0)
+        n, cache = self.stage.length, self.layers[layer]
+        if getattr(cache, "streamed", 0) == n:  # a sparse layer whose prompt went to the host chunk by chunk
+            cache.load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0, to_host=False)
+        else:
+            cache.load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0)
 
     def _decide(self, layer):
         score = self.meter.layer_scores()[layer].item()
@@ -560,7 +698,8 @@ class KVCache:
                 "quant_layers": [i for i, k in enumerate(self.kinds) if k == "quant"]}
 
     def _predict_query(self, layer, x, pos):
-        """Layer `layer`'s query at `pos`, predicted from the previous layer's normalised input x (1, 1, dim)."""
+        """Layer `layer`'s query at `pos` (an int or a device tensor), predicted from the previous layer's
+        normalised input x (1, 1, dim)."""
         qhat = F.linear(x, self.wq[layer]).view(1, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (1, H, 1, hd)
         freqs = pos * self.inv_freq
         return apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]  # (H, hd)

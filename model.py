@@ -166,13 +166,14 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def rope(self, start: int, T: int, device):
-        """cos, sin (T, hd/2) for positions start..start+T-1."""
-        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    def rope(self, start, T: int, device):
+        """cos, sin (T, hd/2) for positions start..start+T-1; start is an int, or a device tensor
+        (a decode step that runs without the host knowing the position, as in a CUDA graph)."""
+        pos = (torch.arange(T, device=device) + start).float()
         freqs = pos[:, None] * self.inv_freq[None, :]
         return freqs.cos(), freqs.sin()
 
-    def forward(self, tokens: torch.Tensor, cache, start: int, logits_at: slice | None = slice(-1, None)):
+    def forward(self, tokens: torch.Tensor, cache, start, logits_at: slice | None = slice(-1, None)):
         """Run tokens (B, T) at positions start..start+T-1 through the model, appending to `cache`.
 
         Returns float32 logits (B, T', vocab) only for the positions `logits_at` selects

@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # convert the default GGUF into a cache private to this test session (exercises the conversion too)
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="tailorkv-test-cache-"))
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (exact, slow)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import checkpoint  # noqa: E402
 from model import load_model  # noqa: E402

@@ -56,7 +56,7 @@ def test_quant_store_flush_groups_and_residual(per_channel, bits):
         pos += size
         assert store.n_q % g == 0 and len(store) == pos
         assert (store.n_r < R) and (pos < R or store.n_r >= R - g)  # R-g .. R-1 newest tokens stay exact
-        assert torch.equal(store.res[:, :store.n_r], x[:, pos - store.n_r:pos])
+        assert torch.equal(store.res[:, store._slots(store.n_q, pos)], x[:, store.n_q:pos])  # the ring, oldest first
         deq = store.dequantize()
         if frozen is not None:  # tokens quantized earlier are never quantized again
             assert torch.equal(deq[:, :frozen.shape[1]], frozen)
@@ -136,7 +136,7 @@ def test_sparse_layer_retrieves_the_dominant_tokens(select, H, n_kv, hd):
     layer = SparseLayer(n_kv, hd, N, cfg, topk, "cpu", torch.float32, "cpu")
     out = run_layer(layer, q, k, v, prompt)
     for h in range(n_kv):  # the last step's selection, per KV head
-        got = sorted(layer.host_k[h].eq(layer.sel_k[h][:, None]).all(-1).nonzero()[:, 1].tolist())
+        got = sorted(layer.host_k[:, h].eq(layer.sel_k[h][:, None]).all(-1).nonzero()[:, 1].tolist())
         assert got == [int(p) for p in needles[h]], f"head {h}: fetched {got}, planted {needles[h]}"
     # and the decode outputs are attention over exactly sinks + needles + recent window, per KV head
     for h in range(n_kv):
@@ -232,9 +232,10 @@ def test_channel_selector_predicts_the_next_layers_query():
 
 
 def tensors_of(obj):
-    """Every tensor reachable from a layer's attributes (one level into stores), for counting bytes."""
+    """Every tensor reachable from a layer's attributes (one level into stores), for counting bytes;
+    views (a sparse layer's sinks, retrieved rows and window inside one buffer) are counted once, as their base."""
     for value in vars(obj).values():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value._base is None:
             yield value
         elif isinstance(value, QuantStore):
             yield from tensors_of(value)
@@ -248,7 +249,7 @@ def test_telemetry_counts_the_tensors_held(policy):
     tokens = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(2))
     logits_through(model, cache, tokens, 100)
     rep = cache.memory_report()
-    host = [t for layer in cache.layers if hasattr(layer, "host_k") for t in (layer.host_k, layer.host_v)]
+    host = [t for layer in cache.layers if getattr(layer, "host_k", None) is not None for t in (layer.host_k, layer.host_v)]
     not_kv = [layer.qhat for layer in cache.layers if getattr(layer, "qhat", None) is not None]  # one query row
     skip = {id(t) for t in host + not_kv}
     device = sum(t.numel() * t.element_size() for layer in cache.layers for t in tensors_of(layer) if id(t) not in skip)

@@ -1,0 +1,513 @@
+"""Triton kernels of the compressed decode step, each beside the PyTorch reference it is tested against.
+
+  quantize      quantize + pack a KV store's groups: keys per channel, values per token, 1/2/4/8 bits,
+                in bulk (a prompt) or as one decode step (write the new row into the residual ring,
+                quantize the oldest group when the ring is full)
+  quant_attend  decode attention over a quantized layer, reading packed codes only, split over the
+                sequence (flash-decoding) and combined; the residual ring is the last split
+  dense_attend  the same over full-precision K/V (the full cache)
+  sparse_attend attention over a sparse layer's device tokens [sinks | retrieved | window]
+  sketch_scores q . dequant(sketch) for every offloaded token (the GPU-resident selector)
+  channel_scores q . K on C channels of every offloaded key, read from pinned host memory
+  gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
+  sparse_append the new token's K/V into the host store, the window ring and the sinks
+
+Lengths are read from a device tensor `pos` (the new token's position), never passed as Python
+ints, so a whole decode step can be captured once in a CUDA graph and replayed. Every wrapper
+checks its inputs. On CPU the kernels run under TRITON_INTERPRET=1 (exact, slow): the tests do.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device) -> bool:
+    """Whether the kernels can run for tensors on `device`."""
+    return torch.device(device).type == "cuda" or INTERPRET
+
+
+def pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _precision(dtype):  # fp32 dot products stay fp32 (no TF32) so the fp32 path matches its reference
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ------------------------------------------------------------------------------- quantize
+
+@triton.jit
+def _round_half_even(x):
+    r = tl.floor(x + 0.5)
+    return tl.where((r - x == 0.5) & (r % 2 != 0), r - 1, r)
+
+
+@triton.jit
+def _quantize_kernel(src, s_h, s_t,                 # bulk: rows (n_kv, n, HD); step: the new rows (n_kv, HD)
+                     ring, r_h, r_t,                # residual ring (n_kv, R, HD)
+                     codes, c_h, c_a, c_b, scale, mn, q_h, q_a, q_b,
+                     pos_ptr, first_group,
+                     BITS: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, STEP: tl.constexpr, STORE: tl.constexpr):
+    h = tl.program_id(0)
+    c = tl.arange(0, HD)
+    t = tl.arange(0, G)
+    W: tl.constexpr = 32 // BITS
+    if STEP:  # write the new token into its ring slot; quantize the ring's oldest group when it is full
+        pos = tl.load(pos_ptr)
+        row = tl.load(src + h * s_h + c)
+        tl.store(ring + h * r_h + (pos % R) * r_t + c, row)
+        tl.debug_barrier()
+        L = pos + 1
+        due = (L >= R) & ((L - R) % G == 0)
+        grp = (L - R) // G
+        x_ptr = ring + h * r_h + ((grp * G) % R + t)[:, None] * r_t + c[None, :]
+    else:
+        due = True
+        grp = first_group + tl.program_id(1)
+        x_ptr = src + h * s_h + (tl.program_id(1) * G + t)[:, None] * s_t + c[None, :]
+    if due:
+        x = tl.load(x_ptr).to(tl.float32)                                        # (G tokens, HD)
+        levels = (1 << BITS) - 1
+        if PER_CHANNEL:  # a group: G tokens of one channel; codes packed along tokens
+            lo, hi = tl.min(x, 0), tl.max(x, 0)                                  # (HD,)
+            s = tl.math.div_rn(hi - lo, levels + 0.0).to(STORE).to(tl.float32)
+            m = lo.to(STORE).to(tl.float32)
+            q = tl.math.div_rn(x - m[None, :], tl.where(s == 0, 1.0, s)[None, :])
+            code = tl.minimum(tl.maximum(_round_half_even(q), 0), levels).to(tl.uint32)
+            shifts = (tl.arange(0, W) * BITS).to(tl.uint32)
+            words = tl.sum(tl.reshape(code, (G // W, W, HD)) << shifts[None, :, None], 1)  # (G/W, HD)
+            i = tl.arange(0, G // W)
+            tl.store(codes + h * c_h + c[None, :] * c_a + (grp * (G // W) + i)[:, None] * c_b,
+                     words.to(tl.int32, bitcast=True))
+            tl.store(scale + h * q_h + c * q_a + grp * q_b, s.to(STORE))
+            tl.store(mn + h * q_h + c * q_a + grp * q_b, m.to(STORE))
+        else:  # a group: G channels of one token; codes packed along channels
+            NG: tl.constexpr = HD // G
+            xg = tl.reshape(x, (G, NG, G))
+            lo, hi = tl.min(xg, 2), tl.max(xg, 2)                                # (G tokens, NG)
+            s = tl.math.div_rn(hi - lo, levels + 0.0).to(STORE).to(tl.float32)
+            m = lo.to(STORE).to(tl.float32)
+            q = tl.math.div_rn(xg - m[:, :, None], tl.where(s == 0, 1.0, s)[:, :, None])
+            code = tl.minimum(tl.maximum(_round_half_even(q), 0), levels).to(tl.uint32)
+            shifts = (tl.arange(0, W) * BITS).to(tl.uint32)
+            words = tl.sum(tl.reshape(code, (G, HD // W, W)) << shifts[None, None, :], 2)  # (G, HD/W)
+            tok = grp * G + t
+            tl.store(codes + h * c_h + tok[:, None] * c_a + tl.arange(0, HD // W)[None, :] * c_b,
+                     words.to(tl.int32, bitcast=True))
+            j = tl.arange(0, NG)
+            tl.store(scale + h * q_h + tok[:, None] * q_a + j[None, :] * q_b, s.to(STORE))
+            tl.store(mn + h * q_h + tok[:, None] * q_a + j[None, :] * q_b, m.to(STORE))
+
+
+def _check_store(store):
+    _check(pow2(store.g) and pow2(store.res.shape[-1]),
+           f"the kernels need a power-of-two --group and head_dim, got {store.g} and {store.res.shape[-1]}")
+
+
+def quantize(store, x: torch.Tensor, first_group: int):
+    """Bulk: quantize x (n_kv, n, hd), n a multiple of the group size, into `store` (a kvcache.QuantStore)
+    as groups first_group, first_group + 1, ... Reference: QuantStore._quantize_into."""
+    _check_store(store)
+    n_kv, n, hd = x.shape
+    _check(n % store.g == 0 and x.stride(-1) == 1, "quantize takes whole groups of rows with contiguous channels")
+    if n == 0:
+        return
+    _launch_quantize(store, x, (n_kv, n // store.g), first_group, pos=store.codes.new_zeros(()), step=False)
+
+
+def quantize_step(store, x: torch.Tensor, pos: torch.Tensor):
+    """Decode step: the new token's row x (n_kv, hd) at device position pos goes into the residual ring;
+    when the ring is full its oldest group is quantized. Reference: QuantStore.append of one token."""
+    _check_store(store)
+    _check(x.is_contiguous() and x.shape == (store.res.shape[0], store.res.shape[2]), "quantize_step takes (n_kv, hd)")
+    _launch_quantize(store, x, (x.shape[0], 1), 0, pos=pos, step=True)
+
+
+def _launch_quantize(store, x, grid, first_group, pos, step):
+    res = store.res
+    _quantize_kernel[grid](
+        x, x.stride(0), x.stride(1) if x.dim() == 3 else 0, res, res.stride(0), res.stride(1),
+        store.codes, *store.codes.stride(), store.scale, store.mn, *store.scale.stride(), pos, first_group,
+        BITS=store.bits, G=store.g, HD=res.shape[2], R=store.R, PER_CHANNEL=store.per_channel, STEP=step,
+        STORE=TL[res.dtype])
+
+
+# ------------------------------------------------------------------------------- attention
+
+@triton.jit
+def _softmax_update(q, kT, v, valid, m, l, acc, sm_scale, PREC: tl.constexpr):
+    """One block of the online softmax: q (BG, HD), kT (HD, N), v (N, HD), valid (N,)."""
+    s = tl.dot(q, kT.to(q.dtype), input_precision=PREC) * sm_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing valid yet changes nothing
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
+    return m_new, l, acc
+
+
+@triton.jit
+def _store_partial(ws_m, ws_l, ws_acc, h0, split, n_splits, m, l, acc, G, BG: tl.constexpr, HD: tl.constexpr):
+    g = tl.arange(0, BG)
+    rows = h0 + g
+    tl.store(ws_m + rows * n_splits + split, m, mask=g < G)
+    tl.store(ws_l + rows * n_splits + split, l, mask=g < G)
+    tl.store(ws_acc + (rows * n_splits + split)[:, None] * HD + tl.arange(0, HD)[None, :], acc, mask=(g < G)[:, None])
+
+
+@triton.jit
+def _load_queries(q, h, G, BG: tl.constexpr, HD: tl.constexpr):
+    g = tl.arange(0, BG)
+    return tl.load(q + (h * G + g)[:, None] * HD + tl.arange(0, HD)[None, :], mask=(g < G)[:, None], other=0.0)
+
+
+@triton.jit
+def _dense_split_kernel(q, k, v, k_h, k_t, ws_m, ws_l, ws_acc, pos_ptr, sm_scale, G, n_splits,
+                        SPLIT: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr,
+                        PREC: tl.constexpr):
+    h, split = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    qb = _load_queries(q, h, G, BG, HD)
+    m = tl.full((BG,), float("-inf"), tl.float32)
+    l = tl.zeros((BG,), tl.float32)
+    acc = tl.zeros((BG, HD), tl.float32)
+    c = tl.arange(0, HD)
+    end = tl.minimum(L, (split + 1) * SPLIT)
+    t0 = split * SPLIT
+    while t0 < end:
+        t = t0 + tl.arange(0, BN)
+        valid = t < end
+        kT = tl.load(k + h * k_h + t[None, :] * k_t + c[:, None], mask=valid[None, :], other=0.0)
+        vb = tl.load(v + h * k_h + t[:, None] * k_t + c[None, :], mask=valid[:, None], other=0.0)
+        m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+        t0 += BN
+    _store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
+
+
+@triton.jit
+def _quant_split_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t,      # keys: per channel
+                        vc, vc_h, vc_t, vc_c, vs, vm, vs_h, vs_t, vs_c,          # values: per token
+                        rk, rv, r_h, r_t,                                        # residual rings
+                        ws_m, ws_l, ws_acc, pos_ptr, sm_scale, G, n_splits,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr, SPLIT: tl.constexpr,
+                        BG: tl.constexpr, HD: tl.constexpr, PREC: tl.constexpr):
+    h, split = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    n_q = tl.maximum(L - R + GROUP, 0) // GROUP * GROUP  # quantized tokens (QuantStore.quantized); [n_q, L) in the ring
+    qb = _load_queries(q, h, G, BG, HD)
+    m = tl.full((BG,), float("-inf"), tl.float32)
+    l = tl.zeros((BG,), tl.float32)
+    acc = tl.zeros((BG, HD), tl.float32)
+    c = tl.arange(0, HD)
+    i = tl.arange(0, GROUP)
+    W: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if split == n_splits - 1:  # the residual ring, full precision
+        t0 = n_q
+        while t0 < L:
+            t = t0 + i
+            valid = t < L
+            slot = t % R
+            kT = tl.load(rk + h * r_h + slot[None, :] * r_t + c[:, None], mask=valid[None, :], other=0.0)
+            vb = tl.load(rv + h * r_h + slot[:, None] * r_t + c[None, :], mask=valid[:, None], other=0.0)
+            m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+            t0 += GROUP
+    else:
+        end = tl.minimum(n_q, (split + 1) * SPLIT)
+        t0 = split * SPLIT
+        while t0 < end:  # one group of tokens per block: one key scale per channel
+            t = t0 + i
+            gk = t0 // GROUP
+            words = tl.load(kc + h * kc_h + c[:, None] * kc_c + (t // W)[None, :] * kc_t)         # (HD, GROUP)
+            code = (words >> ((t % W) * BITS)[None, :]) & MASK
+            kT = code.to(tl.float32) * tl.load(ks + h * ks_h + c * ks_c + gk * ks_t).to(tl.float32)[:, None] \
+                + tl.load(km + h * ks_h + c * ks_c + gk * ks_t).to(tl.float32)[:, None]
+            words = tl.load(vc + h * vc_h + t[:, None] * vc_t + (c // W)[None, :] * vc_c)         # (GROUP, HD)
+            code = (words >> ((c % W) * BITS)[None, :]) & MASK
+            sidx = h * vs_h + t[:, None] * vs_t + (c // GROUP)[None, :] * vs_c
+            vb = code.to(tl.float32) * tl.load(vs + sidx).to(tl.float32) + tl.load(vm + sidx).to(tl.float32)
+            m, l, acc = _softmax_update(qb, kT, vb, t < end, m, l, acc, sm_scale, PREC)
+            t0 += GROUP
+    _store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
+
+
+@triton.jit
+def _combine_kernel(out, ws_m, ws_l, ws_acc, n_splits, BS: tl.constexpr, HD: tl.constexpr):
+    row = tl.program_id(0)
+    s = tl.arange(0, BS)
+    m = tl.load(ws_m + row * n_splits + s, mask=s < n_splits, other=float("-inf"))
+    l = tl.load(ws_l + row * n_splits + s, mask=s < n_splits, other=0.0)
+    acc = tl.load(ws_acc + (row * n_splits + s)[:, None] * HD + tl.arange(0, HD)[None, :], mask=(s < n_splits)[:, None],
+                  other=0.0)
+    mx = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out + row * HD + tl.arange(0, HD), o.to(out.dtype.element_ty))
+
+
+def split_plan(max_len: int, n_kv: int, block: int, target_programs: int = 264) -> tuple[int, int]:
+    """(tokens per split, number of splits) so that n_kv x splits programs fill the GPU at max_len."""
+    per = max(block, -(-max_len * n_kv // target_programs))
+    per = -(-per // block) * block
+    return per, max(1, -(-max_len // per))
+
+
+class Workspace:
+    """Partial results of the split attention: max, sum and accumulator per (query head, split)."""
+
+    def __init__(self, n_heads, n_splits, hd, device):
+        self.m = torch.empty(n_heads, n_splits, device=device)
+        self.l = torch.empty_like(self.m)
+        self.acc = torch.empty(n_heads, n_splits, hd, device=device)
+
+
+def _check_q(q, n_kv, hd):
+    _check(q.dim() == 2 and q.is_contiguous() and q.shape[1] == hd and q.shape[0] % n_kv == 0,
+           f"q must be contiguous (H, {hd}) with H a multiple of {n_kv} KV heads, got {tuple(q.shape)}")
+    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+
+
+def _combine(q, ws, n_splits):
+    out = torch.empty_like(q)
+    _combine_kernel[(q.shape[0],)](out, ws.m, ws.l, ws.acc, n_splits, BS=triton.next_power_of_2(n_splits),
+                                   HD=q.shape[1])
+    return out
+
+
+def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ws: Workspace, split: int):
+    """q (H, hd) of the token at device position pos over k, v (n_kv, >= pos + 1, hd) rows 0..pos.
+    Reference: kvcache.attention over the first pos + 1 rows."""
+    n_kv, S, hd = k.shape
+    _check_q(q, n_kv, hd)
+    _check(k.stride() == v.stride() and k.stride(-1) == 1, "k and v must share a layout with contiguous channels")
+    G, n_splits = q.shape[0] // n_kv, ws.m.shape[1]
+    _check(n_splits * split >= S, f"{n_splits} splits of {split} do not cover {S} rows")
+    _dense_split_kernel[(n_kv, n_splits)](q, k, v, k.stride(0), k.stride(1), ws.m, ws.l, ws.acc, pos, hd ** -0.5,
+                                          G, n_splits, SPLIT=split, BN=64, BG=max(16, triton.next_power_of_2(G)),
+                                          HD=hd, PREC=_precision(q.dtype))
+    return _combine(q, ws, n_splits)
+
+
+def quant_attend(q: torch.Tensor, keys, values, pos: torch.Tensor, ws: Workspace, split: int):
+    """q (H, hd) over a quantized layer (kvcache.QuantStore keys per channel, values per token) holding
+    positions 0..pos. Reference: kvcache.attention over keys.dequantize(), values.dequantize()."""
+    n_kv, R, hd = keys.res.shape
+    _check_q(q, n_kv, hd)
+    _check_store(keys)
+    _check(keys.per_channel and not values.per_channel and keys.bits == values.bits and keys.g == values.g
+           and keys.R == values.R, "quant_attend takes per-channel keys and per-token values of one layout")
+    _check(split % keys.g == 0, "splits must hold whole groups")
+    G, n_splits = q.shape[0] // n_kv, ws.m.shape[1]
+    cap = keys.codes.shape[2] * (32 // keys.bits)
+    _check((n_splits - 1) * split >= cap, f"{n_splits - 1} splits of {split} (and one for the residual) do not cover "
+                                          f"{cap} tokens")
+    _quant_split_kernel[(n_kv, n_splits)](
+        q, keys.codes, *keys.codes.stride(), keys.scale, keys.mn, *keys.scale.stride(),
+        values.codes, *values.codes.stride(), values.scale, values.mn, *values.scale.stride(),
+        keys.res, values.res, keys.res.stride(0), keys.res.stride(1), ws.m, ws.l, ws.acc, pos, hd ** -0.5, G, n_splits,
+        BITS=keys.bits, GROUP=keys.g, R=keys.R, SPLIT=split, BG=max(16, triton.next_power_of_2(G)), HD=hd,
+        PREC=_precision(q.dtype))
+    return _combine(q, ws, n_splits)
+
+
+# ------------------------------------------------------------------------------- sparse layers
+
+@triton.jit
+def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scale, G,
+                          SINK: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr,
+                          BN: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr, PREC: tl.constexpr):
+    """Rows [0, SINK) sinks, [SINK, SINK + TOPK) retrieved (valid where their score > -inf),
+    [SINK + TOPK, SINK + TOPK + RECENT) the window ring: slot w holds the newest position = w mod RECENT."""
+    h = tl.program_id(0)
+    L = tl.load(pos_ptr) + 1
+    qb = _load_queries(q, h, G, BG, HD)
+    m = tl.full((BG,), float("-inf"), tl.float32)
+    l = tl.zeros((BG,), tl.float32)
+    acc = tl.zeros((BG, HD), tl.float32)
+    c = tl.arange(0, HD)
+    S: tl.constexpr = SINK + TOPK + RECENT
+    for t0 in range(0, S, BN):
+        t = t0 + tl.arange(0, BN)
+        w = t - SINK - TOPK
+        newest = L - 1 - ((L - 1 - w) % RECENT + RECENT) % RECENT
+        score = tl.load(vals + h * vals_h + (t - SINK), mask=(t >= SINK) & (t < SINK + TOPK), other=float("-inf"))
+        valid = tl.where(t < SINK, t < L, tl.where(t < SINK + TOPK, score > float("-inf"), (t < S) & (newest >= SINK)))
+        kT = tl.load(k + h * k_h + t[None, :] * k_t + c[:, None], mask=valid[None, :], other=0.0)
+        vb = tl.load(v + h * k_h + t[:, None] * k_t + c[None, :], mask=valid[:, None], other=0.0)
+        m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+    g = tl.arange(0, BG)
+    tl.store(out + (h * G + g)[:, None] * HD + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty),
+             mask=(g < G)[:, None])
+
+
+def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
+    """q (H, hd) over a sparse layer's device rows k, v (n_kv, sink + topk + recent, hd); vals (n_kv, topk) the
+    retrieved rows' scores (-inf: nothing retrieved there). Reference: kvcache.SparseLayer.decode's attention."""
+    n_kv, S, hd = k.shape
+    _check_q(q, n_kv, hd)
+    _check(S == sink + topk + recent and k.stride() == v.stride() and k.stride(-1) == 1, "k, v: (n_kv, budget, hd)")
+    G = q.shape[0] // n_kv
+    out = torch.empty_like(q)
+    vals = vals if topk else q  # a window layer retrieves nothing; the pointer is never read
+    _sparse_attend_kernel[(n_kv,)](q, k, v, k.stride(0), k.stride(1), vals, vals.stride(0), pos, out,
+                                   hd ** -0.5, G, SINK=sink, TOPK=topk, RECENT=recent, BN=64,
+                                   BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=_precision(q.dtype))
+    return out
+
+
+@triton.jit
+def _sketch_scores_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t, res, r_h, r_t, scores, s_h,
+                          pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr,
+                          BITS: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    h, b = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
+    n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
+    c = tl.arange(0, HD)
+    g = tl.arange(0, BG)
+    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
+                0) / G                                                               # the mean query of the group
+    t = b * GROUP + tl.arange(0, GROUP)
+    W: tl.constexpr = 32 // BITS
+    if b * GROUP < n_q:
+        words = tl.load(kc + h * kc_h + c[:, None] * kc_c + (t // W)[None, :] * kc_t)
+        code = ((words >> ((t % W) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        s = tl.load(ks + h * ks_h + c * ks_c + b * ks_t).to(tl.float32)
+        mn = tl.load(km + h * ks_h + c * ks_c + b * ks_t).to(tl.float32)
+        score = tl.sum(code * (qm * s)[:, None], 0) + tl.sum(qm * mn, 0)
+    else:
+        kT = tl.load(res + h * r_h + (t % GROUP)[None, :] * r_t + c[:, None], mask=(t < L)[None, :], other=0.0)
+        score = tl.sum(kT.to(tl.float32) * qm[:, None], 0)
+    tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
+
+
+def sketch_scores(q, sketch, pos, scores, sink: int, recent: int):
+    """Scores (n_kv, cap) of every offloaded position [sink, pos + 1 - recent) against the group-mean query,
+    from a per-channel kvcache.QuantStore sketch whose residual is one group; -inf elsewhere.
+    Reference: kvcache.SparseLayer._select's sketch scores."""
+    n_kv, R, hd = sketch.res.shape
+    _check_q(q, n_kv, hd)
+    _check_store(sketch)
+    _check(sketch.per_channel and sketch.R == sketch.g, "the sketch is per channel with a one-group residual")
+    _check(scores.shape[0] == n_kv and scores.shape[1] % sketch.g == 0 and scores.dtype == torch.float32,
+           "scores: float32 (n_kv, a multiple of the group)")
+    G = q.shape[0] // n_kv
+    _sketch_scores_kernel[(n_kv, scores.shape[1] // sketch.g)](
+        q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
+        sketch.res, sketch.res.stride(0), sketch.res.stride(1), scores, scores.stride(0), pos, G,
+        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, BG=triton.next_power_of_2(G), HD=hd)
+    return scores
+
+
+@triton.jit
+def _channel_scores_kernel(q, ch, host, hs_t, hs_h, scores, s_h, width, pos_ptr, G, C,
+                           SINK: tl.constexpr, RECENT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                           BG: tl.constexpr, HD: tl.constexpr):
+    h, b = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    hi = tl.maximum(SINK, L - RECENT)
+    j = tl.arange(0, BC)
+    chan = tl.load(ch + h * C + j, mask=j < C, other=0)
+    g = tl.arange(0, BG)
+    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + chan[None, :], mask=(g < G)[:, None] & (j < C)[None, :],
+                        other=0.0).to(tl.float32), 0) / G                             # (BC,) on the chosen channels
+    t = b * BN + tl.arange(0, BN)
+    live = (t >= SINK) & (t < hi)
+    kc = tl.load(host + t[:, None] * hs_t + h * hs_h + chan[None, :], mask=live[:, None] & (j < C)[None, :], other=0.0)
+    score = tl.sum(kc.to(tl.float32) * qm[None, :], 1)
+    tl.store(scores + h * s_h + t, tl.where(live, score, float("-inf")), mask=t < width)
+
+
+def channel_scores(q, channels, host_k, pos, scores, sink: int, recent: int):
+    """The paper's selector: scores (n_kv, cap) of offloaded positions on C channels (n_kv, C) of each head,
+    reading those channels of every offloaded key from the host store host_k (cap, n_kv, hd) — pinned
+    memory on CUDA, read over PCIe. Reference: kvcache.SparseLayer._select's channel scores."""
+    cap, n_kv, hd = host_k.shape
+    _check_q(q, n_kv, hd)
+    _check(channels.shape[0] == n_kv and channels.is_contiguous(), "channels: (n_kv, C)")
+    _check(scores.shape[0] == n_kv and scores.shape[1] >= cap, "scores: (n_kv, >= cap)")
+    BN = 256
+    G, C = q.shape[0] // n_kv, channels.shape[1]
+    _channel_scores_kernel[(n_kv, triton.cdiv(scores.shape[1], BN))](
+        q, channels, host_k, host_k.stride(0), host_k.stride(1), scores, scores.stride(0), scores.shape[1], pos, G, C,
+        SINK=sink, RECENT=recent, BN=BN, BC=max(2, triton.next_power_of_2(C)), BG=triton.next_power_of_2(G), HD=hd)
+    return scores
+
+
+@triton.jit
+def _gather_kernel(idx, vals, n_h, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, K,
+                   BJ: tl.constexpr, HD: tl.constexpr):
+    h, b = tl.program_id(0), tl.program_id(1)
+    j = b * BJ + tl.arange(0, BJ)
+    c = tl.arange(0, HD)
+    inside = j < K
+    live = inside & (tl.load(vals + h * n_h + j, mask=inside, other=float("-inf")) > float("-inf"))
+    row = tl.load(idx + h * n_h + j, mask=live, other=0)
+    src = row[:, None] * hs_t + h * hs_h + c[None, :]
+    dst = h * o_h + j[:, None] * o_t + c[None, :]
+    tl.store(out_k + dst, tl.load(host_k + src, mask=live[:, None], other=0.0), mask=inside[:, None])
+    tl.store(out_v + dst, tl.load(host_v + src, mask=live[:, None], other=0.0), mask=inside[:, None])
+
+
+def gather_rows(idx, vals, host_k, host_v, out_k, out_v):
+    """out_k[h, j] = host_k[idx[h, j], h] (and V), for rows whose score vals[h, j] > -inf (zeros otherwise).
+    host_k, host_v: (cap, n_kv, hd), pinned host memory on CUDA: the kernel reads it directly over PCIe
+    (zero-copy), K and V in one launch. Reference: kvcache.SparseLayer._gather."""
+    cap, n_kv, hd = host_k.shape
+    K = idx.shape[1]
+    _check(idx.shape == vals.shape == (n_kv, K) and idx.stride() == vals.stride(), "idx, vals: (n_kv, k), one layout")
+    _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
+    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
+    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    BJ = 16
+    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, idx.stride(0), host_k, host_v, host_k.stride(0),
+                                              host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), K,
+                                              BJ=BJ, HD=hd)
+
+
+@triton.jit
+def _sparse_append_kernel(k, v, pos_ptr, host_k, host_v, hs_t, hs_h, sink_k, sink_v, win_k, win_v, d_h, d_t,
+                          SINK: tl.constexpr, RECENT: tl.constexpr, HOST: tl.constexpr, HD: tl.constexpr):
+    h = tl.program_id(0)
+    pos = tl.load(pos_ptr)
+    c = tl.arange(0, HD)
+    kr, vr = tl.load(k + h * HD + c), tl.load(v + h * HD + c)
+    if HOST:
+        tl.store(host_k + pos * hs_t + h * hs_h + c, kr)
+        tl.store(host_v + pos * hs_t + h * hs_h + c, vr)
+    if pos < SINK:
+        tl.store(sink_k + h * d_h + pos * d_t + c, kr)
+        tl.store(sink_v + h * d_h + pos * d_t + c, vr)
+    else:
+        slot = pos % RECENT
+        tl.store(win_k + h * d_h + slot * d_t + c, kr)
+        tl.store(win_v + h * d_h + slot * d_t + c, vr)
+
+
+def sparse_append(k, v, pos, host_k, host_v, sink_k, sink_v, win_k, win_v):
+    """The new token's k, v (n_kv, hd) at device position pos: into the host store (when there is one,
+    written over PCIe, no stall of the stream), the sinks if pos < sink, else the window ring.
+    Reference: kvcache.SparseLayer.load of one token."""
+    n_kv, hd = k.shape
+    _check(k.is_contiguous() and v.is_contiguous() and pow2(hd), "k, v: contiguous (n_kv, hd), hd a power of two")
+    _check(sink_k.stride() == win_k.stride() == sink_v.stride() == win_v.stride(), "sinks and window: one layout")
+    host = host_k is not None
+    _sparse_append_kernel[(n_kv,)](k, v, pos, host_k if host else k, host_v if host else v,
+                                   host_k.stride(0) if host else 0, host_k.stride(1) if host else 0,
+                                   sink_k, sink_v, win_k, win_v, win_k.stride(0), win_k.stride(1),
+                                   SINK=sink_k.shape[1], RECENT=win_k.shape[1], HOST=host, HD=hd)

@@ -1,0 +1,221 @@
+"""kernels.py against its PyTorch references (kvcache.py) on random data, across group, split and
+residual edges, every bit width; on CPU under TRITON_INTERPRET=1, natively where CUDA exists."""
+import pytest
+import torch
+
+import kernels as K
+from kvcache import CacheConfig, KVCache, QuantStore, SparseLayer, attention
+from model import ModelArgs, Transformer
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+def rand(*shape, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * torch.rand(shape[-1], generator=g) * 3).to(device, dtype)
+
+
+def store_pair(n_kv, hd, max_len, bits, per_channel, device, dtype, group=64, residual=128):
+    ref = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype)
+    ker = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=True)
+    return ref, ker
+
+
+def assert_same_store(a, b):
+    """Same codes, scales, minima, and the same tokens in the live slots of the residual ring."""
+    assert a.length == b.length and a.n_q == b.n_q
+    for x, y in zip(a.tensors()[:3], b.tensors()[:3]):
+        assert torch.equal(x, y)
+    live = a._slots(a.n_q, a.length)
+    assert torch.equal(a.res[:, live], b.res[:, live])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantize_bulk_and_step_equal_the_reference_bit_for_bit(device, bits, per_channel):
+    n_kv, hd = 2, 64
+    for dtype in DTYPES:
+        ref, ker = store_pair(n_kv, hd, 600, bits, per_channel, device, dtype)
+        x = rand(n_kv, 600, hd, seed=bits, device=device, dtype=dtype)
+        x[0, :64, 5] = 1.5                                # a constant group: scale 0, exact values
+        ref.append(x[:, :333])                            # a prompt: 192 quantized in bulk, 141 in the ring
+        ker.append(x[:, :333])
+        assert_same_store(ref, ker)
+        pos = torch.zeros((), dtype=torch.long, device=device)
+        for t in range(333, 333 + 140):                   # decode steps across two ring flushes
+            ref.append(x[:, t:t + 1])
+            pos.fill_(t)
+            K.quantize_step(ker, x[:, t].contiguous(), pos)
+            ker.advance(t + 1)
+        assert_same_store(ref, ker)
+        d = ref.dequantize() - x[:, :ker.length].float()
+        assert ker.n_q == 384 and d[:, ker.n_q:].abs().max() == 0   # the ring is exact
+
+
+def quant_layer_pair(n_kv, hd, L, bits, device, dtype, group=64, residual=128):
+    keys = QuantStore(n_kv, hd, 1024, bits, group, residual, True, device, dtype)
+    values = QuantStore(n_kv, hd, 1024, bits, group, residual, False, device, dtype)
+    k, v = rand(n_kv, L, hd, seed=1, device=device, dtype=dtype), rand(n_kv, L, hd, seed=2, device=device, dtype=dtype)
+    keys.append(k)
+    values.append(v)
+    return keys, values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("heads", [(4, 2, 64), (3, 1, 128)])
+def test_quant_attention_equals_attention_over_the_dequantized_store(device, bits, heads):
+    H, n_kv, hd = heads
+    for L in (1, 64, 127, 128, 200, 390):                 # ring only, group and residual edges, several splits
+        for dtype in DTYPES:
+            keys, values = quant_layer_pair(n_kv, hd, L, bits, device, dtype)
+            q = rand(H, hd, seed=L, device=device, dtype=dtype)
+            split, n = K.split_plan(1024, n_kv, 64, target_programs=8)   # 256-token splits: 4 + the ring
+            ws = K.Workspace(H, n + 1, hd, device)
+            out = K.quant_attend(q, keys, values, torch.tensor(L - 1, device=device), ws, split)
+            ref = attention(q.float()[None, :, None], keys.dequantize()[None], values.dequantize()[None])[0, :, 0]
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            assert torch.allclose(out.float(), ref, atol=tol, rtol=tol), (L, dtype, (out.float() - ref).abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_attention_across_split_edges(device):
+    H, n_kv, hd, S = 8, 2, 64, 300
+    k, v = rand(n_kv, S, hd, seed=3, device=device), rand(n_kv, S, hd, seed=4, device=device)
+    split, n = K.split_plan(S, n_kv, 64, target_programs=8)
+    assert n > 1 and split % 64 == 0
+    ws = K.Workspace(H, n, hd, device)
+    for L in (1, 63, 64, 65, split + 1, S):
+        q = rand(H, hd, seed=L, device=device)
+        out = K.dense_attend(q, k, v, torch.tensor(L - 1, device=device), ws, split)
+        ref = attention(q[None, :, None], k[None, :, :L], v[None, :, :L])[0, :, 0]
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), L
+
+
+def test_wrappers_refuse_bad_inputs():
+    keys, values = quant_layer_pair(2, 64, 100, 2, "cpu", torch.float32)
+    ws = K.Workspace(4, 2, 64, "cpu")
+    with pytest.raises(ValueError, match="do not cover"):
+        K.quant_attend(torch.randn(4, 64), keys, values, torch.tensor(99), ws, 64)
+    with pytest.raises(ValueError, match="multiple of 2 KV heads"):
+        K.quant_attend(torch.randn(3, 64), keys, values, torch.tensor(99), ws, 1024)
+    odd = QuantStore(2, 96, 256, 2, 32, 64, True, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="power-of-two"):
+        K.quantize(odd, torch.randn(2, 64, 96), 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("prompt", [5, 40, 300])         # shorter than the sinks, than the budget, longer
+def test_sparse_step_equals_the_reference_decode(device, select, prompt):
+    H, n_kv, hd = 6, 2, 64
+    cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8)
+    steps = 70
+    scores = torch.empty(n_kv, 448, device=device)
+    ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu")
+    ker = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", scores=scores, kernels=True)
+    k = rand(1, n_kv, prompt + steps, hd, seed=5, device=device)
+    v = rand(1, n_kv, prompt + steps, hd, seed=6, device=device)
+    ref.load(k[:, :, :prompt], v[:, :, :prompt], 0)
+    ker.load(k[:, :, :prompt], v[:, :, :prompt], 0)
+    pos = torch.zeros((), dtype=torch.long, device=device)
+    for t in range(prompt, prompt + steps):
+        q = rand(1, H, 1, hd, seed=100 + t, device=device)
+        a = ref.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
+        pos.fill_(t)
+        b = ker.step(q, k[:, :, t:t + 1], v[:, :, t:t + 1], pos)
+        ker.advance(t + 1)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), t
+    assert ker.h2d_bytes == ref.h2d_bytes                 # the same bytes cross to the device
+    if select == "sketch":
+        assert_same_store(ref.sketch, ker.sketch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_step_equals_the_reference_decode(device):
+    H, n_kv, hd = 4, 1, 64
+    cfg = CacheConfig("streaming", sink=3, recent=10)
+    ref = SparseLayer(n_kv, hd, 100, cfg, 0, device, torch.float32, "cpu")
+    ker = SparseLayer(n_kv, hd, 100, cfg, 0, device, torch.float32, "cpu", kernels=True)
+    k, v = rand(1, n_kv, 60, hd, seed=7, device=device), rand(1, n_kv, 60, hd, seed=8, device=device)
+    ref.load(k[:, :, :2], v[:, :, :2], 0)
+    ker.load(k[:, :, :2], v[:, :, :2], 0)
+    for t in range(2, 60):                                # through the sinks, then around the ring
+        q = rand(1, H, 1, hd, seed=t, device=device)
+        a = ref.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
+        b = ker.step(q, k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor(t, device=device))
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_reads_the_host_rows_and_zeros_what_was_not_retrieved(device):
+    cap, n_kv, hd, k = 50, 3, 64, 20
+    host_k, host_v = rand(cap, n_kv, hd, seed=9), rand(cap, n_kv, hd, seed=10)
+    if device == "cuda":
+        host_k, host_v = host_k.pin_memory(), host_v.pin_memory()
+    idx = torch.randint(0, cap, (n_kv, k), generator=torch.Generator().manual_seed(0)).to(device)
+    vals = torch.randn(n_kv, k, generator=torch.Generator().manual_seed(1)).to(device)
+    vals[1, 3:] = float("-inf")
+    out_k, out_v = torch.full((2, n_kv, k, hd), 7.0, device=device)
+    K.gather_rows(idx, vals, host_k, host_v, out_k, out_v)
+    heads = torch.arange(n_kv)[:, None]
+    live = (vals > float("-inf")).cpu()[..., None]
+    assert torch.equal(out_k.cpu(), torch.where(live, host_k[idx.cpu(), heads], 0.0))
+    assert torch.equal(out_v.cpu(), torch.where(live, host_v[idx.cpu(), heads], 0.0))
+
+
+TINY = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=256, head_dim=64,
+                 max_seq_len=2048, rope_theta=10000.0)
+
+
+def tiny_model(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    m = Transformer(TINY)
+    for p in m.parameters():
+        p.data.normal_(0, 0.3 if p.dim() > 1 else 1.0)
+    return m.to(device, dtype).eval()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [CacheConfig("full"), CacheConfig("kivi", bits=2, residual=64),
+                                 CacheConfig("tailor", quant_layers=(0,), bits=1, budget=48, sink=4, recent=12),
+                                 CacheConfig("sparse", budget=48, sink=4, recent=12, select="channels"),
+                                 CacheConfig("streaming", sink=4, recent=12)], ids=lambda c: c.policy + "-" + c.select)
+def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
+    from generate import Decoder
+    model = tiny_model(device)
+    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1)).to(device)
+    caches = [KVCache(model, 230, cfg, device=device, kernels=kern) for kern in (False, True)]
+    decoders = [Decoder(model, c, cuda_graph=False) for c in caches]
+    with torch.inference_mode():
+        logits = [model.prefill(prompt, c, chunk_size=64)[0] for c in caches]
+        for pos in range(150, 220):
+            assert torch.allclose(logits[0], logits[1], atol=1e-3, rtol=1e-3), pos  # fp32 sums in another order
+            tok = int(logits[0].argmax())
+            logits = [d.step(tok, pos).clone() for d in decoders]
+    a, b = (c.memory_report() for c in caches)
+    assert a["h2d_bytes_per_step"] == b["h2d_bytes_per_step"] and a["device_bytes"] == b["device_bytes"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming"])
+def test_cuda_graph_decode_equals_eager_token_for_token(policy):
+    from generate import Decoder
+    model = tiny_model("cuda", torch.bfloat16)
+    cfg = CacheConfig(policy, budget=48, sink=4, recent=12, **({"quant_layers": (0,)} if policy == "tailor" else {}))
+    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(2)).cuda()
+    runs = []
+    for graph in (False, True):
+        cache = KVCache(model, 300, cfg, device="cuda", dtype=torch.bfloat16, kernels=True)
+        dec = Decoder(model, cache, cuda_graph=graph)
+        with torch.inference_mode():
+            logits, toks, outs = model.prefill(prompt, cache, chunk_size=64)[0], [], []
+            for pos in range(150, 290):
+                toks.append(int(logits.argmax()))
+                logits = dec.step(toks[-1], pos).clone()
+                outs.append(logits)
+        runs.append((toks, torch.stack(outs)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])            # the same kernels, replayed: bit for bit
