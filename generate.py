@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import kernels as K
 from checkpoint import resolve_model
 from kvcache import POLICIES, CacheConfig, KVCache, plan_memory
 from model import PREFILL_CHUNK, load_model
@@ -69,10 +70,11 @@ def fit_to_context(ids: list[int], context: int, max_new_tokens: int, truncate: 
 
 # ----------------------------------------------------------------------------------- caching
 
-def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype, chunk: int = PREFILL_CHUNK) -> KVCache:
+def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype, chunk: int = PREFILL_CHUNK,
+               kernels: bool = False) -> KVCache:
     """Build the KV cache, refusing up front (with the numbers) when device or host cannot hold it."""
     a = model.args
-    plan = plan_memory(model, max_len, cfg, dtype=dtype)  # counted on the meta device: nothing allocated
+    plan = plan_memory(model, max_len, cfg, dtype=dtype, kernels=kernels)  # on the meta device: nothing allocated
     # headroom for one prefill chunk's activations (a handful of chunk x ffn tensors) and the logits
     headroom = 6 * chunk * max(a.ffn_dim, a.dim) * torch.empty((), dtype=dtype).element_size() + (256 << 20)
     on_gpu = torch.device(device).type == "cuda"
@@ -89,7 +91,7 @@ def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype, chunk: int 
         raise UsageError(f"the {cfg.policy} KV cache needs {plan['host_bytes'] / 2**30:.2f} GiB of pinned host memory "
                          f"but only {free_memory('cpu') / 2**30:.2f} GiB is available; shorten the prompt or "
                          f"quantize more layers (--quant-layers)")
-    return KVCache(model, max_len, cfg, device=device, dtype=dtype)
+    return KVCache(model, max_len, cfg, device=device, dtype=dtype, kernels=kernels)
 
 
 def free_memory(device) -> int:
@@ -180,11 +182,12 @@ class Decoder:
 
 @torch.inference_mode()
 def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
-             seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK, check_cache=None):
+             seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK, check_cache=None, cuda_graph=None):
     """Prefill the prompt, then decode up to max_new_tokens. Returns (new ids, stats dict).
 
     check_cache: a full cache run alongside on the same tokens; each step's logits are compared
     (stats["check"]) and its time is left out of the timings.
+    cuda_graph: see Decoder (default: on for a cache on the kernel path on CUDA).
     A KeyboardInterrupt stops generation and returns what was made so far (stats["interrupted"]).
     """
     device = model.embed.weight.device
@@ -204,6 +207,8 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
     try:
         logits = timed("prefill_s", model.prefill, prompt, cache, chunk_size, progress)
         ref = model.prefill(prompt, check_cache, chunk_size) if check_cache is not None else None
+        decoder = Decoder(model, cache, cuda_graph)
+        stats["cuda_graph"] = decoder.cuda_graph
         pos = len(prompt_ids)
         for _ in range(max_new_tokens):
             if ref is not None:
@@ -216,10 +221,9 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
                 on_token(tok)
             if len(out) == max_new_tokens:
                 break
-            step = torch.tensor([[tok]], device=device)
-            logits = timed("decode_s", model, step, cache, pos)[:, -1]
+            logits = timed("decode_s", decoder.step, tok, pos)[None]
             if check_cache is not None:
-                ref = model(step, check_cache, pos)[:, -1]
+                ref = model(torch.tensor([[tok]], device=device), check_cache, pos)[:, -1]
             pos += 1
     except KeyboardInterrupt:
         stats["interrupted"] = True
@@ -286,6 +290,10 @@ def parse_args(argv=None):
                    help="top-k selector: a low-bit key sketch on the device, or the paper's C channels")
     c.add_argument("--channels", type=int, default=d.channels, help="C for --select channels")
     c.add_argument("--sketch-bits", type=int, default=d.sketch_bits)
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with the Triton kernels (default: on CUDA); --no-kernels: the PyTorch reference path")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the decode step in one CUDA graph and replay it (default: on with --kernels on CUDA)")
     c.add_argument("--check", action="store_true",
                    help="run a full cache alongside; print top-1 agreement and KL(full || policy) per step")
     p.add_argument("--prefill-chunk", type=positive_int, default=PREFILL_CHUNK, help="prompt tokens per prefill step")
@@ -341,7 +349,13 @@ def run(args) -> int:
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
         f"on {args.device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
         f"cache {describe(cfg, model.args.n_layers)}")
-    cache = make_cache(cfg, model, len(ids) + max_new, args.device, dtype, args.prefill_chunk)
+    on_cuda = torch.device(args.device).type == "cuda"
+    kernels = on_cuda if args.kernels is None else args.kernels
+    if kernels and not K.available(args.device):
+        raise UsageError("--kernels needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+    if args.cuda_graph and not (kernels and on_cuda):
+        raise UsageError("--cuda-graph needs a CUDA device and the kernel path (drop --no-kernels)")
+    cache = make_cache(cfg, model, len(ids) + max_new, args.device, dtype, args.prefill_chunk, kernels)
     check = make_cache(CacheConfig(), model, len(ids) + max_new, args.device, dtype, args.prefill_chunk) if args.check else None
 
     from tqdm import tqdm
@@ -355,7 +369,7 @@ def run(args) -> int:
         sys.stdout.flush()
 
     out, stats = generate(model, cache, ids, max_new, stop_ids, args.temperature, args.top_p, args.seed,
-                          on_token, bar.update, args.prefill_chunk, check)
+                          on_token, bar.update, args.prefill_chunk, check, args.cuda_graph)
     bar.close()
     sys.stdout.write("\n")
     mem = cache.memory_report()
@@ -377,6 +391,7 @@ def run(args) -> int:
             f"mean KL {c['mean_kl']:.4f}, max KL {c['max_kl']:.4f}")
     if args.report:
         report = {"model": str(model_dir), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+                  "kernels": kernels, "cuda_graph": stats.get("cuda_graph", False),
                   "policy": {"cache": args.cache, **vars(cfg), "kinds": cache.kinds, "prefill_chunk": args.prefill_chunk,
                              "layer_plan": cache.decisions() or plan_info},
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "chat": chat},

@@ -83,7 +83,7 @@ def _quantize_kernel(src, s_h, s_t,                 # bulk: rows (n_kv, n, HD); 
         levels = (1 << BITS) - 1
         if PER_CHANNEL:  # a group: G tokens of one channel; codes packed along tokens
             lo, hi = tl.min(x, 0), tl.max(x, 0)                                  # (HD,)
-            s = tl.math.div_rn(hi - lo, levels + 0.0).to(STORE).to(tl.float32)
+            s = ((hi - lo) * (1.0 / levels)).to(STORE).to(tl.float32)
             m = lo.to(STORE).to(tl.float32)
             q = tl.math.div_rn(x - m[None, :], tl.where(s == 0, 1.0, s)[None, :])
             code = tl.minimum(tl.maximum(_round_half_even(q), 0), levels).to(tl.uint32)
@@ -98,7 +98,7 @@ def _quantize_kernel(src, s_h, s_t,                 # bulk: rows (n_kv, n, HD); 
             NG: tl.constexpr = HD // G
             xg = tl.reshape(x, (G, NG, G))
             lo, hi = tl.min(xg, 2), tl.max(xg, 2)                                # (G tokens, NG)
-            s = tl.math.div_rn(hi - lo, levels + 0.0).to(STORE).to(tl.float32)
+            s = ((hi - lo) * (1.0 / levels)).to(STORE).to(tl.float32)
             m = lo.to(STORE).to(tl.float32)
             q = tl.math.div_rn(xg - m[:, :, None], tl.where(s == 0, 1.0, s)[:, :, None])
             code = tl.minimum(tl.maximum(_round_half_even(q), 0), levels).to(tl.uint32)
@@ -218,15 +218,15 @@ def _quant_split_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t,      
     W: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     if split == n_splits - 1:  # the residual ring, full precision
-        t0 = n_q
-        while t0 < L:
-            t = t0 + i
+        r0 = n_q
+        while r0 < L:
+            t = r0 + i
             valid = t < L
             slot = t % R
             kT = tl.load(rk + h * r_h + slot[None, :] * r_t + c[:, None], mask=valid[None, :], other=0.0)
             vb = tl.load(rv + h * r_h + slot[:, None] * r_t + c[None, :], mask=valid[:, None], other=0.0)
             m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
-            t0 += GROUP
+            r0 += GROUP
     else:
         end = tl.minimum(n_q, (split + 1) * SPLIT)
         t0 = split * SPLIT
@@ -372,27 +372,44 @@ def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
 
 @triton.jit
 def _sketch_scores_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t, res, r_h, r_t, scores, s_h,
-                          pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr,
-                          BITS: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+                          pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
+                          GROUP: tl.constexpr, NB: tl.constexpr, CC: tl.constexpr, BG: tl.constexpr,
+                          HD: tl.constexpr):
+    """NB groups of tokens per program; channels in chunks of CC, codes unpacked from whole words."""
     h, b = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
     hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
     n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
-    c = tl.arange(0, HD)
-    g = tl.arange(0, BG)
-    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
-                0) / G                                                               # the mean query of the group
-    t = b * GROUP + tl.arange(0, GROUP)
     W: tl.constexpr = 32 // BITS
-    if b * GROUP < n_q:
-        words = tl.load(kc + h * kc_h + c[:, None] * kc_c + (t // W)[None, :] * kc_t)
-        code = ((words >> ((t % W) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        s = tl.load(ks + h * ks_h + c * ks_c + b * ks_t).to(tl.float32)
-        mn = tl.load(km + h * ks_h + c * ks_c + b * ks_t).to(tl.float32)
-        score = tl.sum(code * (qm * s)[:, None], 0) + tl.sum(qm * mn, 0)
-    else:
-        kT = tl.load(res + h * r_h + (t % GROUP)[None, :] * r_t + c[:, None], mask=(t < L)[None, :], other=0.0)
-        score = tl.sum(kT.to(tl.float32) * qm[:, None], 0)
+    NW: tl.constexpr = NB * GROUP // W  # words per channel in this program's tokens
+    g = tl.arange(0, BG)
+    grp = b * NB + tl.arange(0, NB)
+    shifts = tl.arange(0, W) * BITS
+    score = tl.zeros((NB, GROUP), tl.float32)
+    offset = tl.zeros((NB,), tl.float32)
+    for c0 in tl.static_range(0, HD, CC):
+        c = c0 + tl.arange(0, CC)
+        qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0)
+                    .to(tl.float32), 0) / G                                       # the group's mean query
+        words = tl.load(kc + h * kc_h + c[:, None] * kc_c + (b * NW + tl.arange(0, NW))[None, :] * kc_t)  # (CC, NW)
+        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)   # (CC, NW, W), LSB first
+        code = tl.reshape(code, (CC, NB, GROUP)).to(tl.float32)
+        sidx = h * ks_h + c[:, None] * ks_c + grp[None, :] * ks_t                # (CC, NB)
+        s = tl.load(ks + sidx).to(tl.float32)
+        mn = tl.load(km + sidx).to(tl.float32)
+        score += tl.sum(code * (qm[:, None] * s)[:, :, None], 0)
+        offset += tl.sum(qm[:, None] * mn, 0)
+    score += offset[:, None]
+    # the group still in the ring, exact (only the program holding it loads anything)
+    t_r = n_q + tl.arange(0, GROUP)
+    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
+    c = tl.arange(0, HD)
+    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
+                0) / G
+    kT = tl.load(res + h * r_h + (t_r % GROUP)[None, :] * r_t + c[:, None], mask=mine & (t_r < L)[None, :], other=0.0)
+    ring = tl.sum(kT.to(tl.float32) * qm[:, None], 0)                             # (GROUP,)
+    t = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]                          # (NB, GROUP)
+    score = tl.where(grp[:, None] * GROUP == n_q, ring[None, :], score)
     tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
 
 
@@ -406,11 +423,13 @@ def sketch_scores(q, sketch, pos, scores, sink: int, recent: int):
     _check(sketch.per_channel and sketch.R == sketch.g, "the sketch is per channel with a one-group residual")
     _check(scores.shape[0] == n_kv and scores.shape[1] % sketch.g == 0 and scores.dtype == torch.float32,
            "scores: float32 (n_kv, a multiple of the group)")
-    G = q.shape[0] // n_kv
-    _sketch_scores_kernel[(n_kv, scores.shape[1] // sketch.g)](
+    G, NB = q.shape[0] // n_kv, 8
+    _check(scores.shape[1] % (NB * sketch.g) == 0 and sketch.codes.shape[2] * (32 // sketch.bits) >= scores.shape[1],
+           f"scores: a width that is a multiple of {NB * sketch.g}, within the sketch's capacity")
+    _sketch_scores_kernel[(n_kv, scores.shape[1] // (NB * sketch.g))](
         q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
         sketch.res, sketch.res.stride(0), sketch.res.stride(1), scores, scores.stride(0), pos, G,
-        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, BG=triton.next_power_of_2(G), HD=hd)
+        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, CC=16, BG=triton.next_power_of_2(G), HD=hd)
     return scores
 
 
@@ -459,9 +478,11 @@ def _gather_kernel(idx, vals, n_h, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h
     live = inside & (tl.load(vals + h * n_h + j, mask=inside, other=float("-inf")) > float("-inf"))
     row = tl.load(idx + h * n_h + j, mask=live, other=0)
     src = row[:, None] * hs_t + h * hs_h + c[None, :]
+    kr = tl.load(host_k + src, mask=live[:, None], other=0.0)  # both reads in flight before either write:
+    vr = tl.load(host_v + src, mask=live[:, None], other=0.0)  # PCIe latency, not bandwidth, bounds small k
     dst = h * o_h + j[:, None] * o_t + c[None, :]
-    tl.store(out_k + dst, tl.load(host_k + src, mask=live[:, None], other=0.0), mask=inside[:, None])
-    tl.store(out_v + dst, tl.load(host_v + src, mask=live[:, None], other=0.0), mask=inside[:, None])
+    tl.store(out_k + dst, kr, mask=inside[:, None])
+    tl.store(out_v + dst, vr, mask=inside[:, None])
 
 
 def gather_rows(idx, vals, host_k, host_v, out_k, out_v):
@@ -474,7 +495,7 @@ def gather_rows(idx, vals, host_k, host_v, out_k, out_v):
     _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
     _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
     _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
-    BJ = 16
+    BJ = 2  # many small programs: more PCIe reads outstanding at once
     _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, idx.stride(0), host_k, host_v, host_k.stride(0),
                                               host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), K,
                                               BJ=BJ, HD=hd)
@@ -511,3 +532,73 @@ def sparse_append(k, v, pos, host_k, host_v, sink_k, sink_v, win_k, win_v):
                                    host_k.stride(0) if host else 0, host_k.stride(1) if host else 0,
                                    sink_k, sink_v, win_k, win_v, win_k.stride(0), win_k.stride(1),
                                    SINK=sink_k.shape[1], RECENT=win_k.shape[1], HOST=host, HD=hd)
+
+
+# ------------------------------------------------------------------------------- the rest of a decode step
+
+@triton.jit
+def _add_rms_norm_kernel(x, h, w, x_out, y, eps, D, HAS_X: tl.constexpr, BD: tl.constexpr):
+    d = tl.arange(0, BD)
+    m = d < D
+    xs = tl.load(h + d, mask=m, other=0.0)
+    if HAS_X:
+        xs = (tl.load(x + d, mask=m, other=0.0).to(tl.float32) + xs.to(tl.float32)).to(x_out.dtype.element_ty)
+    tl.store(x_out + d, xs, mask=m)
+    xf = xs.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
+    wt = tl.load(w + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(y + d, ((xf * r).to(y.dtype.element_ty).to(tl.float32) * wt).to(y.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x, h, weight, eps: float):
+    """(x + h, RMSNorm(x + h)) for one token, rounded as model.RMSNorm after a residual add does;
+    x None: (h, RMSNorm(h)). x, h: (1, 1, dim)."""
+    D = h.shape[-1]
+    _check(h.numel() == D and h.is_contiguous() and (x is None or x.shape == h.shape), "one token (1, 1, dim)")
+    x_out, y = torch.empty_like(h), torch.empty_like(h)
+    _add_rms_norm_kernel[(1,)](h if x is None else x, h, weight, x_out, y, eps, D, HAS_X=x is not None,
+                               BD=triton.next_power_of_2(D), num_warps=8)
+    return x_out, y
+
+
+@triton.jit
+def _rope_kernel(q, k, cos, sin, q_out, k_out, H, HALF: tl.constexpr):
+    p = tl.program_id(0)
+    i = tl.arange(0, HALF)
+    c, s = tl.load(cos + i), tl.load(sin + i)
+    if p < H:
+        src, dst = q + p * 2 * HALF, q_out + p * 2 * HALF
+    else:
+        src, dst = k + (p - H) * 2 * HALF, k_out + (p - H) * 2 * HALF
+    x1, x2 = tl.load(src + i).to(tl.float32), tl.load(src + HALF + i).to(tl.float32)
+    tl.store(dst + i, (x1 * c - x2 * s).to(q_out.dtype.element_ty))
+    tl.store(dst + HALF + i, (x2 * c + x1 * s).to(q_out.dtype.element_ty))
+
+
+def rope_qk(q, k, cos, sin, n_heads: int, n_kv: int):
+    """Half-split RoPE of one token's q (1, 1, H * hd) and k (1, 1, n_kv * hd) in one launch, with cos, sin
+    (1, hd / 2) float32 -> q (1, H, 1, hd), k (1, n_kv, 1, hd). Reference: model.apply_rope."""
+    hd = q.shape[-1] // n_heads
+    _check(q.is_contiguous() and k.is_contiguous() and k.shape[-1] == n_kv * hd and pow2(hd // 2),
+           "one token's contiguous q and k, with a power-of-two head_dim")
+    q_out, k_out = torch.empty(1, n_heads, 1, hd, device=q.device, dtype=q.dtype), torch.empty(
+        1, n_kv, 1, hd, device=k.device, dtype=k.dtype)
+    _rope_kernel[(n_heads + n_kv,)](q, k, cos.contiguous(), sin.contiguous(), q_out, k_out, n_heads, HALF=hd // 2)
+    return q_out, k_out
+
+
+@triton.jit
+def _silu_mul_kernel(g, u, out, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    gf = tl.load(g + i, mask=m, other=0.0).to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(out.dtype.element_ty).to(tl.float32)
+    tl.store(out + i, (s * tl.load(u + i, mask=m, other=0.0).to(tl.float32)).to(out.dtype.element_ty), mask=m)
+
+
+def silu_mul(g, u):
+    """silu(g) * u, rounded as F.silu(g) * u is. Reference: model.MLP."""
+    _check(g.shape == u.shape and g.is_contiguous() and u.is_contiguous(), "g, u: one contiguous shape")
+    out = torch.empty_like(g)
+    _silu_mul_kernel[(triton.cdiv(g.numel(), 1024),)](g, u, out, g.numel(), BLOCK=1024)
+    return out

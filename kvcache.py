@@ -134,7 +134,7 @@ def quantize(x: torch.Tensor, bits: int, store_dtype: torch.dtype):
     """
     xf = x.float()
     mn, mx = xf.amin(-1), xf.amax(-1)
-    scale = ((mx - mn) / (2 ** bits - 1)).to(store_dtype)
+    scale = ((mx - mn) * (1 / (2 ** bits - 1))).to(store_dtype)  # times the reciprocal, as the kernel does
     mn = mn.to(store_dtype)
     s = scale.float()
     codes = ((xf - mn.float()[..., None]) / torch.where(s == 0, 1.0, s)[..., None]).round_()
@@ -169,10 +169,12 @@ class QuantStore:
     a decode step run on the device without the host knowing the length (kernels.quantize_step).
     """
 
-    def __init__(self, n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=False):
+    def __init__(self, n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=False,
+                 capacity=None):
         assert (group * bits) % 32 == 0 and residual % group == 0 and (per_channel or hd % group == 0)
         self.bits, self.g, self.R, self.per_channel, self.kernels = bits, group, residual, per_channel, kernels
-        cap = -(-max_len // group) * group  # token capacity, whole groups
+        cap = capacity or -(-max_len // group) * group  # token capacity, whole groups
+        assert cap % group == 0 and cap >= max_len
         w = 32 // bits
         if per_channel:
             self.codes = torch.zeros(n_kv, hd, cap // w, dtype=torch.int32, device=device)
@@ -361,11 +363,12 @@ class SparseLayer:
         self.scores = scores  # (n_kv, >= max_len) float32 scratch shared by the layers (kernels)
         if topk:
             pin = torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu"
-            self.host_k = torch.zeros(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
-            self.host_v = torch.zeros(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
+            # rows are read only once written (selection never scores a position beyond the length)
+            self.host_k = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
+            self.host_v = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             if cfg.select == "sketch":  # low-bit copy of every key; its residual covers the last partial group
                 self.sketch = QuantStore(n_kv, hd, max_len, cfg.sketch_bits, cfg.group, cfg.group, True, device, dtype,
-                                         kernels)
+                                         kernels, capacity=None if scores is None else scores.shape[1])
             else:
                 self.kmax = torch.zeros(n_kv, hd, **kw)  # running max_t |K[t, c]| per channel
 
@@ -576,7 +579,8 @@ class KVCache:
         self.n_heads = a.n_heads
         self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
         if kernels and any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0:
-            width = -(-max(max_len, cfg.topk) // cfg.group) * cfg.group
+            unit = 8 * cfg.group  # the sketch kernel scores 8 groups per program
+            width = -(-max(max_len, cfg.topk) // unit) * unit
             self.scores = torch.empty(a.n_kv_heads, width, device=device)
         self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
         if torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu":
@@ -727,13 +731,14 @@ class KVCache:
                 "by_kind": by_kind}
 
 
-def plan_memory(model, max_len: int, cfg: CacheConfig, batch: int = 1, dtype=torch.float32) -> dict:
+def plan_memory(model, max_len: int, cfg: CacheConfig, batch: int = 1, dtype=torch.float32, kernels=False) -> dict:
     """The memory report of a cache that is never allocated: built on the meta device.
 
     With online identification the kinds are not known yet: the plan takes, per field, the larger
     of "every layer quantized" and "every layer offloaded"."""
     def report(c):
-        return KVCache(model, max_len, c, batch, device="meta", dtype=dtype, host_device="meta").memory_report()
+        return KVCache(model, max_len, c, batch, device="meta", dtype=dtype, host_device="meta",
+                       kernels=kernels).memory_report()
     if not cfg.online:
         return report(cfg)
     n = model.args.n_layers

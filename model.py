@@ -179,6 +179,8 @@ class Transformer(nn.Module):
         Returns float32 logits (B, T', vocab) only for the positions `logits_at` selects
         (default: the last one), so a long input never materialises a T x vocab tensor.
         """
+        if torch.is_tensor(start):
+            return self.device_step(tokens, cache, start)
         cos, sin = self.rope(start, tokens.shape[1], tokens.device)
         x = self.embed(tokens)  # (B, T, dim)
         for block in self.layers:
@@ -186,6 +188,25 @@ class Transformer(nn.Module):
         if logits_at is None:
             return None
         return self.lm_head(self.norm(x[:, logits_at])).float()  # (B, T', vocab)
+
+    def device_step(self, token: torch.Tensor, cache, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step (token (1, 1) at device position pos) -> logits (1, 1, vocab): forward()'s
+        computation with each residual add + RMSNorm, the q/k RoPE and SiLU * up fused into one Triton
+        kernel each, and no host synchronisation, so that generate.Decoder can capture it in a CUDA graph."""
+        import kernels as K
+        a = self.args
+        cos, sin = self.rope(pos, 1, token.device)
+        x, h = None, self.embed(token)  # h: the branch output the next norm adds to the residual stream x
+        for block in self.layers:
+            attn, mlp = block.attn, block.mlp
+            x, xn = K.add_rms_norm(x, h, block.attn_norm.weight, a.norm_eps)
+            q, k = K.rope_qk(attn.wq(xn), attn.wk(xn), cos, sin, a.n_heads, a.n_kv_heads)
+            v = attn.wv(xn).view(1, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            h = attn.wo(cache.attend(attn.layer, q, k, v, pos, xn).transpose(1, 2).reshape(1, 1, -1))
+            x, xn = K.add_rms_norm(x, h, block.mlp_norm.weight, a.norm_eps)
+            h = mlp.w_down(K.silu_mul(mlp.w_gate(xn), mlp.w_up(xn)))
+        x, xn = K.add_rms_norm(x, h, self.norm.weight, a.norm_eps)
+        return self.lm_head(xn).float()
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache, chunk_size: int = PREFILL_CHUNK, progress=None):

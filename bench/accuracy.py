@@ -293,6 +293,15 @@ def plot(rows: list[dict], context: int, path: Path, title: str):
     fig.savefig(path, dpi=120)
 
 
+def try_plot(draw):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plot (rerun with --replot on the JSON where it is)", file=sys.stderr)
+        return
+    draw()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir, .gguf or hub repo id (default: SmolLM2-135M-Instruct)")
@@ -351,7 +360,7 @@ def main():
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records, "summary": rows}, indent=1))
     table = f"{header}; mean ± sd over {len(docs)} documents\n\n" + markdown(rows)
     out.with_suffix(".md").write_text(table + "\n")
-    plot(rows, sweep_context, out.with_suffix(".png"), f"{header}, context {sweep_context}: recall vs device memory")
+    try_plot(lambda: plot(rows, sweep_context, out.with_suffix(".png"), f"{header}, context {sweep_context}: recall vs device memory"))
     print("\n" + table)
 
 

@@ -7,7 +7,7 @@ import kernels as K
 from kvcache import CacheConfig, KVCache, QuantStore, SparseLayer, attention
 from model import ModelArgs, Transformer
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # on CPU only under TRITON_INTERPRET=1
 DTYPES = [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
@@ -113,8 +113,8 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt):
     H, n_kv, hd = 6, 2, 64
     cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8)
     steps = 70
-    scores = torch.empty(n_kv, 448, device=device)
-    ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu")
+    scores = torch.empty(n_kv, 512, device=device)  # the sketch kernel scores 8 groups per program
+    ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", scores=scores)  # same layout
     ker = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", scores=scores, kernels=True)
     k = rand(1, n_kv, prompt + steps, hd, seed=5, device=device)
     v = rand(1, n_kv, prompt + steps, hd, seed=6, device=device)
@@ -196,7 +196,8 @@ def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
             tok = int(logits[0].argmax())
             logits = [d.step(tok, pos).clone() for d in decoders]
     a, b = (c.memory_report() for c in caches)
-    assert a["h2d_bytes_per_step"] == b["h2d_bytes_per_step"] and a["device_bytes"] == b["device_bytes"]
+    assert a["h2d_bytes_per_step"] == b["h2d_bytes_per_step"]
+    assert a["device_bytes"] <= b["device_bytes"] <= 1.1 * a["device_bytes"]  # the kernels' sketch: whole 8-group blocks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -219,3 +220,27 @@ def test_cuda_graph_decode_equals_eager_token_for_token(policy):
         runs.append((toks, torch.stack(outs)))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])            # the same kernels, replayed: bit for bit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_norm_rope_and_silu_equal_the_model_ops(device):
+    import torch.nn.functional as F
+    from model import RMSNorm, apply_rope
+    for dtype in DTYPES:
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        x, h = rand(1, 1, 300, seed=1, device=device, dtype=dtype), rand(1, 1, 300, seed=2, device=device, dtype=dtype)
+        norm = RMSNorm(300, 1e-5).to(device, dtype)
+        norm.weight.data = rand(300, seed=3, device=device, dtype=dtype)
+        s, y = K.add_rms_norm(x, h, norm.weight, 1e-5)
+        assert torch.equal(s, x + h) and torch.allclose(y, norm(x + h), atol=tol, rtol=tol)
+        s, y = K.add_rms_norm(None, h, norm.weight, 1e-5)
+        assert torch.equal(s, h) and torch.allclose(y, norm(h), atol=tol, rtol=tol)
+        H, n_kv, hd = 6, 2, 64
+        q, k = rand(1, 1, H * hd, seed=4, device=device, dtype=dtype), rand(1, 1, n_kv * hd, seed=5, device=device, dtype=dtype)
+        freqs = 1234.0 * torch.rand(1, hd // 2, generator=torch.Generator().manual_seed(6)).to(device)
+        qr, kr = K.rope_qk(q, k, freqs.cos(), freqs.sin(), H, n_kv)
+        ref_q = apply_rope(q.view(1, 1, H, hd).transpose(1, 2), freqs.cos(), freqs.sin())
+        ref_k = apply_rope(k.view(1, 1, n_kv, hd).transpose(1, 2), freqs.cos(), freqs.sin())
+        assert torch.allclose(qr, ref_q, atol=tol, rtol=tol) and torch.allclose(kr, ref_k, atol=tol, rtol=tol)
+        g, u = rand(1, 1, 3000, seed=7, device=device, dtype=dtype), rand(1, 1, 3000, seed=8, device=device, dtype=dtype)
+        assert torch.allclose(K.silu_mul(g, u), F.silu(g) * u, atol=tol, rtol=tol)

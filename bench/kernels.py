@@ -1,0 +1,133 @@
+"""Per-kernel microbenchmarks at Llama-3.1-8B shapes (32 query heads, 8 KV heads, head_dim 128), one layer.
+
+Each kernel's time (CUDA events, median of --reps after warm-up), the bytes it must move, the
+achieved bandwidth, and that as a fraction of the measured ceiling: HBM copy bandwidth for kernels
+that read device memory, pinned host->device bandwidth for those that read host memory over PCIe.
+
+    python bench/kernels.py                      # at 128k tokens
+    python bench/kernels.py --length 32768
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kernels as K  # noqa: E402
+from kvcache import QuantStore, attention  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from latency import measure_bandwidth  # noqa: E402
+
+
+def bench(fn, reps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)  # µs
+    return statistics.median(times)
+
+
+def nbytes(*ts):
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", type=int, default=131072)
+    p.add_argument("--reps", type=int, default=50)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+    H, n_kv, hd, L, dev, bf = 32, 8, 128, args.length, "cuda", torch.bfloat16
+    bw = measure_bandwidth()
+    pos = torch.tensor(L - 1, device=dev)
+    q = torch.randn(H, hd, device=dev, dtype=bf)
+    rows = []
+
+    def add(name, us, moved, ceiling, what):
+        gbs = moved / us / 1e3
+        rows.append((name, us, moved / 2**20, gbs, 100 * gbs * 1e9 / bw[ceiling], what))
+
+    # full cache: split-K attention over bf16 K/V
+    k = torch.randn(n_kv, L, hd, device=dev, dtype=bf)
+    v = torch.randn_like(k)
+    split, n = K.split_plan(L, n_kv, 64)
+    ws = K.Workspace(H, n, hd, dev)
+    add("dense_attend", bench(lambda: K.dense_attend(q, k, v, pos, ws, split), args.reps), nbytes(k, v), "hbm",
+        f"{L} tokens, {n} splits")
+    add("  torch reference", bench(lambda: attention(q[None, :, None], k[None], v[None]), args.reps), nbytes(k, v),
+        "hbm", "matmul + softmax + matmul")
+    # quantized layer, 1 and 2 bits
+    for bits in (1, 2):
+        keys = QuantStore(n_kv, hd, L, bits, 64, 128, True, dev, bf, kernels=True)
+        values = QuantStore(n_kv, hd, L, bits, 64, 128, False, dev, bf, kernels=True)
+        keys.append(k)
+        values.append(v)
+        split, n = K.split_plan(L, n_kv, 64)
+        ws = K.Workspace(H, n + 1, hd, dev)
+        moved = nbytes(*keys.tensors(), *values.tensors())
+        add(f"quant_attend {bits}-bit", bench(lambda: K.quant_attend(q, keys, values, pos, ws, split), args.reps),
+            moved, "hbm", f"codes + scales + residual, {n} + 1 splits")
+        kr = k[:, -1].contiguous()
+        add(f"quantize_step {bits}-bit", bench(lambda: K.quantize_step(keys, kr, pos), args.reps), nbytes(kr),
+            "hbm", "one row (+ a group when the ring is full)")
+        if bits == 1:
+            add("  torch reference", bench(lambda: attention(q.float()[None, :, None], keys.dequantize()[None],
+                                                               values.dequantize()[None]), max(3, args.reps // 10)),
+                moved, "hbm", "dequantize the store, attend")
+    # sketch selector: 2-bit sketch scores + top-k
+    sketch = QuantStore(n_kv, hd, L, 2, 64, 64, True, dev, bf, kernels=True)
+    sketch.append(k)
+    scores = torch.empty(n_kv, L, device=dev)
+    add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps),
+        nbytes(*sketch.tensors()) + nbytes(scores), "hbm", "codes + scales + scores written")
+    add("torch.topk k=128", bench(lambda: scores.topk(128, dim=-1, sorted=False), args.reps), nbytes(scores), "hbm",
+        f"({n_kv}, {L}) fp32")
+    # host store over PCIe
+    host_k = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
+    host_v = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
+    host_k.copy_(k.transpose(0, 1).cpu())
+    host_v.copy_(v.transpose(0, 1).cpu())
+    ch = torch.randint(0, hd, (n_kv, 8), device=dev)
+    add("channel_scores C=8", bench(lambda: K.channel_scores(q, ch, host_k, pos, scores, 8, 56), max(3, args.reps // 5)),
+        n_kv * L * 8 * 2, "pcie", "8 channels of every key, from pinned host memory")
+    vals, idx = scores.topk(128, dim=-1, sorted=False)
+    out_k = torch.empty(n_kv, 128, hd, device=dev, dtype=bf)
+    out_v = torch.empty_like(out_k)
+    add("gather_rows k=128", bench(lambda: K.gather_rows(idx, vals, host_k, host_v, out_k, out_v), args.reps),
+        nbytes(out_k, out_v), "pcie", "K and V rows from pinned host memory (zero-copy)")
+    idx2 = torch.randint(0, L, (n_kv, 2048), device=dev)
+    vals2 = torch.zeros(n_kv, 2048, device=dev)
+    out_k2 = torch.empty(n_kv, 2048, hd, device=dev, dtype=bf)
+    out_v2 = torch.empty_like(out_k2)
+    add("gather_rows k=2048", bench(lambda: K.gather_rows(idx2, vals2, host_k, host_v, out_k2, out_v2), args.reps),
+        nbytes(out_k2, out_v2), "pcie", "the same, 16x the rows")
+    att_k = torch.randn(n_kv, 192, hd, device=dev, dtype=bf)
+    att_v = torch.randn_like(att_k)
+    add("sparse_attend 192", bench(lambda: K.sparse_attend(q, att_k, att_v, vals, pos, 8, 128, 56), args.reps),
+        nbytes(att_k, att_v), "hbm", "sinks + retrieved + window")
+    kr, vr = k[:, -1].contiguous(), v[:, -1].contiguous()
+    add("sparse_append", bench(lambda: K.sparse_append(kr, vr, pos, host_k, host_v, att_k[:, :8], att_v[:, :8],
+                                                       att_k[:, 136:], att_v[:, 136:]), args.reps),
+        nbytes(kr, vr), "pcie", "one row to host (posted writes) + window")
+    print(f"# {torch.cuda.get_device_name()}: HBM copy {bw['hbm'] / 1e12:.2f} TB/s, pinned H2D {bw['pcie'] / 1e9:.1f} GB/s; "
+          f"one layer, {L} tokens, bf16\n")
+    print("| kernel | µs | MiB moved | GB/s | % of ceiling | what |\n|---|---|---|---|---|---|")
+    for name, us, mib, gbs, pct, what in rows:
+        print(f"| {name} | {us:.1f} | {mib:.2f} | {gbs:.1f} | {pct:.0f}% | {what} |")
+
+
+if __name__ == "__main__":
+    main()
