@@ -413,7 +413,7 @@ def _sketch_scores_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t, res
     tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
 
 
-def sketch_scores(q, sketch, pos, scores, sink: int, recent: int):
+def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, NB: int = 8, CC: int = 16, num_warps: int = 4):
     """Scores (n_kv, cap) of every offloaded position [sink, pos + 1 - recent) against the group-mean query,
     from a per-channel kvcache.QuantStore sketch whose residual is one group; -inf elsewhere.
     Reference: kvcache.SparseLayer._select's sketch scores."""
@@ -421,15 +421,15 @@ def sketch_scores(q, sketch, pos, scores, sink: int, recent: int):
     _check_q(q, n_kv, hd)
     _check_store(sketch)
     _check(sketch.per_channel and sketch.R == sketch.g, "the sketch is per channel with a one-group residual")
-    _check(scores.shape[0] == n_kv and scores.shape[1] % sketch.g == 0 and scores.dtype == torch.float32,
-           "scores: float32 (n_kv, a multiple of the group)")
-    G, NB = q.shape[0] // n_kv, 8
+    _check(scores.shape[0] == n_kv and scores.shape[1] % sketch.g == 0, "scores: (n_kv, a multiple of the group)")
+    G = q.shape[0] // n_kv
     _check(scores.shape[1] % (NB * sketch.g) == 0 and sketch.codes.shape[2] * (32 // sketch.bits) >= scores.shape[1],
            f"scores: a width that is a multiple of {NB * sketch.g}, within the sketch's capacity")
     _sketch_scores_kernel[(n_kv, scores.shape[1] // (NB * sketch.g))](
         q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
         sketch.res, sketch.res.stride(0), sketch.res.stride(1), scores, scores.stride(0), pos, G,
-        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, CC=16, BG=triton.next_power_of_2(G), HD=hd)
+        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, CC=CC, BG=triton.next_power_of_2(G), HD=hd,
+        num_warps=num_warps)
     return scores
 
 
@@ -485,7 +485,7 @@ def _gather_kernel(idx, vals, n_h, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h
     tl.store(out_v + dst, vr, mask=inside[:, None])
 
 
-def gather_rows(idx, vals, host_k, host_v, out_k, out_v):
+def gather_rows(idx, vals, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
     """out_k[h, j] = host_k[idx[h, j], h] (and V), for rows whose score vals[h, j] > -inf (zeros otherwise).
     host_k, host_v: (cap, n_kv, hd), pinned host memory on CUDA: the kernel reads it directly over PCIe
     (zero-copy), K and V in one launch. Reference: kvcache.SparseLayer._gather."""
@@ -495,10 +495,10 @@ def gather_rows(idx, vals, host_k, host_v, out_k, out_v):
     _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
     _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
     _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
-    BJ = 2  # many small programs: more PCIe reads outstanding at once
+    # many small programs: more PCIe reads outstanding at once
     _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, idx.stride(0), host_k, host_v, host_k.stride(0),
                                               host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), K,
-                                              BJ=BJ, HD=hd)
+                                              BJ=BJ, HD=hd, num_warps=num_warps)
 
 
 @triton.jit

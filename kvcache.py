@@ -581,7 +581,10 @@ class KVCache:
         if kernels and any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0:
             unit = 8 * cfg.group  # the sketch kernel scores 8 groups per program
             width = -(-max(max_len, cfg.topk) // unit) * unit
-            self.scores = torch.empty(a.n_kv_heads, width, device=device)
+            # half-precision scores for a half-precision model: they only rank tokens, and top-k over 16-bit
+            # keys takes half the radix passes of float32
+            self.scores = torch.empty(a.n_kv_heads, width, device=device,
+                                      dtype=torch.float32 if dtype == torch.float32 else torch.float16)
         self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
         if torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu":
             self.copy_stream = torch.cuda.Stream(device)

@@ -146,9 +146,10 @@ def passkey_found(answer: str, key: int) -> bool:
 @torch.inference_mode()
 def teacher_force(model, cfg: CacheConfig, prefix: list[int], targets: list[int], on_logits) -> dict:
     """Prefill prefix, then decode targets one by one; on_logits(i, logits) sees the prediction of
-    targets[i] (made from everything before it). Returns the cache's memory report."""
+    targets[i] (made from everything before it). Returns the cache's memory report.
+    On CUDA the decode steps run on the kernel path, replayed from a CUDA graph."""
     dev, dtype = model.embed.weight.device, model.embed.weight.dtype
-    cache = KVCache(model, len(prefix) + len(targets), cfg, device=dev, dtype=dtype)
+    cache = KVCache(model, len(prefix) + len(targets), cfg, device=dev, dtype=dtype, kernels=dev.type == "cuda")
     logits = model.prefill(torch.tensor([prefix], device=dev), cache)[0]
     decoder = Decoder(model, cache)
     for i, target in enumerate(targets):
@@ -161,7 +162,7 @@ def teacher_force(model, cfg: CacheConfig, prefix: list[int], targets: list[int]
 @torch.inference_mode()
 def greedy(model, cfg: CacheConfig, prompt: list[int], n_new: int) -> list[int]:
     dev, dtype = model.embed.weight.device, model.embed.weight.dtype
-    cache = KVCache(model, len(prompt) + n_new, cfg, device=dev, dtype=dtype)
+    cache = KVCache(model, len(prompt) + n_new, cfg, device=dev, dtype=dtype, kernels=dev.type == "cuda")
     logits = model.prefill(torch.tensor([prompt], device=dev), cache)[0]
     decoder, out = Decoder(model, cache), []
     for i in range(n_new):

@@ -93,8 +93,15 @@ def main():
     scores = torch.empty(n_kv, L, device=dev)
     add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps),
         nbytes(*sketch.tensors()) + nbytes(scores), "hbm", "codes + scales + scores written")
+    for nb, cc, nw in ((4, 16, 4), (8, 32, 8), (16, 16, 8), (8, 8, 4)):
+        add(f"  NB={nb} CC={cc} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, nb, cc, nw),
+                                                   args.reps), nbytes(*sketch.tensors()) + nbytes(scores), "hbm",
+            "groups per program, channels per step, warps")
     add("torch.topk k=128", bench(lambda: scores.topk(128, dim=-1, sorted=False), args.reps), nbytes(scores), "hbm",
         f"({n_kv}, {L}) fp32")
+    half = scores.half()
+    add("torch.topk k=128 fp16", bench(lambda: half.topk(128, dim=-1, sorted=False), args.reps), nbytes(half), "hbm",
+        f"({n_kv}, {L}) fp16 (what a bf16 model uses)")
     # host store over PCIe
     host_k = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
     host_v = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
@@ -108,6 +115,9 @@ def main():
     out_v = torch.empty_like(out_k)
     add("gather_rows k=128", bench(lambda: K.gather_rows(idx, vals, host_k, host_v, out_k, out_v), args.reps),
         nbytes(out_k, out_v), "pcie", "K and V rows from pinned host memory (zero-copy)")
+    for bj, nw in ((1, 1), (4, 1), (8, 2), (16, 4)):
+        add(f"  BJ={bj} warps={nw}", bench(lambda: K.gather_rows(idx, vals, host_k, host_v, out_k, out_v, bj, nw),
+                                           args.reps), nbytes(out_k, out_v), "pcie", "rows per program, warps")
     idx2 = torch.randint(0, L, (n_kv, 2048), device=dev)
     vals2 = torch.zeros(n_kv, 2048, device=dev)
     out_k2 = torch.empty(n_kv, 2048, hd, device=dev, dtype=bf)
