@@ -27,6 +27,7 @@ identification without one) and the bits from the spec.
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -287,7 +288,7 @@ def plot(rows: list[dict], context: int, path: Path, title: str):
     ax.set_xscale("log")
     ax.set_xlabel("device-resident KV cache (MiB, log scale)")
     ax.set_ylabel("document repeat: top-1 on the copy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -319,7 +320,11 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy"), help="prefix of .json/.md/.png")
+    p.add_argument("--replot", metavar="JSON", help="rewrite the table and plot of an earlier run's JSON; runs nothing")
     args = p.parse_args()
+    if args.replot:
+        run = json.loads(Path(args.replot).read_text())
+        return report(run["meta"], run["records"], Path(args.replot).with_suffix(""))
 
     model_dir = resolve_model(args.model)
     model = load_model(model_dir, args.device, getattr(torch, args.dtype))
@@ -353,15 +358,22 @@ def main():
             print(f"{time.perf_counter() - t0:7.0f}s  {context:>6} {spec:<20} {name:<6} "
                   + "  ".join(f"{k} {r[k]:.3f}" for k in ("top1", "nll", "kl_mean", "agreement", "passkey") if k in r)
                   + f"  device KV {r['device_kv_bytes'] / 2**20:.2f} MiB", flush=True)
-    rows = summarize(records)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_dir.name, "device": device_name, "dtype": args.dtype, "documents": {n: len(d) for n, d in docs.items()},
-            "first_pass_nll": first, "copy": args.copy, "next": args.next, "depths": args.depths}
+            "first_pass_nll": first, "copy": args.copy, "next": args.next, "depths": args.depths,
+            "sweep_context": sweep_context}
+    report(meta, records, Path(args.out))
+
+
+def report(meta: dict, records: list[dict], out: Path):
+    rows = summarize(records)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records, "summary": rows}, indent=1))
-    table = f"{header}; mean ± sd over {len(docs)} documents\n\n" + markdown(rows)
+    model = re.sub(r"-[0-9a-f]{12}$", "", meta["model"])  # a converted GGUF's cache dir ends in its hash
+    header = f"{model}, {meta['device']}, {meta['dtype']}"
+    table = f"{header}; mean ± sd over {len(meta['documents'])} documents\n\n" + markdown(rows)
     out.with_suffix(".md").write_text(table + "\n")
-    try_plot(lambda: plot(rows, sweep_context, out.with_suffix(".png"), f"{header}, context {sweep_context}: recall vs device memory"))
+    ctx = meta.get("sweep_context") or max(r["context"] for r in records)
+    try_plot(lambda: plot(rows, ctx, out.with_suffix(".png"), f"{header}, context {ctx}: recall vs device KV memory"))
     print("\n" + table)
 
 

@@ -251,7 +251,13 @@ def main():
     p.add_argument("--eager", action="store_true", help="no CUDA graph (the kernels launched one by one)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency"))
     p.add_argument("--profile", action="store_true", help="per-kernel GPU time of one decode step, then exit")
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="merge the rows of earlier runs' JSON files into --out (.json, .md, .png); runs nothing")
     args = p.parse_args()
+    if args.replot:
+        runs = [json.loads(Path(f).read_text()) for f in args.replot]
+        meta, rows = runs[0]["meta"], [r for run in runs for r in run["rows"]]
+        return write(rows, meta, Path(args.out))
     if not torch.cuda.is_available():
         raise SystemExit("bench/latency.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
@@ -299,14 +305,17 @@ def main():
             print(json.dumps(r), flush=True)
             gc.collect()
             torch.cuda.empty_cache()
-    rows.sort(key=lambda r: (r["context"], r["policy"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": gpu, "bandwidth": bw, "cap_gib": args.cap_gib, "torch": torch.__version__, "args": vars(args)}
+    write(rows, meta, Path(args.out))
+
+
+def write(rows, meta, out: Path):
+    rows = sorted(rows, key=lambda r: (r["context"], r["policy"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(rows, gpu, args.cap_gib)
+    table = markdown(rows, meta["gpu"], meta["cap_gib"])
     out.with_suffix(".md").write_text(table + "\n")
-    try_plot(lambda: plot(rows, out.with_suffix(".png"), f"{gpu}, Llama-3.1-8B shapes, bf16, batch 1"))
+    try_plot(lambda: plot(rows, out.with_suffix(".png"), f"{meta['gpu']}, Llama-3.1-8B shapes, bf16, batch 1"))
     print("\n" + table)
 
 
