@@ -194,7 +194,8 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(seed)
     out, steps = [], []
-    stats = {"prompt_tokens": len(prompt_ids), "interrupted": False, "prefill_s": 0.0, "decode_s": 0.0}
+    stats = {"prompt_tokens": len(prompt_ids), "interrupted": False, "prefill_s": 0.0, "first_step_s": 0.0,
+             "decode_s": 0.0}
     prompt = torch.tensor([prompt_ids], device=device)
 
     def timed(key, fn, *a):
@@ -221,13 +222,14 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
                 on_token(tok)
             if len(out) == max_new_tokens:
                 break
-            logits = timed("decode_s", decoder.step, tok, pos)[None]
+            # the first step compiles the kernels and captures the CUDA graph: timed apart
+            logits = timed("first_step_s" if pos == len(prompt_ids) else "decode_s", decoder.step, tok, pos)[None]
             if check_cache is not None:
                 ref = model(torch.tensor([[tok]], device=device), check_cache, pos)[:, -1]
             pos += 1
     except KeyboardInterrupt:
         stats["interrupted"] = True
-    n = max(len(out) - 1, 0)  # forward passes after the prefill
+    n = max(len(out) - 2, 0)  # forward passes after the prefill and the first decode step
     stats["decode_ms_per_token"] = 1e3 * stats["decode_s"] / n if n else None
     stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"] if stats["prefill_s"] else None
     if steps:
@@ -377,6 +379,7 @@ def run(args) -> int:
     log(("[interrupted] " if stats["interrupted"] else "") +
         f"prefill {len(ids)} tok in {stats['prefill_s']:.2f} s ({stats['prefill_tok_per_s']:.0f} tok/s); "
         f"decode {len(out)} tok" + (f" at {decode:.1f} ms/tok" if decode else "") +
+        (f" after a first step of {1e3 * stats['first_step_s']:.0f} ms" if stats["first_step_s"] else "") +
         f"; peak memory {peak_memory(args.device) / 2**30:.2f} GiB")
     log(memory_table(mem))
     if cache.decisions():
@@ -396,7 +399,8 @@ def run(args) -> int:
                              "layer_plan": cache.decisions() or plan_info},
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "chat": chat},
                   "prompt_tokens": len(ids), "generated_ids": out, "generated_text": tok.decode(out, skip_special_tokens=True),
-                  **{k: stats[k] for k in ("prefill_s", "prefill_tok_per_s", "decode_ms_per_token", "interrupted")},
+                  **{k: stats[k] for k in ("prefill_s", "prefill_tok_per_s", "first_step_s", "decode_ms_per_token",
+                                           "interrupted")},
                   "kv_cache": mem, "check": stats.get("check"), "peak_memory_bytes": peak_memory(args.device),
                   "versions": versions()}
         if torch.device(args.device).type == "cuda":

@@ -60,7 +60,7 @@ def _quantize_kernel(src, s_h, s_t,                 # bulk: rows (n_kv, n, HD); 
                      codes, c_h, c_a, c_b, scale, mn, q_h, q_a, q_b,
                      pos_ptr, first_group,
                      BITS: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
-                     PER_CHANNEL: tl.constexpr, STEP: tl.constexpr, STORE: tl.constexpr):
+                     PER_CHANNEL: tl.constexpr, TOKEN_MAJOR: tl.constexpr, STEP: tl.constexpr, STORE: tl.constexpr):
     h = tl.program_id(0)
     c = tl.arange(0, HD)
     t = tl.arange(0, G)
@@ -88,10 +88,15 @@ def _quantize_kernel(src, s_h, s_t,                 # bulk: rows (n_kv, n, HD); 
             q = tl.math.div_rn(x - m[None, :], tl.where(s == 0, 1.0, s)[None, :])
             code = tl.minimum(tl.maximum(_round_half_even(q), 0), levels).to(tl.uint32)
             shifts = (tl.arange(0, W) * BITS).to(tl.uint32)
-            words = tl.sum(tl.reshape(code, (G // W, W, HD)) << shifts[None, :, None], 1)  # (G/W, HD)
-            i = tl.arange(0, G // W)
-            tl.store(codes + h * c_h + c[None, :] * c_a + (grp * (G // W) + i)[:, None] * c_b,
-                     words.to(tl.int32, bitcast=True))
+            if TOKEN_MAJOR:  # packed along the channels of each token
+                words = tl.sum(tl.reshape(code, (G, HD // W, W)) << shifts[None, None, :], 2)  # (G, HD/W)
+                tl.store(codes + h * c_h + (grp * G + t)[:, None] * c_a + tl.arange(0, HD // W)[None, :] * c_b,
+                         words.to(tl.int32, bitcast=True))
+            else:            # packed along the tokens of each channel
+                words = tl.sum(tl.reshape(code, (G // W, W, HD)) << shifts[None, :, None], 1)  # (G/W, HD)
+                i = tl.arange(0, G // W)
+                tl.store(codes + h * c_h + c[None, :] * c_a + (grp * (G // W) + i)[:, None] * c_b,
+                         words.to(tl.int32, bitcast=True))
             tl.store(scale + h * q_h + c * q_a + grp * q_b, s.to(STORE))
             tl.store(mn + h * q_h + c * q_a + grp * q_b, m.to(STORE))
         else:  # a group: G channels of one token; codes packed along channels
@@ -140,9 +145,15 @@ def _launch_quantize(store, x, grid, first_group, pos, step):
     res = store.res
     _quantize_kernel[grid](
         x, x.stride(0), x.stride(1) if x.dim() == 3 else 0, res, res.stride(0), res.stride(1),
-        store.codes, *store.codes.stride(), store.scale, store.mn, *store.scale.stride(), pos, first_group,
-        BITS=store.bits, G=store.g, HD=res.shape[2], R=store.R, PER_CHANNEL=store.per_channel, STEP=step,
-        STORE=TL[res.dtype])
+        store.codes, *store.codes.stride(), store.scale, store.mn, *_scale_strides(store), pos, first_group,
+        BITS=store.bits, G=store.g, HD=res.shape[2], R=store.R, PER_CHANNEL=store.per_channel,
+        TOKEN_MAJOR=store.token_major, STEP=step, STORE=TL[res.dtype])
+
+
+def _scale_strides(store):
+    """(head, channel, group) strides of a per-channel store's scales, whichever way they are laid out."""
+    s0, s1, s2 = store.scale.stride()
+    return (s0, s2, s1) if store.token_major else (s0, s1, s2)
 
 
 # ------------------------------------------------------------------------------- attention
@@ -371,64 +382,56 @@ def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
 
 
 @triton.jit
-def _sketch_scores_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t, res, r_h, r_t, scores, s_h,
+def _sketch_scores_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, scores, s_h,
                           pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
-                          GROUP: tl.constexpr, NB: tl.constexpr, CC: tl.constexpr, BG: tl.constexpr,
-                          HD: tl.constexpr):
-    """NB groups of tokens per program; channels in chunks of CC, codes unpacked from whole words."""
+                          GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    """NB groups of tokens per program. The sketch is token-major: a group's codes are GROUP rows of
+    HD * BITS / 32 words, read in one contiguous block and unpacked by shifting; the sum over channels
+    runs along each row."""
     h, b = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
     hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
     n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
     W: tl.constexpr = 32 // BITS
-    NW: tl.constexpr = NB * GROUP // W  # words per channel in this program's tokens
-    g = tl.arange(0, BG)
-    grp = b * NB + tl.arange(0, NB)
-    shifts = tl.arange(0, W) * BITS
-    score = tl.zeros((NB, GROUP), tl.float32)
-    offset = tl.zeros((NB,), tl.float32)
-    for c0 in tl.static_range(0, HD, CC):
-        c = c0 + tl.arange(0, CC)
-        qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0)
-                    .to(tl.float32), 0) / G                                       # the group's mean query
-        words = tl.load(kc + h * kc_h + c[:, None] * kc_c + (b * NW + tl.arange(0, NW))[None, :] * kc_t)  # (CC, NW)
-        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)   # (CC, NW, W), LSB first
-        code = tl.reshape(code, (CC, NB, GROUP)).to(tl.float32)
-        sidx = h * ks_h + c[:, None] * ks_c + grp[None, :] * ks_t                # (CC, NB)
-        s = tl.load(ks + sidx).to(tl.float32)
-        mn = tl.load(km + sidx).to(tl.float32)
-        score += tl.sum(code * (qm[:, None] * s)[:, :, None], 0)
-        offset += tl.sum(qm[:, None] * mn, 0)
-    score += offset[:, None]
-    # the group still in the ring, exact (only the program holding it loads anything)
-    t_r = n_q + tl.arange(0, GROUP)
-    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
     c = tl.arange(0, HD)
+    g = tl.arange(0, BG)
+    i = tl.arange(0, GROUP)
     qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
-                0) / G
-    kT = tl.load(res + h * r_h + (t_r % GROUP)[None, :] * r_t + c[:, None], mask=mine & (t_r < L)[None, :], other=0.0)
-    ring = tl.sum(kT.to(tl.float32) * qm[:, None], 0)                             # (GROUP,)
-    t = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]                          # (NB, GROUP)
-    score = tl.where(grp[:, None] * GROUP == n_q, ring[None, :], score)
-    tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
+                0) / G                                                               # the group's mean query
+    t_r = n_q + i  # the group still in the ring, exact (only the program holding it loads anything)
+    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
+    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
+    ring = tl.sum(kr.to(tl.float32) * qm[None, :], 1)                               # (GROUP,)
+    shifts = tl.arange(0, W) * BITS
+    for gi in tl.static_range(NB):
+        grp = b * NB + gi
+        t = grp * GROUP + i
+        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + tl.arange(0, HD // W)[None, :] * kc_w)  # (GROUP, HD/W)
+        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)   # (GROUP, HD/W, W), LSB first
+        code = tl.reshape(code, (GROUP, HD)).to(tl.float32)
+        s = tl.load(ks + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
+        mn = tl.load(km + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
+        score = tl.sum(code * (qm * s)[None, :], 1) + tl.sum(qm * mn, 0)
+        score = tl.where(grp * GROUP == n_q, ring, score)
+        tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
 
 
-def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, NB: int = 8, CC: int = 16, num_warps: int = 4):
+def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, NB: int = 8, num_warps: int = 8):
     """Scores (n_kv, cap) of every offloaded position [sink, pos + 1 - recent) against the group-mean query,
-    from a per-channel kvcache.QuantStore sketch whose residual is one group; -inf elsewhere.
+    from a token-major, per-channel kvcache.QuantStore sketch whose residual is one group; -inf elsewhere.
     Reference: kvcache.SparseLayer._select's sketch scores."""
     n_kv, R, hd = sketch.res.shape
     _check_q(q, n_kv, hd)
     _check_store(sketch)
-    _check(sketch.per_channel and sketch.R == sketch.g, "the sketch is per channel with a one-group residual")
-    _check(scores.shape[0] == n_kv and scores.shape[1] % sketch.g == 0, "scores: (n_kv, a multiple of the group)")
+    _check(sketch.per_channel and sketch.token_major and sketch.R == sketch.g,
+           "the sketch is per channel, token-major, with a one-group residual")
+    _check(scores.shape[0] == n_kv and scores.shape[1] % (NB * sketch.g) == 0 and sketch.codes.shape[1] >= scores.shape[1],
+           f"scores: (n_kv, a multiple of {NB * sketch.g}) within the sketch's capacity")
     G = q.shape[0] // n_kv
-    _check(scores.shape[1] % (NB * sketch.g) == 0 and sketch.codes.shape[2] * (32 // sketch.bits) >= scores.shape[1],
-           f"scores: a width that is a multiple of {NB * sketch.g}, within the sketch's capacity")
     _sketch_scores_kernel[(n_kv, scores.shape[1] // (NB * sketch.g))](
         q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
         sketch.res, sketch.res.stride(0), sketch.res.stride(1), scores, scores.stride(0), pos, G,
-        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, CC=CC, BG=triton.next_power_of_2(G), HD=hd,
+        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, BG=triton.next_power_of_2(G), HD=hd,
         num_warps=num_warps)
     return scores
 

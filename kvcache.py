@@ -161,8 +161,11 @@ class QuantStore:
     """Append-only quantized token store with a full-precision residual (one layer, batch 1).
 
     per_channel=True (keys): a group is g consecutive tokens of one channel; codes are packed
-    along the token axis, (n_kv, hd, max_len * bits / 32). per_channel=False (values): a group
-    is g consecutive channels of one token; codes (n_kv, max_len, hd * bits / 32).
+    along the token axis, (n_kv, hd, max_len * bits / 32), scales (n_kv, hd, max_len / g) — or,
+    with token_major=True (the sparse layers' key sketch, scored token by token), packed along the
+    channels, (n_kv, max_len, hd * bits / 32), scales (n_kv, max_len / g, hd).
+    per_channel=False (values): a group is g consecutive channels of one token; codes
+    (n_kv, max_len, hd * bits / 32), scales (n_kv, max_len, hd / g).
     The newest tokens wait in the ring `res` (n_kv, R, hd), token t at slot t % R; when it would
     hold R, its oldest full groups are quantized, so R - g .. R - 1 tokens stay exact and no token is
     quantized twice. What is quantized is a function of the length alone (`quantized`), which lets
@@ -170,13 +173,18 @@ class QuantStore:
     """
 
     def __init__(self, n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=False,
-                 capacity=None):
+                 capacity=None, token_major=False):
         assert (group * bits) % 32 == 0 and residual % group == 0 and (per_channel or hd % group == 0)
+        assert per_channel or not token_major
         self.bits, self.g, self.R, self.per_channel, self.kernels = bits, group, residual, per_channel, kernels
+        self.token_major = token_major
         cap = capacity or -(-max_len // group) * group  # token capacity, whole groups
         assert cap % group == 0 and cap >= max_len
         w = 32 // bits
-        if per_channel:
+        if token_major:
+            self.codes = torch.zeros(n_kv, cap, hd // w, dtype=torch.int32, device=device)
+            self.scale = torch.zeros(n_kv, cap // group, hd, dtype=dtype, device=device)
+        elif per_channel:
             self.codes = torch.zeros(n_kv, hd, cap // w, dtype=torch.int32, device=device)
             self.scale = torch.zeros(n_kv, hd, cap // group, dtype=dtype, device=device)
         else:
@@ -232,8 +240,12 @@ class QuantStore:
         b = a + n
         if self.per_channel:
             codes, scale, mn = quantize(x.transpose(1, 2).reshape(n_kv, hd, n // g, g), self.bits, self.scale.dtype)
-            self.codes[:, :, a // w:b // w] = pack(codes.reshape(n_kv, hd, n), self.bits)
-            self.scale[:, :, a // g:b // g], self.mn[:, :, a // g:b // g] = scale, mn
+            if self.token_major:
+                self.codes[:, a:b] = pack(codes.reshape(n_kv, hd, n).transpose(1, 2).contiguous(), self.bits)
+                self.scale[:, a // g:b // g], self.mn[:, a // g:b // g] = scale.transpose(1, 2), mn.transpose(1, 2)
+            else:
+                self.codes[:, :, a // w:b // w] = pack(codes.reshape(n_kv, hd, n), self.bits)
+                self.scale[:, :, a // g:b // g], self.mn[:, :, a // g:b // g] = scale, mn
         else:
             codes, scale, mn = quantize(x.reshape(n_kv, n, hd // g, g), self.bits, self.scale.dtype)
             self.codes[:, a:b] = pack(codes.reshape(n_kv, n, hd), self.bits)
@@ -242,7 +254,12 @@ class QuantStore:
     def dequantize(self) -> torch.Tensor:
         """All stored tokens in fp32, oldest first: (n_kv, length, hd)."""
         g, w, n = self.g, 32 // self.bits, self.n_q
-        if self.per_channel:
+        if self.token_major:
+            codes = unpack(self.codes[:, :n], self.bits).float()                             # (n_kv, n, hd)
+            n_kv, _, hd = codes.shape
+            x = codes.view(n_kv, n // g, g, hd) * self.scale[:, :n // g, None].float() + self.mn[:, :n // g, None].float()
+            x = x.reshape(n_kv, n, hd)
+        elif self.per_channel:
             codes = unpack(self.codes[:, :, :n // w], self.bits).float()                    # (n_kv, hd, n)
             n_kv, hd = codes.shape[:2]
             x = codes.view(n_kv, hd, n // g, g) * self.scale[:, :, :n // g, None].float() \
@@ -368,7 +385,7 @@ class SparseLayer:
             self.host_v = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             if cfg.select == "sketch":  # low-bit copy of every key; its residual covers the last partial group
                 self.sketch = QuantStore(n_kv, hd, max_len, cfg.sketch_bits, cfg.group, cfg.group, True, device, dtype,
-                                         kernels, capacity=None if scores is None else scores.shape[1])
+                                         kernels, capacity=None if scores is None else scores.shape[1], token_major=True)
             else:
                 self.kmax = torch.zeros(n_kv, hd, **kw)  # running max_t |K[t, c]| per channel
 

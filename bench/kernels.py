@@ -88,15 +88,14 @@ def main():
                                                                values.dequantize()[None]), max(3, args.reps // 10)),
                 moved, "hbm", "dequantize the store, attend")
     # sketch selector: 2-bit sketch scores + top-k
-    sketch = QuantStore(n_kv, hd, L, 2, 64, 64, True, dev, bf, kernels=True)
+    sketch = QuantStore(n_kv, hd, L, 2, 64, 64, True, dev, bf, kernels=True, token_major=True)
     sketch.append(k)
     scores = torch.empty(n_kv, L, device=dev)
     add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps),
         nbytes(*sketch.tensors()) + nbytes(scores), "hbm", "codes + scales + scores written")
-    for nb, cc, nw in ((4, 16, 4), (8, 32, 8), (16, 16, 8), (8, 8, 4)):
-        add(f"  NB={nb} CC={cc} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, nb, cc, nw),
-                                                   args.reps), nbytes(*sketch.tensors()) + nbytes(scores), "hbm",
-            "groups per program, channels per step, warps")
+    for nb, nw in ((4, 4), (16, 4), (8, 8), (8, 2)):
+        add(f"  NB={nb} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, nb, nw), args.reps),
+            nbytes(*sketch.tensors()) + nbytes(scores), "hbm", "groups per program, warps")
     add("torch.topk k=128", bench(lambda: scores.topk(128, dim=-1, sorted=False), args.reps), nbytes(scores), "hbm",
         f"({n_kv}, {L}) fp32")
     half = scores.half()

@@ -16,9 +16,14 @@ def rand(*shape, seed=0, device="cpu", dtype=torch.float32):
     return (torch.randn(*shape, generator=g) * torch.rand(shape[-1], generator=g) * 3).to(device, dtype)
 
 
-def store_pair(n_kv, hd, max_len, bits, per_channel, device, dtype, group=64, residual=128):
-    ref = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype)
-    ker = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=True)
+LAYOUTS = {"keys": (True, False), "sketch": (True, True), "values": (False, False)}  # per_channel, token_major
+
+
+def store_pair(n_kv, hd, max_len, bits, layout, device, dtype, group=64, residual=128):
+    per_channel, token_major = LAYOUTS[layout]
+    ref = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, token_major=token_major)
+    ker = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=True,
+                     token_major=token_major)
     return ref, ker
 
 
@@ -33,11 +38,11 @@ def assert_same_store(a, b):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_quantize_bulk_and_step_equal_the_reference_bit_for_bit(device, bits, per_channel):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_quantize_bulk_and_step_equal_the_reference_bit_for_bit(device, bits, layout):
     n_kv, hd = 2, 64
     for dtype in DTYPES:
-        ref, ker = store_pair(n_kv, hd, 600, bits, per_channel, device, dtype)
+        ref, ker = store_pair(n_kv, hd, 600, bits, layout, device, dtype)
         x = rand(n_kv, 600, hd, seed=bits, device=device, dtype=dtype)
         x[0, :64, 5] = 1.5                                # a constant group: scale 0, exact values
         ref.append(x[:, :333])                            # a prompt: 192 quantized in bulk, 141 in the ring
@@ -52,6 +57,10 @@ def test_quantize_bulk_and_step_equal_the_reference_bit_for_bit(device, bits, pe
         assert_same_store(ref, ker)
         d = ref.dequantize() - x[:, :ker.length].float()
         assert ker.n_q == 384 and d[:, ker.n_q:].abs().max() == 0   # the ring is exact
+        if layout == "sketch":  # the same per-channel groups as keys, only laid out token by token
+            keys = QuantStore(n_kv, hd, 600, bits, 64, 128, True, device, dtype)
+            keys.append(x[:, :ker.length])
+            assert torch.equal(keys.dequantize(), ker.dequantize())
 
 
 def quant_layer_pair(n_kv, hd, L, bits, device, dtype, group=64, residual=128):
