@@ -31,7 +31,6 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from checkpoint import resolve_model  # noqa: E402
 from generate import Decoder, compare  # noqa: E402
 from kvcache import CacheConfig, KVCache  # noqa: E402
 from model import load_model  # noqa: E402
+from plots import try_plot  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 DOCS = ROOT / "examples" / "documents"
@@ -293,15 +293,6 @@ def plot(rows: list[dict], context: int, path: Path, title: str):
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def try_plot(draw):
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("matplotlib is not installed: no plot (rerun with --replot on the JSON where it is)", file=sys.stderr)
-        return
-    draw()
 
 
 def main():

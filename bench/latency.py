@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from generate import Decoder  # noqa: E402
 from kvcache import CacheConfig, KVCache, plan_memory  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from plots import try_plot  # noqa: E402
 
 LLAMA31_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
                        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072 + 1024,
@@ -130,7 +131,6 @@ def run_ours(model, label, cfg, context, steps, warmup, chunk, bw, cuda_graph=Tr
            "device_kv_gib": mem["device_bytes"] / GiB, "host_kv_gib": mem["host_bytes"] / GiB,
            "h2d_mib_per_token": mem["h2d_bytes_per_step"] / 2**20, "floor_ms": floor_ms, "x_floor": med / floor_ms,
            "planned_device_gib": plan["device_bytes"] / GiB, "cuda_graph": cuda_graph}
-    del cache, dec, logits
     return out
 
 
@@ -167,7 +167,6 @@ def run_hf(context, steps, warmup, chunk, bw) -> dict:
            "prefill_s": prefill_s, "ms_median": med, "ms_min": min(times), "ms_max": max(times), "steps": steps,
            "peak_gib": torch.cuda.max_memory_allocated() / GiB, "device_kv_gib": None, "host_kv_gib": kv_bytes / GiB,
            "h2d_mib_per_token": kv_bytes / 2**20, "floor_ms": floor_ms, "x_floor": med / floor_ms, "cuda_graph": False}
-    del model, cache, out
     return res
 
 
@@ -229,15 +228,6 @@ def plot(rows, path, title):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def try_plot(draw):
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("matplotlib is not installed: no plot (rerun with --replot on the JSON where it is)", file=sys.stderr)
-        return
-    draw()
 
 
 def main():

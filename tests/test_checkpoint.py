@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT, TINY_LLAMA31, write_hf_model
 
 import checkpoint

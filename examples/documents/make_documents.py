@@ -63,7 +63,7 @@ def code(rng: random.Random, units: int = 68) -> str:
                     f'    """Smooth {xs[0]} with a window of {k} samples, clipping at {xs[1]}."""',
                     "    result = []", f"    for i in range(len({xs[0]})):",
                     f"        window = {xs[0]}[max(0, i - {k}):i + 1]",
-                    f"        mean = sum(window) / len(window)",
+                    "        mean = sum(window) / len(window)",
                     f"        result.append(min(max(mean, -{xs[1]}), {xs[1]}) * {rng.uniform(0.8, 1.2):.4f})",
                     "    return result"]
         else:
