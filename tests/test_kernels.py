@@ -253,3 +253,24 @@ def test_fused_norm_rope_and_silu_equal_the_model_ops(device):
         assert torch.allclose(qr, ref_q, atol=tol, rtol=tol) and torch.allclose(kr, ref_k, atol=tol, rtol=tol)
         g, u = rand(1, 1, 3000, seed=7, device=device, dtype=dtype), rand(1, 1, 3000, seed=8, device=device, dtype=dtype)
         assert torch.allclose(K.silu_mul(g, u), F.silu(g) * u, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("policy", ["full", "tailor"])
+def test_default_model_greedy_on_the_kernel_path_equals_the_pytorch_path(default_dir, policy):
+    """End to end on the default model: the golden answer, token for token, on both paths."""
+    from generate import generate
+    from model import load_model
+    from tokenizer import Tokenizer
+    tok = Tokenizer(default_dir)
+    model = load_model(default_dir, DEVICES[0], torch.float32)
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    cfg = CacheConfig(policy, **({"quant_layers": (0,), "bits": 2, "budget": 24, "sink": 4, "recent": 8}
+                                 if policy == "tailor" else {}))
+    outs = []
+    for kernels in (False, True):
+        cache = KVCache(model, len(ids) + 10, cfg, device=DEVICES[0], kernels=kernels)
+        out, _ = generate(model, cache, ids, 10, set(tok.eos_ids))
+        outs.append(out)
+    assert outs[0] == outs[1]
+    if policy == "full":
+        assert tok.decode(outs[1], skip_special_tokens=True) == "The capital of France is Paris."
