@@ -22,7 +22,9 @@ answers from its compressed store. Each layer has one strategy:
   window  sinks + recent window only (StreamingLLM): a sparse layer with top-k = 0 and no host store.
 
 Compressed caches hold batch 1. Buffers are preallocated at their final size (no growth by
-torch.cat) so the same layout can be driven by kernels and captured in a CUDA graph later.
+torch.cat). Each strategy decodes two ways: `decode` in PyTorch with the position as an int (the
+reference, and the CPU path), and `step` on the Triton kernels of kernels.py with the position in
+a device tensor, so that a whole decode step can be captured in a CUDA graph (generate.Decoder).
 """
 from dataclasses import dataclass, replace
 
