@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-import kernels as K
 from checkpoint import resolve_model
-from kvcache import POLICIES, CacheConfig, KVCache, plan_memory
+from kvcache import POLICIES, CacheConfig, KVCache, kernels_available, plan_memory
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -353,8 +352,11 @@ def run(args) -> int:
         f"cache {describe(cfg, model.args.n_layers)}")
     on_cuda = torch.device(args.device).type == "cuda"
     kernels = on_cuda if args.kernels is None else args.kernels
-    if kernels and not K.available(args.device):
-        raise UsageError("--kernels needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+    if args.kernels is None and kernels and not kernels_available(args.device):
+        kernels = False  # a CUDA torch without Triton: the PyTorch path
+        log("Triton is not installed: decoding on the PyTorch path (pip install 'triton>=3.6,<3.9' for the kernels)")
+    if kernels and not kernels_available(args.device):
+        raise UsageError("--kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
     if args.cuda_graph and not (kernels and on_cuda):
         raise UsageError("--cuda-graph needs a CUDA device and the kernel path (drop --no-kernels)")
     cache = make_cache(cfg, model, len(ids) + max_new, args.device, dtype, args.prefill_chunk, kernels)

@@ -32,8 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-import kernels as K
 from model import apply_rope
+
+try:  # the Triton kernels of the GPU decode path; CUDA builds of torch bring Triton along
+    import kernels as K
+except ImportError:
+    K = None
 
 POLICIES = ("full", "tailor", "kivi", "sparse", "streaming")
 DEFAULT_BITS = {"tailor": 1, "kivi": 2}  # TailorKV-1 (the paper's LongBench/latency setting), KIVI-2
@@ -574,6 +578,11 @@ class PrefillStage:
 
 # ---------------------------------------------------------------------------------- the cache
 
+def kernels_available(device) -> bool:
+    """Whether the Triton kernel path can run on `device` (meta: planning only, always)."""
+    return torch.device(device).type == "meta" or (K is not None and K.available(device))
+
+
 class KVCache:
     """One strategy per layer behind the model's single `attend` call, plus memory telemetry.
 
@@ -588,6 +597,9 @@ class KVCache:
         a = model.args
         cfg = cfg or CacheConfig()
         self.cfg, self.max_len, self.dtype, self.kernels = cfg, max_len, dtype, kernels
+        if kernels and not kernels_available(device):
+            raise RuntimeError("the kernel path needs Triton and a CUDA device (or TRITON_INTERPRET=1 on a CPU); "
+                               "pip install 'triton>=3.6,<3.9' or use the PyTorch path (kernels=False)")
         self.kinds = cfg.layer_kinds(a.n_layers)
         if batch != 1 and (kernels or any(k != "full" for k in self.kinds)):
             raise ValueError("compressed caches and the kernel path hold a batch of 1")
