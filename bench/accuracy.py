@@ -78,7 +78,7 @@ def parse_policy(spec: str, model=None) -> CacheConfig:
         knobs.update(budget_knobs(int(budget)))
     if name == "streaming":
         b = int(budget or CacheConfig.budget)
-        knobs.update(sink=CacheConfig.sink, recent=b - CacheConfig.sink, budget=b + 1)  # no top-k: budget unused
+        knobs.update(sink=CacheConfig.sink, recent=b - CacheConfig.sink, budget=b)  # no top-k
     if name == "tailor" and model is not None:
         from profile_layers import find_plan, load_plan
         path = find_plan(model)
@@ -145,31 +145,37 @@ def passkey_found(answer: str, key: int) -> bool:
 # ------------------------------------------------------------------------------------- running
 
 @torch.inference_mode()
-def teacher_force(model, cfg: CacheConfig, prefix: list[int], targets: list[int], on_logits) -> dict:
-    """Prefill prefix, then decode targets one by one; on_logits(i, logits) sees the prediction of
-    targets[i] (made from everything before it). Returns the cache's memory report.
+def decode(model, cfg: CacheConfig, prompt: list[int], n: int, choose) -> dict:
+    """Prefill prompt, then n decode steps; choose(i, logits) sees the prediction for position
+    len(prompt) + i and returns the token fed there. Returns the cache's memory report.
     On CUDA the decode steps run on the kernel path, replayed from a CUDA graph."""
     dev, dtype = model.embed.weight.device, model.embed.weight.dtype
-    cache = KVCache(model, len(prefix) + len(targets), cfg, device=dev, dtype=dtype, kernels=dev.type == "cuda")
-    logits = model.prefill(torch.tensor([prefix], device=dev), cache)[0]
+    cache = KVCache(model, len(prompt) + n, cfg, device=dev, dtype=dtype, kernels=dev.type == "cuda")
+    logits = model.prefill(torch.tensor([prompt], device=dev), cache)[0]
     decoder = Decoder(model, cache)
-    for i, target in enumerate(targets):
-        on_logits(i, logits)
-        if i + 1 < len(targets):
-            logits = decoder.step(target, len(prefix) + i)
+    for i in range(n):
+        token = choose(i, logits)
+        if i + 1 < n:
+            logits = decoder.step(token, len(prompt) + i)
     return cache.memory_report()
 
 
-@torch.inference_mode()
+def teacher_force(model, cfg: CacheConfig, prefix: list[int], targets: list[int], on_logits) -> dict:
+    """Decode targets after prefix whatever the model predicts; on_logits(i, logits) sees the
+    prediction of targets[i]. Returns the cache's memory report."""
+    def choose(i, logits):
+        on_logits(i, logits)
+        return targets[i]
+    return decode(model, cfg, prefix, len(targets), choose)
+
+
 def greedy(model, cfg: CacheConfig, prompt: list[int], n_new: int) -> list[int]:
-    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
-    cache = KVCache(model, len(prompt) + n_new, cfg, device=dev, dtype=dtype, kernels=dev.type == "cuda")
-    logits = model.prefill(torch.tensor([prompt], device=dev), cache)[0]
-    decoder, out = Decoder(model, cache), []
-    for i in range(n_new):
+    out = []
+
+    def choose(i, logits):
         out.append(int(logits.argmax()))
-        if i + 1 < n_new:
-            logits = decoder.step(out[-1], len(prompt) + i)
+        return out[-1]
+    decode(model, cfg, prompt, n_new, choose)
     return out
 
 
