@@ -1,0 +1,118 @@
+"""Plant known bugs, one at a time, and check that the tests catch each one (run by hand, not in CI).
+
+    python tests/mutants.py                  # every mutant: a table of caught / missed
+    python tests/mutants.py window-off-by-one kl-direction   # some of them
+
+Each mutant is a textual edit of one source file, applied to a temporary copy of the repository;
+the test files that guard that code run there (pytest -x: the first failure is enough). A mutant
+whose edit no longer applies is reported as such, so the list cannot silently rot.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    what: str
+
+
+MUTANTS = [
+    Mutant("prefill-1-token-chunk", "model.py",
+           "if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:", "if False:",
+           ("tests/test_kvcache.py",), "the prefill no longer merges a final 1-token chunk"),
+    Mutant("channels-own-wq", "kvcache.py",
+           "self.layers[nxt].qhat = self._predict_query(nxt, x, pos)",
+           "self.layers[nxt].qhat = self._predict_query(layer, x, pos)",
+           ("tests/test_kvcache.py",), "the channel selector predicts layer l+1's query with layer l's W_q"),
+    Mutant("kl-direction", "generate.py",
+           "kl = (ref_lp.exp() * (ref_lp - lp)).sum().item()", "kl = (lp.exp() * (lp - ref_lp)).sum().item()",
+           ("tests/test_generate.py", "tests/test_accuracy.py"), "--check computes KL(policy || full)"),
+    Mutant("sketch-skips-last", "kvcache.py",
+           "keys = self.sketch.dequantize()[:, lo:hi]", "keys = self.sketch.dequantize()[:, lo:hi - 1]",
+           ("tests/test_kvcache.py",), "sketch scoring skips the last offloaded position (PyTorch path)"),
+    Mutant("channels-skips-last", "kvcache.py",
+           "self.host_k[torch.arange(lo, hi)[None, :, None]", "self.host_k[torch.arange(lo, hi - 1)[None, :, None]",
+           ("tests/test_kvcache.py",), "channel scoring skips the last offloaded position (PyTorch path)"),
+    Mutant("window-off-by-one", "kvcache.py",
+           "first_recent = max(self.sink, L - self.recent)", "first_recent = max(self.sink, L - self.recent + 1)",
+           ("tests/test_kvcache.py",), "the recent window holds one token fewer"),
+    Mutant("no-rope-on-qhat", "kvcache.py",
+           "return apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]", "return qhat[0, :, 0]",
+           ("tests/test_kvcache.py",), "no RoPE on the predicted query"),
+    Mutant("kernel-key-scale-group", "kernels.py",
+           "gk = t0 // GROUP", "gk = tl.maximum(t0 // GROUP - 1, 0)",
+           ("tests/test_kernels.py",), "the quant attention kernel reads the previous group's key scales"),
+    Mutant("quant-floor", "kvcache.py",
+           "codes = ((xf - mn.float()[..., None]) / torch.where(s == 0, 1.0, s)[..., None]).round_()",
+           "codes = ((xf - mn.float()[..., None]) / torch.where(s == 0, 1.0, s)[..., None]).floor_()",
+           ("tests/test_kvcache.py",), "quantization truncates instead of rounding (error up to s, not s/2)"),
+    Mutant("quant-layer-drops-residual", "kvcache.py",
+           "return torch.cat([x, self.res[:, self._slots(n, self.length)].float()], dim=1)",
+           "return torch.cat([x, self.res[:, self._slots(n, self.length)].float()], dim=1)[:, :max(n, 1)]",
+           ("tests/test_kvcache.py",), "dequantize forgets the full-precision residual tokens"),
+    Mutant("gguf-no-unpermute", "checkpoint.py",
+           "            w = unpermute_qk(w, n_heads)\n", "            pass\n",
+           ("tests/test_checkpoint.py",), "the GGUF converter keeps llama.cpp's q row order"),
+    Mutant("sparse-selects-bottom-k", "kvcache.py",
+           "return scores.topk(self.topk, dim=-1).indices + lo", "return (-scores).topk(self.topk, dim=-1).indices + lo",
+           ("tests/test_kvcache.py",), "selection takes the lowest-scoring tokens"),
+]
+
+
+def copy_repo(dst: Path):
+    ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.png")
+    shutil.copytree(ROOT, dst, ignore=ignore)
+
+
+def run(mutant: Mutant, work: Path, env: dict) -> tuple[str, float]:
+    repo = work / mutant.name
+    copy_repo(repo)
+    path = repo / mutant.file
+    text = path.read_text()
+    if text.count(mutant.old) != 1:
+        return "edit does not apply", 0.0
+    path.write_text(text.replace(mutant.old, mutant.new))
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                       cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    shutil.rmtree(repo, ignore_errors=True)
+    status = {0: "MISSED", 1: "caught"}.get(r.returncode, f"error (pytest rc {r.returncode})")
+    return status, time.perf_counter() - t
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    unknown = set(names) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"unknown mutants {sorted(unknown)}; choose from {[m.name for m in MUTANTS]}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="tailorkv-mutants-") as work:
+        work = Path(work)
+        # one converted default model for every run (each test session would otherwise convert its own)
+        env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+        rows = []
+        for m in chosen:
+            status, secs = run(m, work, env)
+            rows.append((m, status, secs))
+            print(f"{m.name:<28} {status:<8} {secs:6.0f} s", file=sys.stderr, flush=True)
+    print("| mutant | planted bug | tests run | result |\n|---|---|---|---|")
+    for m, status, secs in rows:
+        print(f"| `{m.name}` | {m.what} ({m.file}) | {' '.join(Path(t).name for t in m.tests)} | {status} |")
+    return 0 if all(s == "caught" for _, s, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
