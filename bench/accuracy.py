@@ -301,7 +301,7 @@ def plot(rows: list[dict], context: int, path: Path, title: str):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir, .gguf or hub repo id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--docs", nargs="+", default=list(DOCUMENTS), help=f"{' '.join(DOCUMENTS)} or text files")
@@ -318,10 +318,11 @@ def main():
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy"), help="prefix of .json/.md/.png")
     p.add_argument("--replot", metavar="JSON", help="rewrite the table and plot of an earlier run's JSON; runs nothing")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.replot:
         run = json.loads(Path(args.replot).read_text())
-        return report(run["meta"], run["records"], Path(args.replot).with_suffix(""))
+        report(run["meta"], run["records"], Path(args.replot).with_suffix(""))
+        return 0
 
     model_dir = resolve_model(args.model)
     model = load_model(model_dir, args.device, getattr(torch, args.dtype))
@@ -336,38 +337,72 @@ def main():
     first = {n: first_pass_nll(model, d[:1024]) for n, d in docs.items()}
     print(f"# first-pass NLL of each document's first 1024 tokens: "
           f"{', '.join(f'{n} {v:.2f}' for n, v in first.items())}", flush=True)
-    records, reference, t0 = [], {}, time.perf_counter()
-    for context, spec, sweep in sorted(runs, key=lambda r: (r[0], r[1] != "full")):
-        cfg = parse_policy(spec, model)
-        for name, doc in docs.items():
-            r = {"context": context, "policy": spec, "sweep": sweep, "doc": name, "quant_layers": cfg.quant_layers,
-                 "bits": cfg.bits if cfg.policy in ("tailor", "kivi") else None}
-            if "repeat" in args.tasks:
-                r.update(run_repeat(model, cfg, doc, context, args.copy))
-            if "fidelity" in args.tasks:
-                ref = reference.setdefault((name, context), [])
-                if not ref and cfg.policy != "full":
-                    run_fidelity(model, CacheConfig(), doc, context, args.next, ref)
-                r.update(run_fidelity(model, cfg, doc, context, args.next, ref))
-            if "passkey" in args.tasks and not sweep and name == next(iter(docs)):  # doc-independent
-                r.update(run_passkey(model, tok, cfg, context, args.depths))
-            records.append(r)
-            print(f"{time.perf_counter() - t0:7.0f}s  {context:>6} {spec:<20} {name:<6} "
-                  + "  ".join(f"{k} {r[k]:.3f}" for k in ("top1", "nll", "kl_mean", "agreement", "passkey") if k in r)
-                  + f"  device KV {r['device_kv_bytes'] / 2**20:.2f} MiB", flush=True)
     meta = {"model": model_dir.name, "device": device_name, "dtype": args.dtype, "documents": {n: len(d) for n, d in docs.items()},
             "first_pass_nll": first, "copy": args.copy, "next": args.next, "depths": args.depths,
             "sweep_context": sweep_context}
-    report(meta, records, Path(args.out))
+    reference, t0 = {}, time.perf_counter()
+
+    def one(context, spec, sweep, records):
+        run_one(args, model, tok, docs, context, spec, sweep, reference, records, t0)
+    return run_all(sorted(runs, key=lambda r: (r[0], r[1] != "full")), one, meta, Path(args.out))
+
+
+def run_all(runs, one, meta: dict, out: Path) -> int:
+    """one(*run, records) for every run, the records saved after each: Ctrl-C keeps every finished row."""
+    records, meta["complete"] = [], False
+    try:
+        for run in runs:
+            one(*run, records)
+            save(meta, records, out)
+    except KeyboardInterrupt:
+        print(f"# interrupted: {len(records)} rows kept in {out.with_suffix('.json')}", flush=True)
+        if records:
+            report(meta, records, out)
+        return 130
+    meta["complete"] = True
+    report(meta, records, out)
+    return 0
+
+
+def run_one(args, model, tok, docs, context, spec, sweep, reference, records, t0):
+    """One policy at one context on every document: a record per document, appended to `records`."""
+    cfg = parse_policy(spec, model)
+    for name, doc in docs.items():
+        r = {"context": context, "policy": spec, "sweep": sweep, "doc": name, "quant_layers": cfg.quant_layers,
+             "bits": cfg.bits if cfg.policy in ("tailor", "kivi") else None}
+        if "repeat" in args.tasks:
+            r.update(run_repeat(model, cfg, doc, context, args.copy))
+        if "fidelity" in args.tasks:
+            ref = reference.setdefault((name, context), [])
+            if not ref and cfg.policy != "full":
+                run_fidelity(model, CacheConfig(), doc, context, args.next, ref)
+            r.update(run_fidelity(model, cfg, doc, context, args.next, ref))
+        if "passkey" in args.tasks and not sweep and name == next(iter(docs)):  # doc-independent
+            r.update(run_passkey(model, tok, cfg, context, args.depths))
+        records.append(r)
+        print(f"{time.perf_counter() - t0:7.0f}s  {context:>6} {spec:<20} {name:<6} "
+              + "  ".join(f"{k} {r[k]:.3f}" for k in ("top1", "nll", "kl_mean", "agreement", "passkey") if k in r)
+              + f"  device KV {r['device_kv_bytes'] / 2**20:.2f} MiB", flush=True)
+
+
+def save(meta: dict, records: list[dict], out: Path) -> list[dict]:
+    """Write the records (and their summary) to <out>.json, replacing it whole; returns the summary."""
+    rows = summarize(records)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "records": records, "summary": rows}, indent=1))
+    tmp.replace(out.with_suffix(".json"))
+    return rows
 
 
 def report(meta: dict, records: list[dict], out: Path):
-    rows = summarize(records)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records, "summary": rows}, indent=1))
+    if not records:
+        raise SystemExit(f"{out.with_suffix('.json')}: no finished rows to report")
+    rows = save(meta, records, out)
     model = re.sub(r"-[0-9a-f]{12}$", "", meta["model"])  # a converted GGUF's cache dir ends in its hash
     header = f"{model}, {meta['device']}, {meta['dtype']}"
-    table = f"{header}; mean ± sd over {len(meta['documents'])} documents\n\n" + markdown(rows)
+    partial = "" if meta.get("complete", True) else " (an interrupted run: the rows that finished)"
+    table = f"{header}; mean ± sd over {len(meta['documents'])} documents{partial}\n\n" + markdown(rows)
     out.with_suffix(".md").write_text(table + "\n")
     ctx = meta.get("sweep_context") or max(r["context"] for r in records)
     try_plot(lambda: plot(rows, ctx, out.with_suffix(".png"), f"{header}, context {ctx}: recall vs device KV memory"))
@@ -375,4 +410,4 @@ def report(meta: dict, records: list[dict], out: Path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

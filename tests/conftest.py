@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -8,13 +10,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# convert the default GGUF into a cache private to this test session (exercises the conversion too)
-os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="tailorkv-test-cache-"))
+# convert the default GGUF into a cache private to this test session (exercises the conversion too),
+# removed when the session ends
+if "XDG_CACHE_HOME" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="tailorkv-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (exact, slow)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import checkpoint  # noqa: E402
 from model import load_model  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (bench/gpu_check.py runs these with the cuda-parametrized tests)")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """bench/accuracy.py: the task builders, the metrics and the policy specs, on tiny inputs."""
+import json
 import math
 import sys
 
@@ -111,3 +112,27 @@ def test_full_cache_beats_a_tiny_window_on_a_tiny_model(tiny_llama_dir):
     assert full["kl_mean"] < 1e-9 and full["agreement"] == 1.0 and len(ref) == 16
     window = accuracy.run_fidelity(model, CacheConfig("streaming", sink=2, recent=2), doc, 80, 16, ref)
     assert window["kl_mean"] > 1e-4 and window["device_kv_bytes"] < full["device_kv_bytes"] / 10
+
+
+def test_an_interrupted_run_keeps_its_finished_rows_and_replots(tmp_path):
+    import accuracy
+    meta = {"model": "m", "device": "CPU", "dtype": "float32", "documents": {"a": 100, "b": 100}, "sweep_context": 1024}
+    row = {"sweep": False, "quant_layers": None, "bits": None, "top1": 0.9, "nll": 0.5, "kl_mean": 0.1,
+           "kl_p99": 0.5, "agreement": 0.9, "device_kv_bytes": 1 << 20, "compression": 2.0}
+
+    def one(context, spec, sweep, records):
+        if spec == "kivi":
+            records.append({**row, "context": context, "policy": spec, "doc": "a"})
+            raise KeyboardInterrupt  # Ctrl-C half-way through the second policy
+        for doc in ("a", "b"):
+            records.append({**row, "context": context, "policy": spec, "doc": doc})
+
+    out = tmp_path / "acc"
+    assert accuracy.run_all([(1024, "full", False), (1024, "kivi", False), (1024, "sparse", False)], one,
+                            meta, out) == 130
+    run = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["policy"], r["doc"]) for r in run["records"]] == [("full", "a"), ("full", "b"), ("kivi", "a")]
+    assert run["meta"]["complete"] is False and "interrupted run" in out.with_suffix(".md").read_text()
+    out.with_suffix(".md").unlink()
+    assert accuracy.main(["--replot", str(out.with_suffix(".json"))]) == 0
+    assert "| 1024 | kivi |" in out.with_suffix(".md").read_text()

@@ -1,8 +1,12 @@
 """Where weights come from: the default GGUF, GGUF conversion details, the hub path, bad inputs."""
 import importlib.util
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +59,29 @@ def test_unpermute_inverts_llama_cpp_permutation():
     permuted = w.reshape(n_heads, 2, hd // 2, d_in).swapaxes(1, 2).reshape(w.shape)
     assert not np.array_equal(permuted, w)
     np.testing.assert_array_equal(checkpoint.unpermute_qk(permuted, n_heads), w)
+
+
+def test_gguf_conversion_agrees_with_transformers_own_gguf_loader(default_dir):
+    """Our converter against one written by others: transformers dequantizes the same GGUF (and undoes
+    llama.cpp's q/k permutation) its own way; every tensor and the config must agree exactly."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    path = checkpoint.default_gguf()
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    ours = load_file(default_dir / "model.safetensors")
+    assert set(theirs) - {"lm_head.weight"} == set(ours)  # tied: the embedding serves as the head
+    for name, t in ours.items():
+        assert torch.equal(t, theirs[name].float()), name
+    cfg = json.loads((default_dir / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "max_position_embeddings", "vocab_size", "tie_word_embeddings"):
+        assert cfg[key] == getattr(config, key), key
+    assert cfg["rms_norm_eps"] == pytest.approx(config.rms_norm_eps)
 
 
 def test_gguf_conversion_is_cached(default_dir):
@@ -122,3 +149,119 @@ def test_hub_unreachable_is_explained(tmp_path):
     r = run_offline("import checkpoint; checkpoint.resolve_model('acme/not-cached')", tmp_path)
     assert r.returncode != 0
     assert "cannot reach the Hugging Face hub to download 'acme/not-cached'" in r.stderr
+
+
+# ------------------------------------------------------------------- the converted-model cache
+
+DAMAGE = {
+    "weights overwritten, same size": lambda d: (d / "model.safetensors").write_bytes(
+        os.urandom((d / "model.safetensors").stat().st_size)),
+    "weights truncated to half": lambda d: os.truncate(d / "model.safetensors",
+                                                       (d / "model.safetensors").stat().st_size // 2),
+    "weights truncated to 0": lambda d: os.truncate(d / "model.safetensors", 0),
+    "tokenizer_config.json deleted": lambda d: (d / "tokenizer_config.json").unlink(),
+    "tokenizer.json deleted": lambda d: (d / "tokenizer.json").unlink(),
+    "config.json deleted": lambda d: (d / "config.json").unlink(),
+    "manifest deleted": lambda d: (d / "manifest.json").unlink(),
+    "chat template edited": lambda d: (d / "tokenizer_config.json").write_text(
+        (d / "tokenizer_config.json").read_text().replace("assistant", "assistent")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_cache_entry_is_noticed(default_dir, tmp_path, damage):
+    entry = tmp_path / default_dir.name
+    shutil.copytree(default_dir, entry)
+    _, fingerprint = checkpoint.cache_entry(checkpoint.default_gguf())
+    assert checkpoint.entry_problem(entry, fingerprint) is None
+    DAMAGE[damage](entry)
+    assert checkpoint.entry_problem(entry, fingerprint) is not None  # sizes and sampled blocks (all of a small file)
+    assert checkpoint.entry_problem(entry, fingerprint, verify=True) is not None
+
+
+def test_the_full_check_sees_a_change_between_sampled_blocks(default_dir, tmp_path):
+    entry = tmp_path / default_dir.name
+    shutil.copytree(default_dir, entry)
+    _, fingerprint = checkpoint.cache_entry(checkpoint.default_gguf())
+    with open(entry / "model.safetensors", "r+b") as f:  # one byte of a weight, between two sampled blocks
+        f.seek(1 << 20)
+        b = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([b[0] ^ 1]))
+    assert checkpoint.entry_problem(entry, fingerprint) is None
+    assert "model.safetensors does not hold" in checkpoint.entry_problem(entry, fingerprint, verify=True)
+
+
+def test_a_damaged_cache_entry_is_rebuilt_once(default_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    entry = tmp_path / "tailorkv" / default_dir.name
+    shutil.copytree(default_dir, entry)
+    (entry / "tokenizer_config.json").unlink()
+    (tmp_path / "tailorkv" / f"{default_dir.name}.partial-999999999").mkdir()  # a conversion killed mid-way
+    assert checkpoint.resolve_model(None) == entry
+    err = capsys.readouterr().err
+    assert "tokenizer_config.json is missing" in err and "converting again" in err and "converting SmolLM2" in err
+    assert checkpoint.entry_problem(entry, checkpoint.cache_entry(checkpoint.default_gguf())[1], verify=True) is None
+    assert Tokenizer(entry).chat_template and not list(entry.parent.glob("*.partial-*"))
+
+
+def test_the_cache_key_is_the_gguf_content_not_its_path(tmp_path):
+    src = checkpoint.default_gguf()
+    copy = tmp_path / "elsewhere" / src.name
+    copy.parent.mkdir()
+    shutil.copyfile(src, copy)  # another path, another mtime
+    assert checkpoint.cache_entry(copy) == checkpoint.cache_entry(src)
+    with open(copy, "r+b") as f:  # one byte of the header's metadata changed
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 1]))
+    assert checkpoint.cache_entry(copy)[1] != checkpoint.cache_entry(src)[1]
+
+
+def test_stale_partial_folders_are_removed_live_ones_kept(tmp_path):
+    dead, live = tmp_path / "m-abc.partial-999999999", tmp_path / f"m-abc.partial-{os.getpid()}"
+    dead.mkdir()
+    live.mkdir()
+    checkpoint.remove_stale_partials(tmp_path)
+    assert not dead.exists() and live.exists()
+
+
+def test_a_file_that_is_not_a_gguf_or_is_cut_short_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    noise = tmp_path / "noise.gguf"
+    noise.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match=f"{noise} is not a GGUF file"):
+        checkpoint.resolve_model(str(noise))
+    cut = tmp_path / "cut.gguf"
+    data = checkpoint.default_gguf().read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=f"{cut} is truncated or damaged"):
+        checkpoint.resolve_model(str(cut))
+    assert not list((tmp_path / "cache" / "tailorkv").glob("*"))  # nothing half-written left
+
+
+def test_ctrl_c_while_converting_leaves_nothing_behind(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    report = tmp_path / "run.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--prompt", "hi", "--report", str(report)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = wait_for(proc, b"converting SmolLM2")
+    time.sleep(2)  # well inside the conversion (~15 s)
+    proc.send_signal(signal.SIGINT)
+    out, rest = proc.communicate(timeout=60)
+    err += rest
+    assert proc.returncode == 130, err.decode()
+    assert b"[interrupted] while loading the model" in err and b"Traceback" not in err
+    assert not list((tmp_path / "tailorkv").glob("*"))  # no partial folder, no entry
+    assert json.loads(report.read_text())["interrupted"] is True
+
+
+def wait_for(proc, needle: bytes, timeout=120) -> bytes:
+    """Read proc's stderr until `needle` appears; returns what was read."""
+    seen, t0 = b"", time.time()
+    while needle not in seen:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk and time.time() - t0 < timeout, seen.decode()
+        seen += chunk
+    return seen

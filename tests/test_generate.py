@@ -26,6 +26,7 @@ def test_cli_golden_answer_and_report(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == "The capital of France is Paris.\n"  # only generated text on stdout
     assert "prompt 37 tokens of 8192 context" in r.stderr and "ms/tok" in r.stderr
+    assert (" on 1 CPU thread;" in r.stderr or " CPU threads;" in r.stderr) or torch.cuda.is_available()
     rep = json.loads(report.read_text())
     assert rep["generated_text"] == "The capital of France is Paris." and rep["prompt_tokens"] == 37
     cuda = torch.cuda.is_available()  # the defaults: bf16 on CUDA, fp32 on CPU
@@ -58,6 +59,89 @@ def test_cli_document_from_stdin_with_question():
 def test_cli_bad_input(args, message):
     r = cli(*args)
     assert r.returncode == 2 and message in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "hi", "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["--prompt", "hi", "--cache", "full", "--quant-layers", "0"], "--quant-layers applies to --cache tailor, not full"),
+    (["--prompt", "hi", "--cache", "full", "--plan", "x.json"], "--plan applies to --cache tailor, not full"),
+    (["--prompt", "hi", "--cache", "kivi", "--budget", "100"], "--budget applies to --cache tailor / sparse, not kivi"),
+    (["--prompt", "hi", "--cache", "sparse", "--bits", "2"], "--bits applies to --cache tailor / kivi, not sparse"),
+    (["--prompt", "hi", "--cache", "full", "--sink", "4"], "--sink applies to --cache tailor / sparse / streaming"),
+    (["--prompt", "hi", "--report", "/no/such/folder/run.json"], "--report /no/such/folder/run.json: folder"),
+    (["--prompt", "hi", "--report", "/tmp"], "--report /tmp is a directory"),
+    (["--prompt", "hi", "--encoding", "klingon"], "--encoding 'klingon' is not an encoding"),
+    (["--prompt-file", "/tmp"], "prompt file /tmp is a directory"),
+    (["--prompt-file", "/bin/ls"], "prompt file /bin/ls looks like a binary file (NUL byte at offset"),
+])
+def test_cli_refuses_before_loading_the_model(args, message):
+    r = cli(*args)
+    assert r.returncode == 2 and message in r.stderr and r.stdout == "", r.stderr
+    assert "Traceback" not in r.stderr and "params)" not in r.stderr and "converting" not in r.stderr
+
+
+BAD_UTF8 = "Caf\u00e9 au lait, ".encode() * 3 + b"caf\xe9 noir." + b" and more text" * 4  # a latin-1 byte at 48
+
+
+def test_cli_one_rule_for_undecodable_bytes_in_a_file_and_on_stdin(tmp_path):
+    doc = tmp_path / "latin1.txt"
+    doc.write_bytes(BAD_UTF8)
+    for args, stdin in ((["--prompt-file", str(doc)], None), (["--prompt-file", "-"], BAD_UTF8)):
+        r = subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin, capture_output=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        err = r.stderr.decode()
+        assert r.returncode == 2 and "is not valid utf-8: byte 0xe9 at offset 48" in err and "Traceback" not in err, err
+        assert "--errors replace" in err and "--encoding" in err
+    r = cli("--prompt-file", str(doc), "--errors", "replace", "--max-new-tokens", "2")
+    assert r.returncode == 0 and "undecodable bytes replaced by U+FFFD" in r.stderr, r.stderr
+    r = cli("--prompt-file", str(doc), "--encoding", "latin-1", "--max-new-tokens", "2")
+    assert r.returncode == 0 and "U+FFFD" not in r.stderr, r.stderr
+
+
+def test_decode_text():
+    assert generate.decode_text("naïve".encode(), "x", "utf-8", "strict") == "naïve"
+    assert generate.decode_text("naïve".encode("utf-16"), "x", "utf-16", "strict") == "naïve"  # NUL bytes, but text
+    with pytest.raises(generate.UsageError, match="x looks like a binary file \\(NUL byte at offset 2\\)"):
+        generate.decode_text(b"ab\x00cd", "x", "utf-8", "strict")
+    with pytest.raises(generate.UsageError, match="binary"):
+        generate.decode_text(b"ab\x00\xff\xfe", "x", "utf-8", "replace")
+
+
+def test_cli_help_names_every_default():
+    p = generate.build_parser()
+    fmt = p._get_formatter()
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("help", "prompt", "prompt_file", "question", "check",
+                                                        "verify_model"):  # no default to name: a source, or a switch
+            continue
+        assert action.help and "default" in fmt._get_help_string(action) % vars(action), action.option_strings
+    r = cli("--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "--max-new-tokens MAX_NEW_TOKENS generation stops earlier at an EOS token (default: 256)" in text
+    assert "--sink SINK tailor, sparse, streaming: first tokens kept (default: 8)" in text
+
+
+def test_cli_ctrl_c_in_the_prefill_stops_cleanly_and_reports(tmp_path):
+    import signal
+    import time
+    report = tmp_path / "run.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--prompt-file", str(DOC), "--report",
+                             str(report), "--prefill-chunk", "256"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen, t0 = b"", time.time()
+    while b"prefill:" not in seen:  # the progress bar: the prefill has begun (it takes seconds on a CPU)
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk and time.time() - t0 < 120, seen.decode()
+        seen += chunk
+    time.sleep(1.5)  # into the prefill's first layers (3.2k tokens take several seconds)
+    proc.send_signal(signal.SIGINT)
+    out, rest = proc.communicate(timeout=60)
+    err = (seen + rest).decode()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "[interrupted] in the prefill of" in err and "nothing generated" in err
+    rep = json.loads(report.read_text())
+    assert rep["interrupted"] is True and rep["stage"] == "prefilling" and rep["prefilled"] is False
+    assert rep["prompt_tokens"] > 3000 and rep["generated_ids"] == [] and rep["prefill_s"] > 0
 
 
 def test_cli_empty_prompt_file(tmp_path):
@@ -93,6 +177,17 @@ def test_sampling():
     seeded = [[generate.sample(logits, 2.0, 1.0, gen) for _ in range(20)]
               for gen in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))]
     assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1  # same seed, same draws
+
+
+def test_check_compares_in_the_direction_full_to_policy():
+    """KL(full || policy) in closed form: full (1/2, 1/2) against policy (9/10, 1/10) is
+    1/2 ln(5/9) + 1/2 ln(5) = 0.5108 nats; the other direction would be 0.3681."""
+    import math
+    full, policy = torch.tensor([0.5, 0.5]).log(), torch.tensor([0.9, 0.1]).log()
+    r = generate.compare(full + 3.0, policy - 1.0)  # logits: any shift of each is the same distribution
+    assert r["kl"] == pytest.approx(0.5 * math.log(5 / 9) + 0.5 * math.log(5), rel=1e-5)
+    assert r["kl"] == pytest.approx(0.5108, abs=1e-4) and r["top1"]  # a tie in full: argmax is the first token
+    assert generate.compare(policy, full)["kl"] == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-5)
 
 
 def test_interrupt_keeps_what_was_generated(default_dir, default_model):

@@ -1,6 +1,7 @@
 """profile_layers.py: the proxy on known attention, the direct measure, plan files, online identification."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,4 +140,30 @@ def test_generate_uses_the_shipped_plan_and_refuses_a_foreign_one(tmp_path):
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--plan", str(tmp_path / "other.json"))
     assert r.returncode == 2 and "was made for 'some-other-model'" in r.stderr
     r = cli("--prompt", "Name a colour.", "--cache", "kivi", "--plan", str(tmp_path / "other.json"))
-    assert r.returncode == 2 and "--plan applies to --cache tailor only" in r.stderr
+    assert r.returncode == 2 and "--plan applies to --cache tailor, not kivi" in r.stderr
+    bad = json.loads(shipped.read_text())
+    bad["quant_layers"] = [0, 99]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--plan", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"plan {tmp_path / 'bad.json'}: field 'quant_layers' names layers [99]" in r.stderr
+    assert "--quant-layers" not in r.stderr                   # the user did not pass it: the plan is to blame
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"model": "SmolLM2", "parameters": {"bits": 2}, "layers": [], "quant_layers": []}', "field 'model' must be"),
+    ('[1, 2, 3]', "expected a JSON object, found a list"),
+    ('{"model": {"fingerprint": "x"}, "parameters": {"bits": 3}}', "field 'parameters' must be an object whose 'bits'"),
+    ('{"model": {"fingerprint": "x"}, "parameters": {"bits": 2}, "layers": 5}', "field 'layers' must be a list"),
+    ('{"model": {"fingerprint": "x"}, "parameters": {"bits": 2}, "layers": [], "quant_layers": ["0"]}',
+     "field 'quant_layers' must be a list of layer numbers"),
+    ('{"model": {"fingerprint": "x", "name": "unterminated', "is not valid JSON"),
+])
+def test_malformed_plans_are_refused_naming_the_file_and_field(tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"plan {path}"):
+        pl.load_plan(path, tiny())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pl.load_plan(path, tiny())
+    assert pl.find_plan(tiny(), tmp_path) is None  # passed over while looking for a model's plan
