@@ -409,6 +409,16 @@ def peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{os.cpu_count()}-core {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def versions() -> dict:
     v = {"python": platform.python_version()}
     for pkg in ("torch", "triton", "tokenizers", "safetensors", "huggingface-hub", "gguf"):
@@ -452,7 +462,8 @@ def run(args, report: dict) -> int:
     text = read_prompt(args)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     threads = set_threads(args.threads)
-    report.update(device=device, dtype=str(dtype).removeprefix("torch."), cpu_threads=threads, stage="loading the model")
+    report.update(device=device, dtype=str(dtype).removeprefix("torch."), cpu=cpu_name(), cpu_threads=threads,
+                  stage="loading the model")
     model_dir, tok, model = load(args, device, dtype)
     chat = args.chat if args.chat is not None else bool(tok.chat_template)
     ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)

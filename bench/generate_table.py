@@ -1,0 +1,37 @@
+"""The table of generate.py runs in the README, from their --report files.
+
+    python bench/generate_table.py bench/results/generate/*.json > bench/results/generate.md
+
+Each report names its hardware (GPU, or the CPU and its threads), dtype, cache policy and path; the
+rows give prefill speed, decode ms/token, the first decode step (timed apart: on CUDA it compiles
+the kernels and captures the graph), the KV cache held on the device (and on the host) and peak memory.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def row(rep: dict) -> str:
+    mib = 2 ** 20
+    kv = rep["kv_cache"]
+    hw = rep.get("gpu") or f"{rep['cpu']} ({rep['cpu_threads']} threads)"
+    path = ("kernels + CUDA graph" if rep["cuda_graph"] else "kernels") if rep["kernels"] else "PyTorch"
+    host = f" (+ {kv['host_bytes'] / mib:.0f} MiB host)" if kv["host_bytes"] else ""
+    peak = f"{rep['peak_memory_bytes'] / 2**30:.2f} GiB" + (" (RSS)" if rep["device"] == "cpu" else "")
+    return (f"| {hw} | {rep['dtype']} | {rep['policy']['cache']} | {path} | {rep['prefill_tok_per_s']:,.0f} tok/s "
+            f"| {rep['decode_ms_per_token']:.2f} ms/token | {1e3 * rep['first_step_s']:,.0f} ms "
+            f"| {kv['device_bytes'] / mib:.0f} MiB{host} | {peak} |")
+
+
+def main(paths: list[str]) -> int:
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    print(f"generate.py on {reports[0]['prompt_tokens']:,} prompt tokens, {len(reports[0]['generated_ids'])} generated\n")
+    print("| hardware | dtype | cache | path | prefill | decode | first step | KV cache | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rep in sorted(reports, key=lambda r: (r["device"] != "cpu", not r["kernels"], r["policy"]["cache"])):
+        print(row(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
