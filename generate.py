@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import is_converted, resolve_model
-from kvcache import POLICIES, CacheConfig, KVCache, kernels_available, plan_memory
+from kvcache import POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, kernels_available, plan_memory
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -177,15 +177,13 @@ class Decoder:
             self.pos = torch.zeros((), dtype=torch.long, device=self.device)
 
     def _forward(self):
-        return self.model(self.token, self.cache, self.pos)[0, -1]
+        return self.model.device_step(self.token, self.cache, self.pos)[0, -1]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         if not self.device_step:
             return self.model(torch.tensor([[token]], device=self.device), self.cache, pos)[0, -1]
         if pos >= self.cache.max_len:
             raise RuntimeError(f"KV cache full: position {pos + 1} exceeds its {self.cache.max_len} slots")
-        if self.cache.decode_steps == 0:
-            self.cache.prepare_decode()
         self.token.fill_(token)
         self.pos.fill_(pos)
         if not self.cuda_graph:
@@ -346,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tailor, sparse: device tokens per offloaded layer, sink + recent + top-k (default: {d.budget})")
     c.add_argument("--sink", type=int, help=f"tailor, sparse, streaming: first tokens kept (default: {d.sink})")
     c.add_argument("--recent", type=int, help=f"tailor, sparse, streaming: newest tokens kept (default: {d.recent})")
-    c.add_argument("--select", choices=["sketch", "channels"],
+    c.add_argument("--select", choices=list(SELECTORS),
                    help=f"tailor, sparse: top-k selector, a low-bit key sketch on the device or the paper's C channels "
                         f"(default: {d.select})")
     c.add_argument("--channels", type=int, help=f"tailor, sparse: C for --select channels (default: {d.channels})")
@@ -374,8 +372,8 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} applies to --cache {' / '.join(policies)}, not {args.cache}")
     try:
         cache_config(args)
-    except ValueError as e:
-        p.error(str(e))
+    except ConfigError as e:  # CacheConfig names its fields; the command line knows them as flags
+        p.error(f"--{e.field.replace('_', '-')}: {e}")
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -606,6 +604,9 @@ def main(argv=None) -> int:
     report = {"interrupted": False, "stage": "reading the prompt"}
     try:
         rc = run(args, report)
+    except ConfigError as e:
+        log(f"error: --{e.field.replace('_', '-')}: {e}")
+        return 2
     except (UsageError, FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         log(f"error: {e}")
         return 2

@@ -1,32 +1,37 @@
 """KV caches: the full baseline and the TailorKV hybrid (arXiv 2505.19586), in plain PyTorch.
 
-The model calls exactly one method per attention layer:
+The model calls the cache once per attention layer, through one of three entry points:
 
-    out = cache.attend(layer, q, k, v, start, x)
+    out = cache.prefill(layer, q, k, v, start, x)   # a prompt chunk, exact attention (model.prefill)
+    cache.end_prefill()                             # after the last chunk of the last layer
+    out = cache.decode(layer, q, k, v, pos, x)      # a decode step, the position an int (PyTorch)
+    out = cache.step(layer, q, k, v, pos, x)        # a decode step, the position a device tensor
+    cache.advance(length)                           # after each device step: host-side bookkeeping
 
     q: (B, H, T, hd)       queries of T new tokens at positions start..start+T-1, RoPE applied
     k, v: (B, n_kv, T, hd) their keys (RoPE applied) and values
-    x: (B, T, dim)         the layer's normalised input (lets a cache predict the next layer's query)
+    x: (B, T, dim)         the layer's normalised input (lets a selector predict the next layer's query)
     out: (B, H, T, hd)     attention of the new tokens over everything cached plus themselves
 
-T > 1 is a prefill chunk (exact attention); T == 1 is a decode step, which a compressed layer
-answers from its compressed store. Each layer has one strategy:
+Each layer has one strategy, an object with the LayerCache interface below:
 
   full    K/V in preallocated device buffers.
   quant   KIVI-style: keys quantized per channel over groups of g tokens, values per token over
           groups of g channels, codes packed LSB-first into int32; the newest R-g..R-1 tokens stay
           in full precision and each group is quantized exactly once.
   sparse  K/V of every token in (pinned) host memory; on the device only `sink` first tokens, a
-          sliding window of the `recent` newest, and what the selector needs. Each decode step
-          picks the top-k offloaded tokens per KV head and gathers their rows to the device.
+          sliding window of the `recent` newest, and what its selector needs. Each decode step the
+          selector scores the offloaded tokens, the top-k per KV head are gathered to the device.
   window  sinks + recent window only (StreamingLLM): a sparse layer with top-k = 0 and no host store.
 
 Compressed caches hold batch 1. Buffers are preallocated at their final size (no growth by
 torch.cat). Each strategy decodes two ways: `decode` in PyTorch with the position as an int (the
 reference, and the CPU path), and `step` on the Triton kernels of kernels.py with the position in
 a device tensor, so that a whole decode step can be captured in a CUDA graph (generate.Decoder).
+Selectors (how a sparse layer ranks its offloaded tokens) are classes registered in SELECTORS.
 """
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,14 @@ POLICIES = ("full", "tailor", "kivi", "sparse", "streaming")
 DEFAULT_BITS = {"tailor": 1, "kivi": 2}  # TailorKV-1 (the paper's LongBench/latency setting), KIVI-2
 
 
+class ConfigError(ValueError):
+    """A CacheConfig value that cannot work; `field` names it (the CLI maps it to its flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class CacheConfig:
     """Every knob of every policy, with the defaults generate.py exposes as flags."""
@@ -56,7 +69,7 @@ class CacheConfig:
     budget: int = 192                     # device-resident tokens of a sparse layer: sink + recent + top-k
     sink: int = 8
     recent: int = 56
-    select: str = "sketch"                # sparse selector: sketch | channels
+    select: str = "sketch"                # sparse selector: a name in SELECTORS
     channels: int = 8                     # C: channels the `channels` selector scores on
     sketch_bits: int = 2
     alpha: float = 0.05                   # proxy: attention mass outside each query's top alpha of keys...
@@ -65,24 +78,26 @@ class CacheConfig:
 
     def __post_init__(self):
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+            raise ConfigError("policy", f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.bits is None:
             self.bits = DEFAULT_BITS.get(self.policy, 2)
-        for name, value, allowed in (("bits", self.bits, (1, 2, 4, 8)), ("sketch-bits", self.sketch_bits, (1, 2, 4, 8)),
-                                     ("select", self.select, ("sketch", "channels"))):
+        for name, value, allowed in (("bits", self.bits, (1, 2, 4, 8)), ("sketch_bits", self.sketch_bits, (1, 2, 4, 8)),
+                                     ("select", self.select, tuple(SELECTORS))):
             if value not in allowed:
-                raise ValueError(f"--{name} must be one of {allowed}, got {value!r}")
+                raise ConfigError(name, f"{name} must be one of {allowed}, got {value!r}")
         if self.group <= 0 or self.group % 32:
-            raise ValueError(f"--group must be a positive multiple of 32 (codes pack 32 bits per int32), got {self.group}")
+            raise ConfigError("group", f"group must be a positive multiple of 32 (codes pack 32 bits per int32), "
+                                       f"got {self.group}")
         if self.residual < self.group or self.residual % self.group:
-            raise ValueError(f"--residual must be a multiple of --group ({self.group}), got {self.residual}")
+            raise ConfigError("residual", f"residual must be a multiple of group ({self.group}), got {self.residual}")
         if self.sink < 0 or self.recent < 1:
-            raise ValueError(f"--sink must be >= 0 and --recent >= 1, got {self.sink} and {self.recent}")
+            raise ConfigError("sink" if self.sink < 0 else "recent",
+                              f"sink must be >= 0 and recent >= 1, got {self.sink} and {self.recent}")
         if self.policy in ("tailor", "sparse") and self.topk < 1:
-            raise ValueError(f"--budget {self.budget} leaves no room for retrieved tokens after --sink {self.sink} "
-                             f"and --recent {self.recent}; raise it above {self.sink + self.recent}")
+            raise ConfigError("budget", f"budget {self.budget} leaves no room for retrieved tokens after sink "
+                                        f"{self.sink} and recent {self.recent}; raise it above {self.sink + self.recent}")
         if self.channels < 1:
-            raise ValueError(f"--channels must be >= 1, got {self.channels}")
+            raise ConfigError("channels", f"channels must be >= 1, got {self.channels}")
 
     @property
     def topk(self) -> int:
@@ -96,14 +111,14 @@ class CacheConfig:
         """The strategy of each layer; None where it is decided online at the end of its prefill."""
         if self.layers:
             if len(self.layers) != n_layers or set(self.layers) - {"full", "quant", "sparse", "window"}:
-                raise ValueError(f"layers must name full|quant|sparse|window for each of {n_layers} layers")
+                raise ConfigError("layers", f"layers must name full|quant|sparse|window for each of {n_layers} layers")
             return list(self.layers)
         if self.online:
             return [None] * n_layers
         if self.policy == "tailor":
             bad = [i for i in self.quant_layers if not 0 <= i < n_layers]
             if bad:
-                raise ValueError(f"--quant-layers {bad} out of range for a {n_layers}-layer model")
+                raise ConfigError("quant_layers", f"quant_layers {bad} out of range for a {n_layers}-layer model")
             return ["quant" if i in self.quant_layers else "sparse" for i in range(n_layers)]
         return [{"full": "full", "kivi": "quant", "sparse": "sparse", "streaming": "window"}[self.policy]] * n_layers
 
@@ -127,6 +142,73 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     scores = (qg @ k.transpose(-1, -2)).float() * hd ** -0.5              # (B, n_kv, G, S)
     out = scores.softmax(-1).to(v.dtype) @ v                             # (B, n_kv, G, hd)
     return out.view(B, H, 1, hd).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------- layer strategies
+
+class LayerCache(Protocol):
+    """What every layer strategy provides (FullLayer, QuantLayer, SparseLayer; batch 1 unless full).
+
+    kind                        "full" | "quant" | "sparse" | "window"
+    load(k, v, start)           take the exact K/V (1, n_kv, T, hd) of positions start..start+T-1
+                                (the prompt, at the end of the layer's prefill)
+    decode(q, k, v, pos)        PyTorch: append the new token's k, v (1, n_kv, 1, hd) at position pos
+                                (an int) and return its attention output (1, H, 1, hd)
+    step(q, k, v, pos)          the same on the kernels, pos a 0-dim device tensor, no host sync
+    advance(length)             after device steps: the layer now holds `length` tokens
+    device_tensors(), host_tensors()   what it holds on the device / in host memory (telemetry)
+    h2d_bytes                   host->device bytes moved by its decode steps so far
+    steps                       decode steps taken
+    """
+    kind: str
+    h2d_bytes: int
+    steps: int
+
+    def load(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None: ...
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor: ...
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
+    def advance(self, length: int) -> None: ...
+    def device_tensors(self) -> list[torch.Tensor]: ...
+    def host_tensors(self) -> list[torch.Tensor]: ...
+
+
+class FullLayer:
+    """The worked example: K and V of every position in two preallocated device buffers."""
+    kind = "full"
+
+    def __init__(self, n_kv, hd, max_len, batch, device, dtype, n_heads=None, kernels=False):
+        self.k = torch.empty(batch, n_kv, max_len, hd, device=device, dtype=dtype)  # (B, n_kv, max_len, hd)
+        self.v = torch.empty_like(self.k)
+        self.length, self.h2d_bytes, self.steps = 0, 0, 0
+        self.split = self.ws = None
+        if kernels:  # the split-K (flash-decoding) plan of the kernel path and its scratch
+            self.split, n = K.split_plan(max_len, n_kv, 64)
+            self.ws = K.Workspace(n_heads, n, hd, device)
+
+    def load(self, k, v, start):
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.length = end
+
+    def decode(self, q, k, v, start):
+        self.load(k, v, start)
+        self.steps += 1
+        return attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length])
+
+    def step(self, q, k, v, pos):
+        self.k[0].index_copy_(1, pos.view(1), k[0])
+        self.v[0].index_copy_(1, pos.view(1), v[0])
+        return K.dense_attend(q[0, :, 0].contiguous(), self.k[0], self.v[0], pos, self.ws, self.split)[None, :, None]
+
+    def advance(self, length):
+        self.length = length
+        self.steps += 1
+
+    def device_tensors(self):
+        return [self.k, self.v]
+
+    def host_tensors(self):
+        return []
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -166,19 +248,22 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
 class QuantStore:
     """Append-only quantized token store with a full-precision residual (one layer, batch 1).
 
-    per_channel=True (keys): a group is g consecutive tokens of one channel; codes are packed
-    along the token axis, (n_kv, hd, max_len * bits / 32), scales (n_kv, hd, max_len / g) — or,
-    with token_major=True (the sparse layers' key sketch, scored token by token), packed along the
-    channels, (n_kv, max_len, hd * bits / 32), scales (n_kv, max_len / g, hd).
-    per_channel=False (values): a group is g consecutive channels of one token; codes
-    (n_kv, max_len, hd * bits / 32), scales (n_kv, max_len, hd / g).
+    Three layouts, for three readers:
+      per_channel=True (keys of a quant layer): a group is g consecutive tokens of one channel, codes
+          packed along the tokens, (n_kv, hd, cap * bits / 32), scales and minima (n_kv, hd, cap / g):
+          the attention kernel reads a block of tokens of every channel.
+      per_channel=True, token_major=True (a sparse layer's key sketch): the same groups, codes packed
+          along the channels of each token, (n_kv, cap, hd * bits / 32), scales (n_kv, cap / g, hd): the
+          scoring kernel reads every token's channels in one row.
+      per_channel=False (values): a group is g consecutive channels of one token; codes
+          (n_kv, cap, hd * bits / 32), scales (n_kv, cap, hd / g).
     The newest tokens wait in the ring `res` (n_kv, R, hd), token t at slot t % R; when it would
     hold R, its oldest full groups are quantized, so R - g .. R - 1 tokens stay exact and no token is
     quantized twice. What is quantized is a function of the length alone (`quantized`), which lets
     a decode step run on the device without the host knowing the length (kernels.quantize_step).
     """
 
-    def __init__(self, n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=False,
+    def __init__(self, n_kv, hd, max_len, *, bits, group, residual, per_channel, device, dtype, kernels=False,
                  capacity=None, token_major=False):
         assert (group * bits) % 32 == 0 and residual % group == 0 and (per_channel or hd % group == 0)
         assert per_channel or not token_major
@@ -227,8 +312,7 @@ class QuantStore:
             pending = x if L0 == self.n_q else torch.cat([self.res[:, self._slots(self.n_q, L0)], x], dim=1)
             pending = pending[:, :n_q1 - self.n_q]
             if self.kernels:
-                import kernels
-                kernels.quantize(self, pending, self.n_q // self.g)
+                K.quantize(self, pending, self.n_q // self.g)
             else:
                 self._quantize_into(pending, self.n_q)
         first = max(n_q1, L0)
@@ -279,57 +363,16 @@ class QuantStore:
         return torch.cat([x, self.res[:, self._slots(n, self.length)].float()], dim=1)
 
 
-# ---------------------------------------------------------------------------- layer strategies
-
-def nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class FullLayer:
-    kind = "full"
-
-    def __init__(self, n_kv, hd, max_len, batch, device, dtype, n_heads=None, kernels=False):
-        self.k = torch.empty(batch, n_kv, max_len, hd, device=device, dtype=dtype)  # (B, n_kv, max_len, hd)
-        self.v = torch.empty_like(self.k)
-        self.length, self.h2d_bytes = 0, 0
-        if kernels:
-            self.split, n = K.split_plan(max_len, n_kv, 64)
-            self.ws = K.Workspace(n_heads, n, hd, device)
-
-    def load(self, k, v, start):
-        end = start + k.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        self.length = end
-
-    def decode(self, q, k, v, start):
-        self.load(k, v, start)
-        return attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length])
-
-    def step(self, q, k, v, pos):
-        """decode() on the device, pos a device tensor: what a CUDA graph captures."""
-        self.k[0].index_copy_(1, pos.view(1), k[0])
-        self.v[0].index_copy_(1, pos.view(1), v[0])
-        return K.dense_attend(q[0, :, 0].contiguous(), self.k[0], self.v[0], pos, self.ws, self.split)[None, :, None]
-
-    def advance(self, length):
-        self.length = length
-
-    def device_tensors(self):
-        return [self.k, self.v]
-
-    def host_tensors(self):
-        return []
-
-
 class QuantLayer:
     """KIVI-style quantized K/V (see QuantStore); exact attention during prefill."""
     kind = "quant"
 
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype, n_heads=None, kernels=False):
-        args = (n_kv, hd, max_len, cfg.bits, cfg.group, cfg.residual)
-        self.keys = QuantStore(*args, per_channel=True, device=device, dtype=dtype, kernels=kernels)
-        self.values = QuantStore(*args, per_channel=False, device=device, dtype=dtype, kernels=kernels)
-        self.h2d_bytes = 0
+        kw = dict(bits=cfg.bits, group=cfg.group, residual=cfg.residual, device=device, dtype=dtype, kernels=kernels)
+        self.keys = QuantStore(n_kv, hd, max_len, per_channel=True, **kw)
+        self.values = QuantStore(n_kv, hd, max_len, per_channel=False, **kw)
+        self.h2d_bytes, self.steps = 0, 0
+        self.split = self.ws = None
         if kernels:
             self.split, n = K.split_plan(self.keys.codes.shape[2] * (32 // cfg.bits), n_kv, cfg.group)
             self.ws = K.Workspace(n_heads, n + 1, hd, device)  # + 1: the residual ring's split
@@ -341,6 +384,7 @@ class QuantLayer:
 
     def decode(self, q, k, v, pos):
         self.load(k, v, pos)
+        self.steps += 1
         K_, V_ = self.keys.dequantize(), self.values.dequantize()  # (n_kv, S, hd) fp32
         return attention(q.float(), K_[None], V_[None]).to(q.dtype)
 
@@ -352,6 +396,7 @@ class QuantLayer:
     def advance(self, length):
         self.keys.advance(length)
         self.values.advance(length)
+        self.steps += 1
 
     def device_tensors(self):
         return self.keys.tensors() + self.values.tensors()
@@ -360,40 +405,168 @@ class QuantLayer:
         return []
 
 
+# --------------------------------------------------------------------------------- selectors
+
+class Selector:
+    """How a sparse layer ranks its offloaded tokens at each decode step. A new selector is a subclass
+    and one entry in SELECTORS; the base class does nothing, so a subclass writes only what it needs.
+
+    The offloaded positions are [sink, first recent); q (H, hd) are the step's queries, one group of
+    G = H / n_kv query heads per KV head:
+      scores(q, lo, hi) -> (n_kv, hi - lo)   PyTorch path: a score per offloaded position lo..hi-1
+      step_scores(q, pos, out)               kernel path: into out (n_kv, >= max_len) at every
+                                             offloaded position of the step at device position pos,
+                                             -inf elsewhere (kernels.sketch_scores shows how)
+    and it sees what it needs:
+      append(k)                 keys (n_kv, T, hd) entering the layer, in position order (PyTorch path)
+      step_append(k, pos)       the step's key (n_kv, hd) at device position pos (kernel path)
+      advance(length)           after device steps: the layer holds `length` tokens
+      see_previous_input(x, pos)  the normalised input (1, 1, dim) of the layer before, at this step
+    Telemetry: tensors() it keeps on the device; h2d_bytes(n_off) host->device bytes one step's
+    scoring of n_off offloaded tokens moves.
+    """
+
+    def __init__(self, layer: "SparseLayer", cfg: CacheConfig, wq: torch.Tensor, inv_freq: torch.Tensor):
+        self.n_kv, _, self.hd = layer.att_k.shape
+
+    def group_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """(H, hd) -> (n_kv, hd): one query per KV head, the mean of its group, in fp32."""
+        return q.view(self.n_kv, -1, q.shape[-1]).float().mean(1)
+
+    def append(self, k): pass
+    def step_append(self, k, pos): pass
+    def advance(self, length): pass
+    def see_previous_input(self, x, pos): pass
+
+    def scores(self, q, lo, hi):
+        raise NotImplementedError
+
+    def step_scores(self, q, pos, out, sink, recent):
+        raise NotImplementedError(f"{type(self).__name__} has no kernel path")
+
+    def tensors(self) -> list:
+        return []
+
+    def h2d_bytes(self, n_off: int) -> int:
+        return 0
+
+
+class SketchSelector(Selector):
+    """A low-bit copy of every key on the device (per channel, groups of g tokens, token-major), scored
+    against each KV head's mean query: every offloaded token on every channel, no host traffic."""
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        scores = layer.scores  # the kernel scores whole blocks of groups: capacity up to the buffer's width
+        self.store = QuantStore(self.n_kv, self.hd, layer.max_len, bits=cfg.sketch_bits, group=cfg.group,
+                                residual=cfg.group, per_channel=True, token_major=True, device=layer.att_k.device,
+                                dtype=layer.att_k.dtype, kernels=layer.kernels,
+                                capacity=None if scores is None else scores.shape[1])
+
+    def append(self, k):
+        self.store.append(k)
+
+    def step_append(self, k, pos):
+        K.quantize_step(self.store, k, pos)
+
+    def advance(self, length):
+        self.store.advance(length)
+
+    def scores(self, q, lo, hi):
+        keys = self.store.dequantize()[:, lo:hi]                              # (n_kv, n_off, hd) fp32
+        return (keys @ self.group_queries(q)[..., None])[..., 0]              # (n_kv, n_off)
+
+    def step_scores(self, q, pos, out, sink, recent):
+        K.sketch_scores(q, self.store, pos, out, sink, recent)
+
+    def tensors(self):
+        return self.store.tensors()
+
+
+class ChannelSelector(Selector):
+    """The paper's: the C channels per KV head with the largest |q^_c| * max_t |K[t, c]|, where q^ is
+    this layer's query predicted one layer early (W_q of this layer, with RoPE, applied to the previous
+    layer's normalised input); every offloaded token is scored on those channels, read from the host
+    store each step."""
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        self.C, self.host_k, self.wq, self.inv_freq = min(cfg.channels, self.hd), layer.host_k, wq, inv_freq
+        self.kmax = torch.zeros(self.n_kv, self.hd, device=layer.att_k.device, dtype=layer.att_k.dtype)
+        self.qhat = None  # (H, hd): None until a layer before this one has run (layer 0: its own query)
+
+    def see_previous_input(self, x, pos):
+        """Predict this layer's query at pos (an int or a device tensor) from the previous layer's x (1, 1, dim)."""
+        qhat = F.linear(x, self.wq).view(1, 1, -1, self.hd).transpose(1, 2)  # (1, H, 1, hd)
+        freqs = pos * self.inv_freq
+        self.qhat = apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]  # (H, hd)
+
+    def append(self, k):
+        torch.maximum(self.kmax, k.abs().amax(1), out=self.kmax)
+
+    def step_append(self, k, pos):
+        torch.maximum(self.kmax, k.abs(), out=self.kmax)
+
+    def channels(self, q):
+        """(n_kv, C) channel ids per KV head."""
+        qhat = self.group_queries(self.qhat if self.qhat is not None else q)
+        return (qhat.abs() * self.kmax.float()).topk(self.C, dim=-1).indices
+
+    def scores(self, q, lo, hi):
+        ch = self.channels(q)
+        # the paper's data path: C channels of every offloaded key cross host -> device each step
+        heads = torch.arange(self.n_kv)[:, None, None]
+        cols = self.host_k[torch.arange(lo, hi)[None, :, None], heads, ch.cpu()[:, None, :]]  # (n_kv, n_off, C)
+        kc = cols.to(q.device, non_blocking=True).float()
+        return (kc * self.group_queries(q).gather(1, ch)[:, None, :]).sum(-1)             # (n_kv, n_off)
+
+    def step_scores(self, q, pos, out, sink, recent):
+        K.channel_scores(q, self.channels(q).contiguous(), self.host_k, pos, out, sink, recent)
+
+    def tensors(self):
+        return [self.kmax]
+
+    def h2d_bytes(self, n_off):
+        return self.n_kv * n_off * self.C * self.host_k.element_size()
+
+
+SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector}
+
+
 class SparseLayer:
     """Offloaded K/V with top-k retrieval (topk > 0), or a plain sink + window layer (topk == 0).
 
     The device rows are one buffer (n_kv, sink + topk + recent, hd): positions [0, sink) in the
     sinks, the retrieved rows, then the newest `recent` positions in a ring (position p at slot
     p % recent). The positions between sinks and window are "offloaded": reachable only through
-    the host store (max_len, n_kv, hd), token-major so a prompt chunk is one contiguous copy.
+    the host store (max_len, n_kv, hd), token-major so a prompt chunk is one contiguous copy, and
+    ranked by the layer's selector (SELECTORS[cfg.select]).
     """
 
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, topk, device, dtype, host_device, scores=None,
-                 kernels=False):
-        self.sink, self.recent, self.topk = cfg.sink, cfg.recent, topk
+                 kernels=False, wq=None, inv_freq=None):
+        self.sink, self.recent, self.topk, self.max_len, self.kernels = cfg.sink, cfg.recent, topk, max_len, kernels
         self.kind = "sparse" if topk else "window"
-        self.select, self.C = cfg.select, min(cfg.channels, hd)
         kw = dict(device=device, dtype=dtype)
         self.att_k = torch.zeros(n_kv, cfg.sink + topk + cfg.recent, hd, **kw)
         self.att_v = torch.zeros_like(self.att_k)
         a, b = cfg.sink, cfg.sink + topk
         self.sink_k, self.sel_k, self.win_k = self.att_k[:, :a], self.att_k[:, a:b], self.att_k[:, b:]
         self.sink_v, self.sel_v, self.win_v = self.att_v[:, :a], self.att_v[:, a:b], self.att_v[:, b:]
-        self.length, self.h2d_bytes = 0, 0
-        self.sketch = self.kmax = self.host_k = self.host_v = None
-        self.qhat = None  # (H, hd) this layer's query as predicted one layer earlier (channels selector)
-        self.scores = scores  # (n_kv, >= max_len) float32 scratch shared by the layers (kernels)
+        self.length, self.h2d_bytes, self.steps = 0, 0, 0
+        self.streamed = 0  # prompt positions already copied to the host store (KVCache's copy stream)
+        self.scores = scores  # (n_kv, >= max_len) scratch of the kernel path, shared by the layers
+        self.host_k = self.host_v = self.selector = None
         if topk:
             pin = torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu"
             # rows are read only once written (selection never scores a position beyond the length)
             self.host_k = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.host_v = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
-            if cfg.select == "sketch":  # low-bit copy of every key; its residual covers the last partial group
-                self.sketch = QuantStore(n_kv, hd, max_len, cfg.sketch_bits, cfg.group, cfg.group, True, device, dtype,
-                                         kernels, capacity=None if scores is None else scores.shape[1], token_major=True)
-            else:
-                self.kmax = torch.zeros(n_kv, hd, **kw)  # running max_t |K[t, c]| per channel
+            self.selector = SELECTORS[cfg.select](self, cfg, wq, inv_freq)
+
+    def offloaded(self, length: int) -> int:
+        """How many positions [sink, first recent) of `length` tokens are offloaded."""
+        return max(self.sink, length - self.recent) - self.sink
 
     def load(self, k, v, start, to_host=True):
         """Place new tokens k, v: (1, n_kv, T, hd) at positions start.. in sinks, window and host store
@@ -412,10 +585,7 @@ class SparseLayer:
             if to_host:
                 self.host_k[start:end].copy_(k.transpose(0, 1), non_blocking=True)
                 self.host_v[start:end].copy_(v.transpose(0, 1), non_blocking=True)
-            if self.sketch is not None:
-                self.sketch.append(k)
-            else:
-                torch.maximum(self.kmax, k.abs().amax(1), out=self.kmax)
+            self.selector.append(k)
         self.length = end
 
     def decode(self, q, k, v, pos):
@@ -434,41 +604,22 @@ class SparseLayer:
             parts_v.append(self.sel_v[:, :n])
         parts_k.append(self.win_k[:, slots])
         parts_v.append(self.win_v[:, slots])
+        self._count_step(L)
         return attention(q, torch.cat(parts_k, 1)[None], torch.cat(parts_v, 1)[None])
-
-    def _channels(self, q):
-        """The C channels per KV head the channel selector scores on: largest |q̂_c| * max_t |K[t, c]|."""
-        n_kv = self.att_k.shape[0]
-        qhat = self.qhat if self.qhat is not None else q  # layer 0 has no predictor: its own query
-        qhat = qhat.view(n_kv, -1, q.shape[-1]).float().mean(1)          # (n_kv, hd)
-        return (qhat.abs() * self.kmax.float()).topk(self.C, dim=-1).indices  # (n_kv, C)
 
     def _select(self, q, n_off):
         """q: (H, hd) real queries -> (n_kv, min(topk, n_off)) offloaded positions to fetch."""
         n_kv = self.att_k.shape[0]
-        qk = q.view(n_kv, -1, q.shape[-1]).float().mean(1)  # (n_kv, hd): one query per KV head
         lo, hi = self.sink, self.sink + n_off
         if n_off <= self.topk:  # everything fits in the budget: take it all, exactly
             return torch.arange(lo, hi, device=q.device).expand(n_kv, n_off)
-        if self.sketch is not None:
-            keys = self.sketch.dequantize()[:, lo:hi]                         # (n_kv, n_off, hd) fp32
-            scores = (keys @ qk[..., None])[..., 0]                           # (n_kv, n_off)
-        else:
-            ch = self._channels(q)
-            # the paper's data path: C channels of every offloaded key cross host -> device each step
-            heads = torch.arange(n_kv)[:, None, None]
-            cols = self.host_k[torch.arange(lo, hi)[None, :, None], heads, ch.cpu()[:, None, :]]  # (n_kv, n_off, C)
-            self.h2d_bytes += cols.numel() * cols.element_size()
-            kc = cols.to(q.device, non_blocking=True).float()
-            scores = (kc * qk.gather(1, ch)[:, None, :]).sum(-1)              # (n_kv, n_off)
-        return scores.topk(self.topk, dim=-1).indices + lo
+        return self.selector.scores(q, lo, hi).topk(self.topk, dim=-1).indices + lo
 
     def _gather(self, idx):
         """Rows idx (n_kv, k) of the host store -> device (n_kv, k, hd) K and V."""
         rows = idx.cpu()
         heads = torch.arange(rows.shape[0])[:, None]
         k, v = self.host_k[rows, heads], self.host_v[rows, heads]
-        self.h2d_bytes += 2 * k.numel() * k.element_size()
         dev = self.att_k.device
         return k.to(dev, non_blocking=True), v.to(dev, non_blocking=True)
 
@@ -478,40 +629,38 @@ class SparseLayer:
         K.sparse_append(kr, vr, pos, self.host_k, self.host_v, self.sink_k, self.sink_v, self.win_k, self.win_v)
         vals = None
         if self.topk:
-            if self.sketch is not None:
-                K.quantize_step(self.sketch, kr, pos)
-                K.sketch_scores(qh, self.sketch, pos, self.scores, self.sink, self.recent)
-            else:
-                torch.maximum(self.kmax, kr.abs(), out=self.kmax)
-                K.channel_scores(qh, self._channels(qh).contiguous(), self.host_k, pos, self.scores, self.sink,
-                                 self.recent)
+            self.selector.step_append(kr, pos)
+            self.selector.step_scores(qh, pos, self.scores, self.sink, self.recent)
             vals, idx = self.scores.topk(self.topk, dim=-1, sorted=False)
             K.gather_rows(idx, vals, self.host_k, self.host_v, self.sel_k, self.sel_v)
         return K.sparse_attend(qh, self.att_k, self.att_v, vals, pos, self.sink, self.topk, self.recent)[None, :, None]
 
     def advance(self, length):
-        """Bookkeeping after a device step brought the layer to `length` tokens: lengths and H2D bytes."""
+        """Bookkeeping after a device step brought the layer to `length` tokens."""
         self.length = length
-        if not self.topk:
+        if self.topk:
+            self.selector.advance(length)
+        self._count_step(length)
+
+    def _count_step(self, length):
+        """One decode step at `length` tokens, on either path: the H2D bytes it moved."""
+        self.steps += 1
+        n_off = self.offloaded(length)
+        if not self.topk or n_off == 0:
             return
         n_kv, _, hd = self.att_k.shape
-        n_off = max(self.sink, length - self.recent) - self.sink
-        row = hd * self.att_k.element_size()
-        self.h2d_bytes += 2 * n_kv * min(self.topk, n_off) * row
-        if self.sketch is not None:
-            self.sketch.advance(length)
-        elif n_off > self.topk:  # the channel selector reads C channels of every offloaded key
-            self.h2d_bytes += n_kv * n_off * self.C * self.att_k.element_size()
+        self.h2d_bytes += 2 * n_kv * min(self.topk, n_off) * hd * self.att_k.element_size()  # gathered K and V rows
+        if n_off > self.topk:  # the selector scored them
+            self.h2d_bytes += self.selector.h2d_bytes(n_off)
 
     def device_tensors(self):
-        t = [self.att_k, self.att_v]
-        if self.topk:
-            t += self.sketch.tensors() if self.sketch is not None else [self.kmax]
-        return t
+        return [self.att_k, self.att_v] + (self.selector.tensors() if self.topk else [])
 
     def host_tensors(self):
         return [self.host_k, self.host_v] if self.topk else []
 
+
+# ------------------------------------------------------------------- prefill helpers
 
 class ProxyMeter:
     """The paper's identification proxy, per layer and head: for the last `n_queries` queries of
@@ -579,17 +728,19 @@ class PrefillStage:
 # ---------------------------------------------------------------------------------- the cache
 
 def kernels_available(device) -> bool:
-    """Whether the Triton kernel path can run on `device` (meta: planning only, always)."""
+    """Whether the Triton kernel path can run on `device` (meta: planning only, always). The one check."""
     return torch.device(device).type == "meta" or (K is not None and K.available(device))
 
 
 class KVCache:
-    """One strategy per layer behind the model's single `attend` call, plus memory telemetry.
+    """One strategy per layer behind the model's calls (see the module docstring), plus telemetry.
 
-    During prefill, a compressed layer answers from the exact K/V in the shared stage and takes
-    the whole prompt into its own store when its prefill ends (the model moves to the next
-    layer, or decodes). With `online` identification (tailor without quant_layers), that is also
-    when the layer's strategy is decided, from the proxy measured over its prefill.
+    Prefill: a full layer keeps each chunk in its own buffers; a compressed layer answers from the
+    exact K/V in the shared stage and takes the whole prompt into its store when its prefill ends (at
+    the next layer's first chunk, or at end_prefill). With online identification (tailor without
+    quant_layers) that hand-over is also where the layer's strategy is decided, from the proxy
+    measured over its prefill. Decode: `decode` or `step` per layer, then the next layer's selector
+    sees this layer's normalised input (the channel selector predicts its query from it).
     """
 
     def __init__(self, model, max_len: int, cfg: CacheConfig | None = None, batch: int = 1,
@@ -604,10 +755,12 @@ class KVCache:
         if batch != 1 and (kernels or any(k != "full" for k in self.kinds)):
             raise ValueError("compressed caches and the kernel path hold a batch of 1")
         if any(k in ("quant", None) for k in self.kinds) and a.head_dim % cfg.group:
-            raise ValueError(f"--group {cfg.group} must divide head_dim {a.head_dim}: values are quantized in groups "
-                             f"of --group channels")
+            raise ConfigError("group", f"group {cfg.group} must divide head_dim {a.head_dim}: values are quantized "
+                                       f"in groups of `group` channels")
         self.shape, self.batch, self.device, self.host_device = (a.n_kv_heads, a.head_dim, max_len), batch, device, host_device
         self.n_heads = a.n_heads
+        self.wq = [b.attn.wq.weight for b in model.layers]  # for selectors that predict a layer's query
+        self.inv_freq = model.inv_freq
         self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
         if kernels and any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0:
             unit = 8 * cfg.group  # the sketch kernel scores 8 groups per program
@@ -619,83 +772,44 @@ class KVCache:
         self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
         if torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu":
             self.copy_stream = torch.cuda.Stream(device)
-        self.layers = [None if kind is None else self._new_layer(kind) for kind in self.kinds]
+        self.layers = [None if kind is None else self._new_layer(i, kind) for i, kind in enumerate(self.kinds)]
         self.stage = PrefillStage(*self.shape, device, dtype)
         self.meter = ProxyMeter(a.n_layers, a.n_heads, cfg.alpha, cfg.proxy_queries) if cfg.online else None
-        self.prefilling = None  # the layer whose prompt K/V sits in the stage
-        self.wq = [b.attn.wq.weight for b in model.layers]
-        self.inv_freq, self.head_dim = model.inv_freq, a.head_dim
-        self.full_layer_bytes = 2 * a.n_kv_heads * a.head_dim * max_len * batch * torch.empty((), dtype=dtype).element_size()
-        self.length, self.decode_steps = 0, 0
+        self.staged = None  # the layer whose prompt K/V sits in the stage
+        self.length = 0
 
-    def _new_layer(self, kind):
+    def _new_layer(self, i, kind) -> LayerCache:
         if kind == "full":
             return FullLayer(*self.shape, self.batch, self.device, self.dtype, self.n_heads, self.kernels)
         if kind == "quant":
             return QuantLayer(*self.shape, self.cfg, self.device, self.dtype, self.n_heads, self.kernels)
         topk = self.cfg.topk if kind == "sparse" else 0
         return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device, self.scores,
-                           self.kernels)
+                           self.kernels, self.wq[i], self.inv_freq)
 
-    def attend(self, layer, q, k, v, start, x=None):
-        T = k.shape[2]
-        if torch.is_tensor(start):  # a device-side decode step (kernels; see Decoder): no host sync allowed
-            out = self.layers[layer].step(q, k, v, start)
-            self._predict_next(layer, x, start)
-            return out
-        if start + T > self.max_len:
-            raise RuntimeError(f"KV cache full: position {start + T} exceeds its {self.max_len} slots")
-        if T > 1:
-            out = self._prefill(layer, q, k, v, start)
-        else:
-            if layer == 0:
-                self.prepare_decode()
-                self.decode_steps += 1
-            if self.layers[layer] is None:  # online, and the prompt was a single token: no proxy to go on
-                self._decide(layer)
-            out = self.layers[layer].decode(q, k, v, start)
-            self._predict_next(layer, x, start)
-        self.length = start + T
-        return out
+    # --------------------------------------------------------------------------- prefill
 
-    def _predict_next(self, layer, x, pos):
-        """The channels selector predicts layer l+1's query from layer l's input (W_q of l+1, RoPE)."""
-        nxt = layer + 1
-        if self.cfg.select == "channels" and nxt < len(self.kinds) and self.kinds[nxt] == "sparse" and x is not None:
-            self.layers[nxt].qhat = self._predict_query(nxt, x, pos)
-
-    def prepare_decode(self):
-        """End the prefill: the last staged layer takes its prompt, the stage is freed, host copies are waited for."""
-        self.finish_prefill()
-        for i, layer in enumerate(self.layers):
-            if layer is None:  # online, and never prefilled (a one-token prompt): no proxy to go on
-                self._decide(i)
-        self.stage.free()
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
-
-    def advance(self, length: int):
-        """Bookkeeping after a device-side decode step (Decoder): the cache now holds `length` tokens."""
-        for layer in self.layers:
-            layer.advance(length)
-        self.length = length
-        self.decode_steps += 1
-
-    def _prefill(self, layer, q, k, v, start):
-        """Exact attention of a prompt chunk; a full layer keeps it in its own buffers, others in the stage.
-        A sparse layer's chunk also starts its way to the host store at once, on the copy stream."""
-        if self.prefilling != layer:
-            self.finish_prefill()
+    def prefill(self, layer, q, k, v, start, x=None):
+        """Exact attention of a prompt chunk (any length, one token included); a full layer keeps it in its
+        own buffers, the others in the stage. A sparse layer's chunk also starts its way to the host store
+        at once, on the copy stream."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: position {end} exceeds its {self.max_len} slots")
+        if self.staged != layer:
+            self._hand_over()
         cache = self.layers[layer]
         if cache is not None and cache.kind == "full":
-            out, keys = cache.decode(q, k, v, start), cache.k
+            cache.load(k, v, start)
+            out, keys = attention(q, cache.k[:, :, :end], cache.v[:, :, :end]), cache.k
         else:
             out, keys = self.stage.attend(q, k, v, start), self.stage.k
-            self.prefilling = layer
+            self.staged = layer
             if cache is not None and cache.kind == "sparse" and self.copy_stream is not None:
                 self._stream_to_host(cache, k, v, start)
         if self.meter is not None:
-            self.meter.observe(layer, q, keys[:, :, :start + k.shape[2]])
+            self.meter.observe(layer, q, keys[:, :, :end])
+        self.length = end
         return out
 
     def _stream_to_host(self, cache, k, v, start):
@@ -709,23 +823,59 @@ class KVCache:
         vt.record_stream(self.copy_stream)
         cache.streamed = end
 
-    def finish_prefill(self):
-        """Hand the staged prompt K/V to the layer that was prefilling (deciding its kind if online)."""
-        layer, self.prefilling = self.prefilling, None
+    def _hand_over(self):
+        """The staged layer's prefill is over: decide its kind (online identification, the one place it
+        happens) and give it the prompt's K/V from the stage."""
+        layer, self.staged = self.staged, None
         if layer is None:
             return
         if self.layers[layer] is None:
-            self._decide(layer)
+            score = self.meter.layer_scores()[layer].item()
+            self.kinds[layer] = "quant" if score > self.cfg.tau else "sparse"
+            self.layers[layer] = self._new_layer(layer, self.kinds[layer])
         n, cache = self.stage.length, self.layers[layer]
-        if getattr(cache, "streamed", 0) == n:  # a sparse layer whose prompt went to the host chunk by chunk
-            cache.load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0, to_host=False)
-        else:
-            cache.load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0)
+        streamed = getattr(cache, "streamed", 0) == n  # a sparse layer whose prompt went to the host chunk by chunk
+        cache.load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0, **({"to_host": False} if streamed else {}))
 
-    def _decide(self, layer):
-        score = self.meter.layer_scores()[layer].item()
-        self.kinds[layer] = "quant" if score > self.cfg.tau else "sparse"
-        self.layers[layer] = self._new_layer(self.kinds[layer])
+    def end_prefill(self):
+        """After the prompt's last chunk: the last staged layer takes its prompt, the stage is freed, the
+        host copies are waited for. Decoding may start."""
+        self._hand_over()
+        assert all(layer is not None for layer in self.layers), "every layer is prefilled before decoding"
+        self.stage.free()
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+
+    # ---------------------------------------------------------------------------- decode
+
+    def decode(self, layer, q, k, v, pos, x=None):
+        """A decode step of one layer on the PyTorch path, pos an int."""
+        if pos + k.shape[2] > self.max_len:
+            raise RuntimeError(f"KV cache full: position {pos + k.shape[2]} exceeds its {self.max_len} slots")
+        if self.kinds[layer] != "full" and k.shape[2] != 1:
+            raise ValueError("a compressed cache decodes one token at a time; feed prompts through model.prefill")
+        out = self.layers[layer].decode(q, k, v, pos)
+        self._show_next(layer, x, pos)
+        self.length = pos + k.shape[2]
+        return out
+
+    def step(self, layer, q, k, v, pos, x=None):
+        """A decode step of one layer on the kernels, pos a device tensor: no host sync (CUDA graphs)."""
+        out = self.layers[layer].step(q, k, v, pos)
+        self._show_next(layer, x, pos)
+        return out
+
+    def _show_next(self, layer, x, pos):
+        """The next layer's selector sees this layer's normalised input (to predict its query, if it does)."""
+        nxt = self.layers[layer + 1] if layer + 1 < len(self.layers) else None
+        if x is not None and getattr(nxt, "selector", None) is not None:
+            nxt.selector.see_previous_input(x, pos)
+
+    def advance(self, length: int):
+        """Bookkeeping after a device-side decode step (Decoder): the cache now holds `length` tokens."""
+        for layer in self.layers:
+            layer.advance(length)
+        self.length = length
 
     def decisions(self) -> dict | None:
         """What online identification decided: the proxy per layer and the quantized layers."""
@@ -735,34 +885,39 @@ class KVCache:
                 "proxy": [round(x, 4) for x in self.meter.layer_scores().tolist()],
                 "quant_layers": [i for i, k in enumerate(self.kinds) if k == "quant"]}
 
-    def _predict_query(self, layer, x, pos):
-        """Layer `layer`'s query at `pos` (an int or a device tensor), predicted from the previous layer's
-        normalised input x (1, 1, dim)."""
-        qhat = F.linear(x, self.wq[layer]).view(1, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (1, H, 1, hd)
-        freqs = pos * self.inv_freq
-        return apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]  # (H, hd)
-
     def memory_report(self) -> dict:
-        """Bytes held, counted from the tensors themselves, per layer kind and in total."""
-        self.finish_prefill()
-        by_kind = {}
-        for layer in self.layers:
-            if layer is None:  # online, not prefilled yet
-                continue
-            r = by_kind.setdefault(layer.kind, {"layers": 0, "device_bytes": 0, "host_bytes": 0, "h2d_bytes": 0})
-            r["layers"] += 1
-            r["device_bytes"] += nbytes(layer.device_tensors())
-            r["host_bytes"] += nbytes(layer.host_tensors())
-            r["h2d_bytes"] += layer.h2d_bytes
-        steps = max(self.decode_steps, 1)
-        for r in by_kind.values():
-            r["h2d_bytes_per_step"] = r.pop("h2d_bytes") / steps
-            r["full_cache_bytes"] = r["layers"] * self.full_layer_bytes
-        total = {k: sum(r[k] for r in by_kind.values())
-                 for k in ("device_bytes", "host_bytes", "h2d_bytes_per_step", "full_cache_bytes")}
-        return {"policy": self.cfg.policy, **total, "compression": total["full_cache_bytes"] / max(total["device_bytes"], 1),
-                "prefill_stage_bytes": 0 if all(k == "full" for k in self.kinds) else self.stage.nbytes(),
-                "by_kind": by_kind}
+        """Bytes held, per layer kind and in total (see memory_report below); changes nothing."""
+        return memory_report(self)
+
+
+# ------------------------------------------------------------------------------ telemetry
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_report(cache: KVCache) -> dict:
+    """Bytes held, counted from the tensors themselves, per layer kind and in total: on the device, in
+    host memory, moved host->device per decode step, and what a full cache of the same length would hold.
+    Layers not decided yet (online identification, mid-prefill) are left out."""
+    n_kv, hd, max_len = cache.shape
+    full_layer = 2 * n_kv * hd * max_len * cache.batch * torch.empty((), dtype=cache.dtype).element_size()
+    by_kind = {}
+    for layer in cache.layers:
+        if layer is None:
+            continue
+        r = by_kind.setdefault(layer.kind, {"layers": 0, "device_bytes": 0, "host_bytes": 0, "h2d_bytes_per_step": 0.0})
+        r["layers"] += 1
+        r["device_bytes"] += nbytes(layer.device_tensors())
+        r["host_bytes"] += nbytes(layer.host_tensors())
+        r["h2d_bytes_per_step"] += layer.h2d_bytes / max(layer.steps, 1)
+    for r in by_kind.values():
+        r["full_cache_bytes"] = r["layers"] * full_layer
+    total = {k: sum(r[k] for r in by_kind.values())
+             for k in ("device_bytes", "host_bytes", "h2d_bytes_per_step", "full_cache_bytes")}
+    return {"policy": cache.cfg.policy, **total, "compression": total["full_cache_bytes"] / max(total["device_bytes"], 1),
+            "prefill_stage_bytes": 0 if all(k == "full" for k in cache.kinds) else cache.stage.nbytes(),
+            "by_kind": by_kind}
 
 
 def plan_memory(model, max_len: int, cfg: CacheConfig, batch: int = 1, dtype=torch.float32, kernels=False) -> dict:

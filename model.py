@@ -2,9 +2,10 @@
 
 Reading order: config -> RoPE -> blocks -> Transformer -> weight loading.
 The model knows nothing about caching: each attention layer hands its fresh q/k/v (and its
-normalised input x) to `cache.attend(layer, q, k, v, start, x)` and gets the attention output
-back (see kvcache.py), so a compressed cache can run its own attention over data the model
-never sees.
+normalised input x) to the cache — `cache.prefill(...)` for a prompt chunk, `cache.decode(...)`
+for a decode step, `cache.step(...)` for a decode step on the kernels — and gets the attention
+output back (see kvcache.py), so a compressed cache can run its own attention over data the
+model never sees.
 """
 import json
 import math
@@ -122,13 +123,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache, start: int):
+    def forward(self, x, cos, sin, cache, start: int, prefill: bool = False):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = cache.attend(self.layer, q, k, v, start, x)                  # (B, H, T, hd)
+        attend = cache.prefill if prefill else cache.decode
+        out = attend(self.layer, q, k, v, start, x)                        # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -151,8 +153,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, cache, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache, start, prefill=False):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start, prefill)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -174,13 +176,12 @@ class Transformer(nn.Module):
         return freqs.cos(), freqs.sin()
 
     def forward(self, tokens: torch.Tensor, cache, start, logits_at: slice | None = slice(-1, None)):
-        """Run tokens (B, T) at positions start..start+T-1 through the model, appending to `cache`.
+        """Decode tokens (B, T) at positions start..start+T-1 (start an int), appending to `cache`: one
+        token at a time for a compressed cache, any number for a full one (a prompt goes through prefill).
 
         Returns float32 logits (B, T', vocab) only for the positions `logits_at` selects
         (default: the last one), so a long input never materialises a T x vocab tensor.
         """
-        if torch.is_tensor(start):
-            return self.device_step(tokens, cache, start)
         cos, sin = self.rope(start, tokens.shape[1], tokens.device)
         x = self.embed(tokens)  # (B, T, dim)
         for block in self.layers:
@@ -202,7 +203,7 @@ class Transformer(nn.Module):
             x, xn = K.add_rms_norm(x, h, block.attn_norm.weight, a.norm_eps)
             q, k = K.rope_qk(attn.wq(xn), attn.wk(xn), cos, sin, a.n_heads, a.n_kv_heads)
             v = attn.wv(xn).view(1, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            h = attn.wo(cache.attend(attn.layer, q, k, v, pos, xn).transpose(1, 2).reshape(1, 1, -1))
+            h = attn.wo(cache.step(attn.layer, q, k, v, pos, xn).transpose(1, 2).reshape(1, 1, -1))
             x, xn = K.add_rms_norm(x, h, block.mlp_norm.weight, a.norm_eps)
             h = mlp.w_down(K.silu_mul(mlp.w_gate(xn), mlp.w_up(xn)))
         x, xn = K.add_rms_norm(x, h, self.norm.weight, a.norm_eps)
@@ -216,20 +217,20 @@ class Transformer(nn.Module):
         Layer-major order means a cache needs the exact K/V of only the current layer's prompt
         while prefilling (a compressed cache can then store each layer its own way), and
         attention memory per step is chunk_size x T, never T x T. `progress(f)` is called after
-        each (layer, chunk) step with the fraction f of a layer it covered.
+        each (layer, chunk) step with the fraction f of a layer it covered. Ends with
+        cache.end_prefill(): decoding may follow.
         """
         B, T = tokens.shape
         assert T > 0 and chunk_size > 0
         cos, sin = self.rope(0, T, tokens.device)
         bounds = list(range(0, T, chunk_size)) + [T]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            del bounds[-2]  # a cache reads a 1-token call as a decode step: keep prefill chunks longer
         x = self.embed(tokens)  # (B, T, dim): the whole prompt's residual stream
         for block in self.layers:
             for s, e in zip(bounds, bounds[1:]):
-                x[:, s:e] = block(x[:, s:e], cos[s:e], sin[s:e], cache, s)
+                x[:, s:e] = block(x[:, s:e], cos[s:e], sin[s:e], cache, s, prefill=True)
                 if progress is not None:
                     progress((e - s) / T)
+        cache.end_prefill()
         return self.lm_head(self.norm(x[:, -1])).float()
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import resolve_model
-from kvcache import CacheConfig, KVCache, ProxyMeter
+from kvcache import SELECTORS, CacheConfig, KVCache, ProxyMeter
 from model import PREFILL_CHUNK, load_model
 from tokenizer import Tokenizer
 
@@ -190,7 +190,7 @@ def swap_layer(full: KVCache, layer: int, kind: str, cfg: CacheConfig, n: int) -
     cache = copy.copy(full)
     cache.cfg, cache.kinds, cache.layers = cfg, list(full.kinds), list(full.layers)
     cache.kinds[layer] = kind
-    cache.layers[layer] = cache._new_layer(kind)
+    cache.layers[layer] = cache._new_layer(layer, kind)
     cache.layers[layer].load(full.layers[layer].k[:, :, :n], full.layers[layer].v[:, :, :n], 0)
     return cache
 
@@ -299,7 +299,7 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=d.budget)
     p.add_argument("--sink", type=int, default=d.sink)
     p.add_argument("--recent", type=int, default=d.recent)
-    p.add_argument("--select", choices=["sketch", "channels"], default=d.select)
+    p.add_argument("--select", choices=list(SELECTORS), default=d.select)
     p.add_argument("--heldout", type=int, default=64, help="direct: tokens decoded at the end of each document")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -21,9 +21,10 @@ LAYOUTS = {"keys": (True, False), "sketch": (True, True), "values": (False, Fals
 
 def store_pair(n_kv, hd, max_len, bits, layout, device, dtype, group=64, residual=128):
     per_channel, token_major = LAYOUTS[layout]
-    ref = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, token_major=token_major)
-    ker = QuantStore(n_kv, hd, max_len, bits, group, residual, per_channel, device, dtype, kernels=True,
-                     token_major=token_major)
+    kw = dict(bits=bits, group=group, residual=residual, per_channel=per_channel, device=device, dtype=dtype,
+              token_major=token_major)
+    ref = QuantStore(n_kv, hd, max_len, **kw)
+    ker = QuantStore(n_kv, hd, max_len, kernels=True, **kw)
     return ref, ker
 
 
@@ -110,7 +111,7 @@ def test_wrappers_refuse_bad_inputs():
         K.quant_attend(torch.randn(4, 64), keys, values, torch.tensor(99), ws, 64)
     with pytest.raises(ValueError, match="multiple of 2 KV heads"):
         K.quant_attend(torch.randn(3, 64), keys, values, torch.tensor(99), ws, 1024)
-    odd = QuantStore(2, 96, 256, 2, 32, 64, True, "cpu", torch.float32)
+    odd = QuantStore(2, 96, 256, bits=2, group=32, residual=64, per_channel=True, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="power-of-two"):
         K.quantize(odd, torch.randn(2, 64, 96), 0)
 
@@ -139,7 +140,7 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), t
     assert ker.h2d_bytes == ref.h2d_bytes                 # the same bytes cross to the device
     if select == "sketch":
-        assert_same_store(ref.sketch, ker.sketch)
+        assert_same_store(ref.selector.store, ker.selector.store)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -252,7 +253,6 @@ def test_prompt_streams_to_pinned_host_memory_during_prefill():
     with torch.inference_mode():
         model.prefill(prompt, full, chunk_size=64)
         model.prefill(prompt, cache, chunk_size=64)
-        cache.prepare_decode()
     torch.cuda.synchronize()
     for ref, layer in zip(full.layers[1:], cache.layers[1:]):
         assert layer.kind == "sparse" and layer.host_k.is_pinned() and layer.host_v.is_pinned()

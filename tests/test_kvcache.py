@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from kvcache import (CacheConfig, KVCache, PrefillStage, QuantLayer, QuantStore, SparseLayer, attention,
+from kvcache import (CacheConfig, KVCache, PrefillStage, QuantLayer, QuantStore, Selector, SparseLayer, attention,
                      nbytes, pack, plan_memory, quantize, unpack)
 from model import ModelArgs, Transformer
 
@@ -49,7 +49,8 @@ def test_quantize_error_within_half_step(bits):
 def test_quant_store_flush_groups_and_residual(per_channel, bits):
     n_kv, hd, g, R = 2, 64, 64, 128
     x = rand(n_kv, 700, hd, seed=bits) * 3
-    store = QuantStore(n_kv, hd, 700, bits, g, R, per_channel, "cpu", torch.float32)
+    store = QuantStore(n_kv, hd, 700, bits=bits, group=g, residual=R, per_channel=per_channel, device="cpu",
+                       dtype=torch.float32)
     frozen = None
     pos = 0
     for size in [1, 5, 63, 1, 64, 130, 1, 1, 200, 2, 232]:  # crosses group and residual edges, sums to 700
@@ -152,7 +153,7 @@ def sketch_scores(layer, q, lo, hi):
     mean query. (n_kv, hi - lo)"""
     n_kv = layer.att_k.shape[0]
     qk = q.view(n_kv, -1, q.shape[-1]).float().mean(1)
-    return torch.einsum("htd,hd->ht", layer.sketch.dequantize()[:, lo:hi], qk)
+    return torch.einsum("htd,hd->ht", layer.selector.store.dequantize()[:, lo:hi], qk)
 
 
 def channel_scores(layer, q, keys, lo, hi):
@@ -160,7 +161,7 @@ def channel_scores(layer, q, keys, lo, hi):
     the largest |q_c| * max_t |K[t, c]| per KV head, then each offloaded token's partial dot product on them."""
     n_kv = layer.att_k.shape[0]
     qk = q.view(n_kv, -1, q.shape[-1]).float().mean(1)                               # (n_kv, hd)
-    ch = (qk.abs() * keys.abs().amax(1)).topk(layer.C, dim=-1).indices                # (n_kv, C)
+    ch = (qk.abs() * keys.abs().amax(1)).topk(layer.selector.C, dim=-1).indices       # (n_kv, C)
     kc = keys[:, lo:hi].gather(2, ch[:, None, :].expand(-1, hi - lo, -1))           # (n_kv, n_off, C)
     return (kc * qk.gather(1, ch)[:, None, :]).sum(-1)
 
@@ -395,7 +396,7 @@ def test_channel_selector_predicts_each_layers_query_from_the_layer_before():
     for layer in range(1, 4):
         with torch.inference_mode():
             q = model.layers[layer].attn.wq(normed[layer - 1]).view(1, 1, 8, 64).transpose(1, 2)
-            torch.testing.assert_close(cache.layers[layer].qhat, apply_rope(q, cos, sin)[0, :, 0])
+            torch.testing.assert_close(cache.layers[layer].selector.qhat, apply_rope(q, cos, sin)[0, :, 0])
 
 
 def test_channel_selector_predicts_the_next_layers_query():
@@ -405,20 +406,24 @@ def test_channel_selector_predicts_the_next_layers_query():
     q_true = model.layers[2].attn.wq(x).view(1, 1, 8, 64).transpose(1, 2)
     cos, sin = model.rope(17, 1, "cpu")
     from model import apply_rope
-    torch.testing.assert_close(cache._predict_query(2, x, 17), apply_rope(q_true, cos, sin)[0, :, 0])
+    selector = cache.layers[2].selector
+    selector.see_previous_input(x, 17)
+    torch.testing.assert_close(selector.qhat, apply_rope(q_true, cos, sin)[0, :, 0])
+    cache = KVCache(model, 64, CacheConfig("sparse", sink=2, recent=4, budget=10, select="channels"))
     tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
     logits_through(model, cache, tokens, 30)
-    assert cache.layers[0].qhat is None  # layer 0 has no predecessor: it selects with its own query
-    assert all(layer.qhat is not None for layer in cache.layers[1:])
+    assert cache.layers[0].selector.qhat is None  # layer 0 has no predecessor: it selects with its own query
+    assert all(layer.selector.qhat is not None for layer in cache.layers[1:])
 
 
 def tensors_of(obj):
-    """Every tensor reachable from a layer's attributes (one level into stores), for counting bytes;
-    views (a sparse layer's sinks, retrieved rows and window inside one buffer) are counted once, as their base."""
+    """Every tensor reachable from a layer's attributes (one level into stores and selectors), for counting
+    bytes; views (a sparse layer's sinks, retrieved rows and window inside one buffer) are counted once, as
+    their base."""
     for value in vars(obj).values():
         if isinstance(value, torch.Tensor) and value._base is None:
             yield value
-        elif isinstance(value, QuantStore):
+        elif isinstance(value, (QuantStore, Selector)):
             yield from tensors_of(value)
 
 
@@ -431,7 +436,9 @@ def test_telemetry_counts_the_tensors_held(policy):
     logits_through(model, cache, tokens, 100)
     rep = cache.memory_report()
     host = [t for layer in cache.layers if getattr(layer, "host_k", None) is not None for t in (layer.host_k, layer.host_v)]
-    not_kv = [layer.qhat for layer in cache.layers if getattr(layer, "qhat", None) is not None]  # one query row
+    selectors = [layer.selector for layer in cache.layers if getattr(layer, "selector", None) is not None]
+    not_kv = [t for s in selectors for t in (getattr(s, "qhat", None), getattr(s, "wq", None), getattr(s, "inv_freq", None))
+              if t is not None]  # a predicted query row, the model's own weights
     skip = {id(t) for t in host + not_kv}
     device = sum(t.numel() * t.element_size() for layer in cache.layers for t in tensors_of(layer) if id(t) not in skip)
     host = nbytes(host)
@@ -447,15 +454,15 @@ def test_telemetry_counts_the_tensors_held(policy):
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="--budget 60 leaves no room"):
+    with pytest.raises(ValueError, match="budget 60 leaves no room"):
         CacheConfig("tailor", budget=60)
-    with pytest.raises(ValueError, match="--bits must be one of"):
+    with pytest.raises(ValueError, match="bits must be one of"):
         CacheConfig("kivi", bits=3)
-    with pytest.raises(ValueError, match="multiple of --group"):
+    with pytest.raises(ValueError, match="multiple of group"):
         CacheConfig("kivi", residual=100)
-    with pytest.raises(ValueError, match=r"--quant-layers \[40\] out of range"):
+    with pytest.raises(ValueError, match=r"quant_layers \[40\] out of range"):
         CacheConfig("tailor", quant_layers=(40,)).layer_kinds(30)
-    with pytest.raises(ValueError, match="--group 64 must divide head_dim 16"):
+    with pytest.raises(ValueError, match="group 64 must divide head_dim 16"):
         KVCache(tiny_model(4, 4, 16), 10, CacheConfig("kivi"))
     with pytest.raises(ValueError, match="batch of 1"):
         KVCache(tiny_model(4, 4, 64), 10, CacheConfig("kivi"), batch=2)
@@ -487,3 +494,29 @@ def test_document_repeat_on_the_default_model(default_dir, default_model, capsys
         r = results[name]
         assert r["top1"] > stream["top1"] + 0.3 and r["nll"] < stream["nll"] / 2, name
         assert r["device_kv_bytes"] < full["device_kv_bytes"] / 3, name
+
+
+class RecentOnlySelector(Selector):
+    """A fork's first selector, as a test fixture: rank the offloaded tokens by position, newest first.
+    One class and one registry entry; the layer does the rest (top-k, gather, attention, telemetry)."""
+
+    def scores(self, q, lo, hi):
+        return torch.arange(lo, hi, device=q.device, dtype=torch.float32).expand(self.n_kv, hi - lo)
+
+
+def test_a_new_selector_is_one_class_and_one_registry_entry(monkeypatch):
+    import kvcache
+    monkeypatch.setitem(kvcache.SELECTORS, "recent-only", RecentOnlySelector)
+    H, n_kv, hd, N, prompt, sink, recent, topk = 6, 2, 64, 120, 100, 4, 8, 10
+    cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select="recent-only")
+    q, k, v = qkv(H, n_kv, hd, N, seed=12)
+    out = run_layer(SparseLayer(n_kv, hd, N, cfg, topk, "cpu", torch.float32, "cpu"), q, k, v, prompt)
+    # the newest topk offloaded tokens just before the window: a window of topk + recent
+    ref = reference(q, k, v, lambda t: set(range(sink)) | set(range(max(sink, t + 1 - recent - topk), t + 1))
+                    if t >= prompt else range(t + 1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    model = tiny_model(8, 2, 64)
+    tokens = torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(model, 80, cfg)
+    logits_through(model, cache, tokens, 60)
+    assert cache.memory_report()["h2d_bytes_per_step"] == 3 * 2 * n_kv * topk * 64 * 4  # K, V rows per layer

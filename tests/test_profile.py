@@ -105,7 +105,6 @@ def test_online_equals_offline_proxy_and_shipped_plan(default_dir, default_model
         doc = tok.encode(path.read_text(), add_special_tokens=False)[:2048]
         cache = KVCache(default_model, len(doc) + 1, CacheConfig("tailor"))
         default_model.prefill(torch.tensor([doc]), cache, chunk_size=512)
-        cache.finish_prefill()
         offline = pl.measure_proxy(default_model, [doc], CacheConfig("tailor"), chunk=512).mean(1)
         torch.testing.assert_close(torch.tensor(cache.decisions()["proxy"]), offline.float(), atol=1e-4, rtol=0)
         results[path.name] = cache.decisions()
