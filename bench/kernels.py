@@ -71,8 +71,9 @@ def main():
         "hbm", "matmul + softmax + matmul")
     # quantized layer, 1 and 2 bits
     for bits in (1, 2):
-        keys = QuantStore(n_kv, hd, L, bits, 64, 128, True, dev, bf, kernels=True)
-        values = QuantStore(n_kv, hd, L, bits, 64, 128, False, dev, bf, kernels=True)
+        kw = dict(bits=bits, group=64, residual=128, device=dev, dtype=bf, kernels=True)
+        keys = QuantStore(n_kv, hd, L, per_channel=True, **kw)
+        values = QuantStore(n_kv, hd, L, per_channel=False, **kw)
         keys.append(k)
         values.append(v)
         split, n = K.split_plan(L, n_kv, 64)
@@ -88,7 +89,8 @@ def main():
                                                                values.dequantize()[None]), max(3, args.reps // 10)),
                 moved, "hbm", "dequantize the store, attend")
     # sketch selector: 2-bit sketch scores + top-k
-    sketch = QuantStore(n_kv, hd, L, 2, 64, 64, True, dev, bf, kernels=True, token_major=True)
+    sketch = QuantStore(n_kv, hd, L, bits=2, group=64, residual=64, per_channel=True, device=dev, dtype=bf, kernels=True,
+                        token_major=True)
     sketch.append(k)
     scores = torch.empty(n_kv, L, device=dev)
     add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps),

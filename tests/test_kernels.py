@@ -59,14 +59,16 @@ def test_quantize_bulk_and_step_equal_the_reference_bit_for_bit(device, bits, la
         d = ref.dequantize() - x[:, :ker.length].float()
         assert ker.n_q == 384 and d[:, ker.n_q:].abs().max() == 0   # the ring is exact
         if layout == "sketch":  # the same per-channel groups as keys, only laid out token by token
-            keys = QuantStore(n_kv, hd, 600, bits, 64, 128, True, device, dtype)
+            keys = QuantStore(n_kv, hd, 600, bits=bits, group=64, residual=128, per_channel=True, device=device,
+                              dtype=dtype)
             keys.append(x[:, :ker.length])
             assert torch.equal(keys.dequantize(), ker.dequantize())
 
 
 def quant_layer_pair(n_kv, hd, L, bits, device, dtype, group=64, residual=128):
-    keys = QuantStore(n_kv, hd, 1024, bits, group, residual, True, device, dtype)
-    values = QuantStore(n_kv, hd, 1024, bits, group, residual, False, device, dtype)
+    kw = dict(bits=bits, group=group, residual=residual, device=device, dtype=dtype)
+    keys = QuantStore(n_kv, hd, 1024, per_channel=True, **kw)
+    values = QuantStore(n_kv, hd, 1024, per_channel=False, **kw)
     k, v = rand(n_kv, L, hd, seed=1, device=device, dtype=dtype), rand(n_kv, L, hd, seed=2, device=device, dtype=dtype)
     keys.append(k)
     values.append(v)
