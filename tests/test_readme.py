@@ -13,6 +13,13 @@ def test_every_readme_measurement_row_comes_from_a_results_file():
     for path in (ROOT / "bench" / "results").glob("*.md"):
         results |= set(table_rows(path.read_text()))
     rows = table_rows((ROOT / "README.md").read_text())
-    assert len(rows) > 100  # latency, accuracy (H100, CPU), budget sweep, generate.py
+    assert len(rows) >= 14  # the headline latency table (the rest is in bench/RESULTS.md)
     missing = [r for r in rows if r not in results]
     assert not missing, "README rows with no results file:\n" + "\n".join(missing[:10])
+
+
+def test_results_md_is_written_from_the_results_files():
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == results.build()

@@ -1,0 +1,50 @@
+"""Write bench/RESULTS.md: every benchmark's last table, with the command that made it.
+
+    python bench/results.py
+
+The tables are the .md files the benchmarks write next to their JSON (bench/latency.py,
+bench/accuracy.py, bench/kernels.py, bench/generate_table.py; each rewrites its table from its
+JSON with --replot or by running again): this file only puts them in one place, so nothing in it
+is typed by hand.
+"""
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = [  # (title, results file, command, image or None, what to know)
+    ("Decode latency at 16k–128k tokens", "latency.md",
+     "python bench/latency.py --policies full tailor-1 kivi-2 sparse sparse/channels streaming --steps 20 --warmup 3; "
+     "python bench/latency.py --policies hf --chunk 8192", "latency.png",
+     "Llama-3.1-8B shapes with random bf16 weights (speed does not depend on their values), batch 1. Decode: median "
+     "of the steps after warm-up (min–max). Floor: the bytes a step must read from HBM plus its host→device bytes, "
+     "at the bandwidths measured in the same run (`latency.json`, meta.bandwidth)."),
+    ("Where a decode step's time goes", "profile_tailor_128k.md", "python bench/latency.py --profile", None,
+     "tailor-1 at 128k tokens, eager kernel path under torch.profiler, per kernel name."),
+    ("Each kernel against the HBM and PCIe ceilings", "kernels.md", "python bench/kernels.py", None,
+     "One layer at 131072 tokens, bf16."),
+    ("Accuracy against device memory, H100", "accuracy_h100.md",
+     "python bench/accuracy.py --device cuda --dtype bfloat16 --contexts 1024 2048 4096 7500", "accuracy_h100.png",
+     "Default model; document repeat (copy top-1, NLL), fidelity to the full cache (KL, top-1 agreement) and "
+     "passkey on three documents (examples/documents/), mean ± sd; rows with @N are the budget sweep."),
+    ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
+     "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
+    ("generate.py on the bundled story", "generate.md",
+     "python bench/generate_table.py bench/results/generate/*.json > bench/results/generate.md", None,
+     "From the --report files of generate.py runs in bench/results/generate/ (see the README for the command)."),
+]
+
+
+def build() -> str:
+    out = ["# Benchmark results", "",
+           "Written by `python bench/results.py` from the tables in `bench/results/`; do not edit by hand.", ""]
+    for title, name, command, image, note in SECTIONS:
+        table = (RESULTS / name).read_text().strip()
+        out += [f"## {title}", "", note, "", f"`{command}`", "", table, ""]
+        if image:
+            out += [f"![{title}](results/{image})", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    (RESULTS.parent / "RESULTS.md").write_text(build())
+    sys.exit(0)
