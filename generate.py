@@ -208,12 +208,15 @@ class Decoder:
 
 @torch.inference_mode()
 def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
-             seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK, check_cache=None, cuda_graph=None):
+             seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK, check_cache=None, cuda_graph=None,
+             record=False):
     """Prefill the prompt, then decode up to max_new_tokens. Returns (new ids, stats dict).
 
     check_cache: a full cache run alongside on the same tokens; each step's logits are compared
     (stats["check"]) and its time is left out of the timings.
     cuda_graph: see Decoder (default: on for a cache on the kernel path on CUDA).
+    record: keep what the offloaded layers retrieve at each step (stats["trace"], a kvcache.TraceRecorder;
+    stats["steps"] decode steps).
     A KeyboardInterrupt stops generation and returns what was made so far (stats["interrupted"]).
     """
     device = model.embed.weight.device
@@ -236,7 +239,9 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
     try:
         logits = timed("prefill_s", model.prefill, prompt, cache, chunk_size, progress)
         ref = model.prefill(prompt, check_cache, chunk_size) if check_cache is not None else None
-        stats["prefilled"] = True
+        stats["prefilled"], stats["steps"] = True, 0
+        if record:
+            stats["trace"] = cache.record_retrievals(len(prompt_ids), max_new_tokens)
         decoder = Decoder(model, cache, cuda_graph)
         stats["cuda_graph"] = decoder.cuda_graph
         pos = len(prompt_ids)
@@ -253,6 +258,7 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
                 break
             # the first step compiles the kernels and captures the CUDA graph: timed apart
             logits = timed("first_step_s" if pos == len(prompt_ids) else "decode_s", decoder.step, tok, pos)[None]
+            stats["steps"] += 1
             if check_cache is not None:
                 ref = model(torch.tensor([[tok]], device=device), check_cache, pos)[:, -1]
             pos += 1
@@ -361,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", choices=["none", "middle"], default="none",
                    help="what to do with a prompt longer than the context")
     p.add_argument("--report", help="write a JSON run report to this path (default: none)")
+    p.add_argument("--trace", help="write an HTML page of what the cache retrieved, layer by layer (default: none)")
     return p
 
 
@@ -384,21 +391,22 @@ def parse_args(argv=None):
         codecs.lookup(args.encoding)
     except LookupError:
         p.error(f"--encoding {args.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, utf-16)")
-    if args.report:
-        check_writable(p, args.report)
+    for flag in ("report", "trace"):
+        if getattr(args, flag):
+            check_writable(p, flag, getattr(args, flag))
     return args
 
 
-def check_writable(p, report: str):
-    """Refuse a --report path that cannot be written, before any work is done."""
-    path = Path(report)
+def check_writable(p, flag: str, name: str):
+    """Refuse an output path (--report, --trace) that cannot be written, before any work is done."""
+    path = Path(name)
     if path.is_dir():
-        p.error(f"--report {report} is a directory; name a file")
+        p.error(f"--{flag} {name} is a directory; name a file")
     folder = path.parent
     if not folder.is_dir():
-        p.error(f"--report {report}: folder {folder} does not exist")
+        p.error(f"--{flag} {name}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        p.error(f"--report {report}: not writable")
+        p.error(f"--{flag} {name}: not writable")
 
 
 def peak_memory(device) -> int:
@@ -500,7 +508,7 @@ def run(args, report: dict) -> int:
 
     report["stage"] = "generating"
     out, stats = generate(model, cache, ids, max_new, stop_ids, args.temperature, args.top_p, args.seed,
-                          on_token, bar.update, args.prefill_chunk, check, args.cuda_graph)
+                          on_token, bar.update, args.prefill_chunk, check, args.cuda_graph, record=bool(args.trace))
     bar.close()
     sys.stdout.write("\n")
     log(stats_line(stats, len(ids), len(out), threads if not on_cuda else None) +
@@ -527,7 +535,19 @@ def run(args, report: dict) -> int:
                   kv_cache=mem, check=stats.get("check"), peak_memory_bytes=peak_memory(device))
     if on_cuda:
         report["gpu"] = torch.cuda.get_device_name(device)
+    if args.trace and mem:
+        write_trace(args.trace, tok, ids, cache, stats, mem, f"{model_dir.name}: {describe(cfg, model.args.n_layers)}")
     return 130 if stats["interrupted"] else 0
+
+
+def write_trace(path: str, tok, ids: list[int], cache, stats: dict, mem: dict, title: str):
+    """generate.py --trace: the page of trace_page.py, from the recorder read back once, here."""
+    import trace_page
+    tokens = [tok.decode([i]) for i in ids]
+    data = trace_page.page_data(tokens, cache.kinds, cache.cfg, stats["trace"].positions.cpu(), stats["steps"], mem,
+                                title)
+    Path(path).write_text(trace_page.render(data))
+    log(f"trace: {path}")
 
 
 def stats_line(stats: dict, n_prompt: int, n_out: int, threads: int | None) -> str:

@@ -557,6 +557,7 @@ class SparseLayer:
         self.streamed = 0  # prompt positions already copied to the host store (KVCache's copy stream)
         self.scores = scores  # (n_kv, >= max_len) scratch of the kernel path, shared by the layers
         self.host_k = self.host_v = self.selector = None
+        self.trace, self.index = None, None  # a TraceRecorder and this layer's number, when recording
         if topk:
             pin = torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu"
             # rows are read only once written (selection never scores a position beyond the length)
@@ -598,6 +599,8 @@ class SparseLayer:
         n_off = first_recent - self.sink  # offloaded positions [sink, first_recent)
         if self.topk and n_off > 0:
             idx = self._select(q[0, :, 0], n_off)  # (n_kv, k) positions
+            if self.trace is not None:
+                self.trace.record(self.index, idx, pos)
             n = idx.shape[1]
             self.sel_k[:, :n], self.sel_v[:, :n] = self._gather(idx)
             parts_k.append(self.sel_k[:, :n])
@@ -632,6 +635,8 @@ class SparseLayer:
             self.selector.step_append(kr, pos)
             self.selector.step_scores(qh, pos, self.scores, self.sink, self.recent)
             vals, idx = self.scores.topk(self.topk, dim=-1, sorted=False)
+            if self.trace is not None:
+                self.trace.record(self.index, torch.where(vals > float("-inf"), idx, -1), pos)
             K.gather_rows(idx, vals, self.host_k, self.host_v, self.sel_k, self.sel_v)
         return K.sparse_attend(qh, self.att_k, self.att_v, vals, pos, self.sink, self.topk, self.recent)[None, :, None]
 
@@ -723,6 +728,27 @@ class PrefillStage:
 
     def free(self):
         self.k = self.v = None
+
+
+class TraceRecorder:
+    """What the offloaded layers retrieved at each decode step, for generate.py --trace.
+
+    positions (steps, n_layers, n_kv, topk): the offloaded positions each layer fetched per KV head at
+    decode step i (position first + i), -1 where nothing was. It is preallocated on the device and
+    written inside the step (index_copy_ at the step's own position: no host sync, so a CUDA graph
+    records too); read it back once, at the end. A cache without a recorder records nothing.
+    """
+
+    def __init__(self, n_layers: int, n_kv: int, topk: int, first: int, steps: int, device):
+        self.first = first
+        self.positions = torch.full((steps, n_layers, n_kv, topk), -1, dtype=torch.int32, device=device)
+
+    def record(self, layer: int, idx: torch.Tensor, pos):
+        """idx (n_kv, <= topk) positions fetched by `layer` at decode position pos (an int or a device tensor)."""
+        row = torch.full_like(self.positions[0, layer], -1)
+        row[:, :idx.shape[1]] = idx
+        step = (pos - self.first) if torch.is_tensor(pos) else torch.tensor(pos - self.first, device=row.device)
+        self.positions[:, layer].index_copy_(0, step.view(1).clamp(0, self.positions.shape[0] - 1), row[None])
 
 
 # ---------------------------------------------------------------------------------- the cache
@@ -876,6 +902,14 @@ class KVCache:
         for layer in self.layers:
             layer.advance(length)
         self.length = length
+
+    def record_retrievals(self, first: int, steps: int) -> TraceRecorder:
+        """From decode position `first` on, for `steps` steps, record what every offloaded layer retrieves."""
+        trace = TraceRecorder(len(self.layers), self.shape[0], max(self.cfg.topk, 1), first, steps, self.device)
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "selector", None) is not None:
+                layer.trace, layer.index = trace, i
+        return trace
 
     def decisions(self) -> dict | None:
         """What online identification decided: the proxy per layer and the quantized layers."""

@@ -281,6 +281,39 @@ def test_half_precision_scores_retrieve_the_needles(select):
     assert selected_positions(layer) == [needles] * n_kv
 
 
+def traced_decode(model, device, dtype, kernels, cuda_graph, steps=20):
+    """Prefill 150 tokens into a tailor cache, then decode `steps` fixed tokens recording the retrievals."""
+    from generate import Decoder
+    cfg = CacheConfig("tailor", quant_layers=(0,), budget=48, sink=4, recent=12)
+    cache = KVCache(model, 150 + steps, cfg, device=device, dtype=dtype, kernels=kernels)
+    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(3)).to(device)
+    tokens = torch.randint(0, 97, (steps,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.inference_mode():
+        model.prefill(prompt, cache, chunk_size=64)
+        trace = cache.record_retrievals(150, steps)
+        dec = Decoder(model, cache, cuda_graph=cuda_graph)
+        for i, tok in enumerate(tokens):
+            dec.step(tok, 150 + i)
+    return trace.positions.cpu().sort(-1).values  # the kernel path's top-k comes unsorted
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_kernel_path_records_the_same_retrievals(device):
+    model = tiny_model(device)
+    ref = traced_decode(model, device, torch.float32, kernels=False, cuda_graph=False)
+    got = traced_decode(model, device, torch.float32, kernels=True, cuda_graph=False)
+    assert (ref[:, 1:] >= 0).all() and torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_cuda_graph_records_its_retrievals_like_eager():
+    model = tiny_model("cuda", torch.bfloat16)
+    eager = traced_decode(model, "cuda", torch.bfloat16, kernels=True, cuda_graph=False)
+    graph = traced_decode(model, "cuda", torch.bfloat16, kernels=True, cuda_graph=True)
+    assert (eager[:, 1:] >= 0).all() and torch.equal(graph, eager)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming"])

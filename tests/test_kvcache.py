@@ -520,3 +520,42 @@ def test_a_new_selector_is_one_class_and_one_registry_entry(monkeypatch):
     cache = KVCache(model, 80, cfg)
     logits_through(model, cache, tokens, 60)
     assert cache.memory_report()["h2d_bytes_per_step"] == 3 * 2 * n_kv * topk * 64 * 4  # K, V rows per layer
+
+
+def test_the_trace_records_what_each_offloaded_layer_retrieved(monkeypatch, tmp_path):
+    """generate(record=True) keeps, per decode step and offloaded layer, exactly the positions the cache
+    fetched (captured here from SparseLayer._select), and the --trace page holds them."""
+    import json
+    import re
+
+    import generate
+    import trace_page
+    made = {}
+    select = SparseLayer._select
+
+    def spy(layer, q, n_off):
+        idx = select(layer, q, n_off)
+        made[(layer.index, layer.length - 1)] = idx.clone()
+        return idx
+    monkeypatch.setattr(SparseLayer, "_select", spy)
+    model = tiny_model(8, 2, 64, layers=3)
+    prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(6)).tolist()
+    cfg = CacheConfig("tailor", quant_layers=(0,), sink=4, recent=8, budget=4 + 8 + 6)
+    cache = KVCache(model, 60 + 12, cfg)
+    out, stats = generate.generate(model, cache, prompt, 12, set(), record=True)
+    pos = stats["trace"].positions
+    assert stats["steps"] == 11 and pos.shape == (12, 3, 2, 6)
+    assert (pos[:, 0] == -1).all() and (pos[11:] == -1).all()   # the quantized layer, the unused last row
+    assert len(made) == 2 * 11
+    for (layer, p), idx in made.items():
+        assert torch.equal(pos[p - 60, layer].long(), idx), (layer, p)
+    page = tmp_path / "trace.html"
+    page.write_text(trace_page.render(trace_page.page_data([str(t) for t in prompt], cache.kinds, cfg, pos,
+                                                           stats["steps"], cache.memory_report(), "tiny")))
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page.read_text(),
+                                re.S).group(1))
+    assert [x["kind"] for x in data["layers"]] == ["quant", "sparse", "sparse"] and data["layers"][0]["counts"] is None
+    for layer in (1, 2):
+        expect = torch.bincount(torch.cat([idx.flatten() for (lay, _), idx in made.items() if lay == layer]),
+                                minlength=60)[:60]  # the page shows the prompt
+        assert data["layers"][layer]["counts"] == expect.tolist()
