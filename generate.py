@@ -568,7 +568,7 @@ def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False) -> tuple
     used unless --bits says otherwise."""
     from dataclasses import replace
 
-    from profile_layers import PLANS, find_plan, load_plan
+    from layer_plans import PLANS, find_plan, load_plan
     if cfg.policy != "tailor":
         if plan_path:
             raise UsageError("--plan applies to --cache tailor only")
@@ -602,7 +602,7 @@ def describe(cfg: CacheConfig, n_layers: int) -> str:
                      f"{','.join(str(i) for i, k in enumerate(kinds) if k == 'quant') if len(set(kinds)) > 1 else 'all'}")
     if "sparse" in kinds:
         parts.append(f"offload {kinds.count('sparse')} layers: sink {cfg.sink} + recent {cfg.recent} + top-{cfg.topk} "
-                     f"by {cfg.select}" + (f" (C={cfg.channels})" if cfg.select == "channels" else f" ({cfg.sketch_bits}-bit)"))
+                     f"by {cfg.select}" + {"channels": f" (C={cfg.channels})", "sketch": f" ({cfg.sketch_bits}-bit)"}.get(cfg.select, ""))
     if "window" in kinds:
         parts.append(f"sink {cfg.sink} + recent {cfg.recent} only")
     return f"{cfg.policy}" + (f" [{'; '.join(parts)}]" if parts else "")

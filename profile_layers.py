@@ -18,8 +18,6 @@ the plan by the model's fingerprint.
 """
 import argparse
 import copy
-import hashlib
-import json
 import math
 import sys
 from dataclasses import replace
@@ -29,103 +27,13 @@ import torch
 
 from checkpoint import resolve_model
 from kvcache import SELECTORS, CacheConfig, KVCache, ProxyMeter
+from layer_plans import PLANS, fingerprint, model_name, read_plan, save_plan
 from model import PREFILL_CHUNK, load_model
 from tokenizer import Tokenizer
 
 VERSION = 1
 ROOT = Path(__file__).resolve().parent
-PLANS = ROOT / "plans"
 DEFAULT_CALIB = sorted((ROOT / "examples" / "calibration").glob("*"))
-
-
-# ------------------------------------------------------------------------------------ plans
-
-def model_name(model_dir: Path) -> str:
-    """A readable name: the HF repo (from a hub cache path) or the directory, without a cache hash."""
-    parts = model_dir.resolve().parts
-    if "snapshots" in parts:
-        repo = parts[parts.index("snapshots") - 1]
-        return repo.removeprefix("models--").split("--", 1)[-1]
-    name = model_dir.name
-    stem, _, suffix = name.rpartition("-")
-    return stem if stem and len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix) else name
-
-
-def fingerprint(model) -> str:
-    """Identity of a model's config and weights, independent of the dtype it was loaded in."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in vars(model.args).items() if k != "eos_token_ids"},
-                                  sort_keys=True).encode())
-    for name, p in sorted(model.named_parameters()):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
-        h.update(name.encode() + bytes(str(tuple(p.shape)), "ascii"))
-        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def save_plan(plan: dict, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan, indent=1))
-
-
-def read_plan(path: Path) -> dict:
-    """A plan file's content, its structure checked; errors name the file and the field."""
-    try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"plan {path} cannot be read: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"plan {path} is not valid JSON ({e})") from None
-    problem = plan_problem(plan)
-    if problem:
-        raise ValueError(f"plan {path}: {problem}; make a new one with: python profile_layers.py --model <the model>")
-    return plan
-
-
-def plan_problem(plan) -> str | None:
-    """What is structurally wrong with a plan (None: nothing)."""
-    if not isinstance(plan, dict):
-        return f"expected a JSON object, found a {type(plan).__name__}"
-    model, params = plan.get("model"), plan.get("parameters")
-    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
-        return "field 'model' must be an object with a string 'fingerprint'"
-    if not isinstance(params, dict) or params.get("bits") not in (1, 2, 4, 8):
-        return "field 'parameters' must be an object whose 'bits' is 1, 2, 4 or 8"
-    if not isinstance(plan.get("layers"), list) or not all(isinstance(r, dict) for r in plan["layers"]):
-        return "field 'layers' must be a list of objects, one per layer"
-    ql = plan.get("quant_layers")
-    if not isinstance(ql, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ql):
-        return "field 'quant_layers' must be a list of layer numbers"
-    return None
-
-
-def load_plan(path: Path, model) -> dict:
-    """Read a plan and check that it was made for `model`; refuse it otherwise."""
-    plan = read_plan(path)
-    fp, made_for = fingerprint(model), plan["model"]
-    if made_for["fingerprint"] != fp:
-        raise ValueError(f"plan {path} was made for {made_for.get('name')!r} (fingerprint {made_for['fingerprint']}), "
-                         f"not for the loaded model (fingerprint {fp}); "
-                         f"make one with: python profile_layers.py --model <the model>")
-    n = model.args.n_layers
-    if len(plan["layers"]) != n:
-        raise ValueError(f"plan {path}: field 'layers' has {len(plan['layers'])} entries, the model {n} layers")
-    bad = [i for i in plan["quant_layers"] if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"plan {path}: field 'quant_layers' names layers {bad}; the model has layers 0..{n - 1}")
-    return plan
-
-
-def find_plan(model, plans_dir: Path = PLANS) -> Path | None:
-    """The plan in plans_dir whose fingerprint matches the model, if any (unreadable files are passed over)."""
-    fp = fingerprint(model)
-    for path in sorted(Path(plans_dir).glob("*.json")):
-        try:
-            if read_plan(path)["model"]["fingerprint"] == fp:
-                return path
-        except ValueError:
-            continue
-    return None
 
 
 # -------------------------------------------------------------------------------- measuring
@@ -314,7 +222,7 @@ def main(argv=None):
     if missing:
         p.error(f"calibration files not found: {', '.join(missing)}")
     if args.from_plan:
-        plan = redecide(json.loads(args.from_plan.read_text()), cfg, args.method)
+        plan = redecide(read_plan(args.from_plan), cfg, args.method)
         return write(plan, args.out or args.from_plan)
     model_dir = resolve_model(args.model)
     tok = Tokenizer(model_dir)

@@ -80,7 +80,7 @@ def parse_policy(spec: str, model=None) -> CacheConfig:
         b = int(budget or CacheConfig.budget)
         knobs.update(sink=CacheConfig.sink, recent=b - CacheConfig.sink, budget=b)  # no top-k
     if name == "tailor" and model is not None:
-        from profile_layers import find_plan, load_plan
+        from layer_plans import find_plan, load_plan
         path = find_plan(model)
         if path is not None:
             plan = load_plan(path, model)

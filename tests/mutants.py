@@ -100,11 +100,13 @@ def main(names: list[str]) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="tailorkv-mutants-") as work:
         work = Path(work)
-        # one converted default model for every run (each test session would otherwise convert its own)
+        # one converted default model for every run (each test session would otherwise convert its own),
+        # except where the converter itself is mutated: its own cache, so the mutant really converts
         env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
         rows = []
         for m in chosen:
-            status, secs = run(m, work, env)
+            own = {**env, "XDG_CACHE_HOME": str(work / f"cache-{m.name}")} if m.file == "checkpoint.py" else env
+            status, secs = run(m, work, own)
             rows.append((m, status, secs))
             print(f"{m.name:<28} {status:<8} {secs:6.0f} s", file=sys.stderr, flush=True)
     print("| mutant | planted bug | tests run | result |\n|---|---|---|---|")

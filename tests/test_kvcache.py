@@ -473,8 +473,8 @@ def test_bad_settings_are_refused():
 def test_document_repeat_on_the_default_model(default_dir, default_model, capsys):
     from tokenizer import Tokenizer
     doc = Tokenizer(default_dir).encode((ROOT / "examples" / "lighthouse.txt").read_text(), add_special_tokens=False)
-    import profile_layers
-    plan = profile_layers.load_plan(profile_layers.find_plan(default_model), default_model)  # as generate.py does
+    import layer_plans
+    plan = layer_plans.load_plan(layer_plans.find_plan(default_model), default_model)  # as generate.py does
     tailor = CacheConfig("tailor", quant_layers=tuple(plan["quant_layers"]), bits=plan["parameters"]["bits"])
     results = {}
     for name, cfg in [("full", CacheConfig()), ("tailor", tailor),

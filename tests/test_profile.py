@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import layer_plans as lp
 import profile_layers as pl
 from kvcache import CacheConfig, KVCache, ProxyMeter
 from model import ModelArgs, Transformer
@@ -70,29 +71,29 @@ def test_plan_round_trips_and_is_refused_for_another_model(tmp_path):
     with pytest.raises(ValueError, match="no direct measurement at 4 bits"):
         pl.redecide(plan, CacheConfig("tailor", bits=4), "direct")
     path = tmp_path / "plans" / "tiny.json"
-    pl.save_plan(plan, path)
-    assert pl.load_plan(path, model) == json.loads(json.dumps(plan))
-    assert pl.find_plan(model, path.parent) == path
+    lp.save_plan(plan, path)
+    assert lp.load_plan(path, model) == json.loads(json.dumps(plan))
+    assert lp.find_plan(model, path.parent) == path
     other = tiny()
     with torch.no_grad():
         other.layers[1].attn.wq.weight.mul_(1.01)
-    assert pl.find_plan(other, path.parent) is None
+    assert lp.find_plan(other, path.parent) is None
     with pytest.raises(ValueError, match="was made for .* not for the loaded model"):
-        pl.load_plan(path, other)
+        lp.load_plan(path, other)
     pl.plot(plan, tmp_path / "plan.png")
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fingerprint_ignores_dtype():
     model = tiny()
-    assert pl.fingerprint(model) == pl.fingerprint(tiny().to(torch.bfloat16))
+    assert lp.fingerprint(model) == lp.fingerprint(tiny().to(torch.bfloat16))
 
 
 def test_model_name():
     from pathlib import Path
-    assert pl.model_name(Path("/c/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc")) == "Llama-3.1-8B"
-    assert pl.model_name(Path("/c/tailorkv/SmolLM2-135M-Instruct.Q4_1-026282014e0f")) == "SmolLM2-135M-Instruct.Q4_1"
-    assert pl.model_name(Path("/models/my-llama")) == "my-llama"
+    assert lp.model_name(Path("/c/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc")) == "Llama-3.1-8B"
+    assert lp.model_name(Path("/c/tailorkv/SmolLM2-135M-Instruct.Q4_1-026282014e0f")) == "SmolLM2-135M-Instruct.Q4_1"
+    assert lp.model_name(Path("/models/my-llama")) == "my-llama"
 
 
 def test_online_equals_offline_proxy_and_shipped_plan(default_dir, default_model, capsys):
@@ -108,7 +109,7 @@ def test_online_equals_offline_proxy_and_shipped_plan(default_dir, default_model
         offline = pl.measure_proxy(default_model, [doc], CacheConfig("tailor"), chunk=512).mean(1)
         torch.testing.assert_close(torch.tensor(cache.decisions()["proxy"]), offline.float(), atol=1e-4, rtol=0)
         results[path.name] = cache.decisions()
-    shipped = pl.load_plan(pl.find_plan(default_model), default_model)
+    shipped = lp.load_plan(lp.find_plan(default_model), default_model)
     tau = shipped["parameters"]["tau"]
     with capsys.disabled():
         print(f"\nshipped plan ({shipped['parameters']['method']}): quantize {shipped['quant_layers']}")
@@ -128,7 +129,7 @@ def cli(*args):
 def test_generate_uses_the_shipped_plan_and_refuses_a_foreign_one(tmp_path):
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
-    shipped = pl.find_plan(pl.load_model(pl.resolve_model(None)))
+    shipped = lp.find_plan(pl.load_model(pl.resolve_model(None)))
     bits = json.loads(shipped.read_text())["parameters"]["bits"]
     assert f"layer plan {shipped}: quantize layers" in r.stderr and f"to {bits} bits" in r.stderr
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "4", "--bits", "4")
@@ -162,7 +163,7 @@ def test_malformed_plans_are_refused_naming_the_file_and_field(tmp_path, content
     path = tmp_path / "plan.json"
     path.write_text(content)
     with pytest.raises(ValueError, match=f"plan {path}"):
-        pl.load_plan(path, tiny())
+        lp.load_plan(path, tiny())
     with pytest.raises(ValueError, match=re.escape(message)):
-        pl.load_plan(path, tiny())
-    assert pl.find_plan(tiny(), tmp_path) is None  # passed over while looking for a model's plan
+        lp.load_plan(path, tiny())
+    assert lp.find_plan(tiny(), tmp_path) is None  # passed over while looking for a model's plan
