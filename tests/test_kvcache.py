@@ -1,6 +1,5 @@
 """kvcache.py: quantization, every layer strategy against exact attention, boundaries, telemetry."""
 import math
-import sys
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ from kvcache import (CacheConfig, KVCache, PrefillStage, QuantLayer, QuantStore,
                      nbytes, pack, plan_memory, quantize, unpack)
 from model import ModelArgs, Transformer
 
-sys.path.insert(0, str(ROOT / "bench"))
-from accuracy import first_pass_nll, run_repeat  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GQA_SHAPES = [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 128)]  # (heads, kv heads, head_dim): ratios 1, 3, 4, 8
@@ -470,6 +467,20 @@ def test_bad_settings_are_refused():
 
 # ------------------------------------------------------------------------- default model, recall
 
+def copy_recall(model, cfg, doc, n_copy, prompt=None):
+    """Prefill doc, then decode teacher-forced through its first n_copy tokens again: top-1 accuracy and
+    mean NLL of those tokens, and the cache's device bytes. With prompt=1, doc itself is decoded after
+    its first token (n_copy = len(doc) - 1): the NLL of reading it for the first time."""
+    tokens = torch.tensor([doc + doc[:n_copy]]) if prompt is None else torch.tensor([doc])
+    prompt = len(doc) if prompt is None else prompt
+    cache = KVCache(model, tokens.shape[1], cfg)
+    logits = logits_through(model, cache, tokens, prompt, chunk=512)   # logits[j] predicts tokens[prompt + j]
+    target = tokens[0, prompt:]
+    lp = logits.float().log_softmax(-1)
+    return {"top1": (lp.argmax(-1) == target).float().mean().item(),
+            "nll": -lp.gather(1, target[:, None]).mean().item(), "device_kv_bytes": cache.memory_report()["device_bytes"]}
+
+
 def test_document_repeat_on_the_default_model(default_dir, default_model, capsys):
     from tokenizer import Tokenizer
     doc = Tokenizer(default_dir).encode((ROOT / "examples" / "lighthouse.txt").read_text(), add_special_tokens=False)
@@ -480,8 +491,8 @@ def test_document_repeat_on_the_default_model(default_dir, default_model, capsys
     for name, cfg in [("full", CacheConfig()), ("tailor", tailor),
                       ("sparse/sketch", CacheConfig("sparse")), ("sparse/channels", CacheConfig("sparse", select="channels")),
                       ("streaming", CacheConfig("streaming"))]:
-        results[name] = run_repeat(default_model, cfg, doc, context=2048, n_copy=96)
-    first = first_pass_nll(default_model, doc[:1024])
+        results[name] = copy_recall(default_model, cfg, doc[:1952], n_copy=96)
+    first = copy_recall(default_model, CacheConfig(), doc[:1024], n_copy=1023, prompt=1)["nll"]  # read, not copied
     with capsys.disabled():
         print(f"\ndocument repeat, 1952 + 96 tokens (first-pass NLL {first:.2f}); tailor quantizes "
               f"{tailor.quant_layers} to {tailor.bits} bits:")
