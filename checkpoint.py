@@ -195,7 +195,7 @@ def gguf_to_hf(gguf_path: Path, verify: bool = False, rebuild: bool = False) -> 
     except BaseException:  # Ctrl-C included: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    problem = entry_problem(out, fingerprint, verify=True)
+    problem = entry_problem(out, fingerprint)  # the files as written: sizes and sampled blocks (hashed once above)
     if problem:
         raise OSError(f"the model converted into {out} does not check out ({problem}); is the disk full?")
     return out
