@@ -43,6 +43,7 @@ from generate import Decoder, compare  # noqa: E402
 from kvcache import CacheConfig, KVCache  # noqa: E402
 from model import load_model  # noqa: E402
 from plots import try_plot  # noqa: E402
+from results import publish  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 DOCS = ROOT / "examples" / "documents"
@@ -403,9 +404,9 @@ def report(meta: dict, records: list[dict], out: Path):
     header = f"{model}, {meta['device']}, {meta['dtype']}"
     partial = "" if meta.get("complete", True) else " (an interrupted run: the rows that finished)"
     table = f"{header}; mean ± sd over {len(meta['documents'])} documents{partial}\n\n" + markdown(rows)
-    out.with_suffix(".md").write_text(table + "\n")
     ctx = meta.get("sweep_context") or max(r["context"] for r in records)
     try_plot(lambda: plot(rows, ctx, out.with_suffix(".png"), f"{header}, context {ctx}: recall vs device KV memory"))
+    publish(out.with_suffix(".md"), table)
     print("\n" + table)
 
 

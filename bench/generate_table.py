@@ -1,6 +1,6 @@
 """The table of generate.py runs in the README, from their --report files.
 
-    python bench/generate_table.py bench/results/generate/*.json > bench/results/generate.md
+    python bench/generate_table.py bench/results/generate/*.json    # writes bench/results/generate.md
 
 Each report names its hardware (GPU, or the CPU and its threads), dtype, cache policy and path; the
 rows give prefill speed, decode ms/token, the first decode step (timed apart: on CUDA it compiles
@@ -9,6 +9,8 @@ the kernels and captures the graph), the KV cache held on the device (and on the
 import json
 import sys
 from pathlib import Path
+
+from results import publish
 
 
 def row(rep: dict) -> str:
@@ -25,11 +27,12 @@ def row(rep: dict) -> str:
 
 def main(paths: list[str]) -> int:
     reports = [json.loads(Path(p).read_text()) for p in paths]
-    print(f"generate.py on {reports[0]['prompt_tokens']:,} prompt tokens, {len(reports[0]['generated_ids'])} generated\n")
-    print("| hardware | dtype | cache | path | prefill | decode | first step | KV cache | peak memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for rep in sorted(reports, key=lambda r: (r["device"] != "cpu", not r["kernels"], r["policy"]["cache"])):
-        print(row(rep))
+    table = [f"generate.py on {reports[0]['prompt_tokens']:,} prompt tokens, {len(reports[0]['generated_ids'])} generated\n",
+             "| hardware | dtype | cache | path | prefill | decode | first step | KV cache | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table += [row(rep) for rep in sorted(reports, key=lambda r: (r["device"] != "cpu", not r["kernels"], r["policy"]["cache"]))]
+    print("\n".join(table))
+    publish(Path(__file__).resolve().parent / "results" / "generate.md", "\n".join(table))
     return 0
 
 

@@ -18,7 +18,7 @@ FILES = ["tests/test_kernels.py", "tests/test_kvcache.py", "tests/test_model.py"
 def main() -> int:
     import torch
     if not torch.cuda.is_available():
-        print("bench/gpu_check.py needs a CUDA device; on a CPU, run the tests: python -m pytest -q tests",
+        print("bench/gpu_check.py needs a CUDA device; on a CPU, run the tests: python -m pytest -q tests bench",
               file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}", flush=True)

@@ -30,6 +30,7 @@ from generate import Decoder  # noqa: E402
 from kvcache import CacheConfig, KVCache, plan_memory  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from plots import try_plot  # noqa: E402
+from results import publish  # noqa: E402
 
 LLAMA31_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
                        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072 + 1024,
@@ -304,8 +305,8 @@ def write(rows, meta, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown(rows, meta["gpu"], meta["cap_gib"])
-    out.with_suffix(".md").write_text(table + "\n")
     try_plot(lambda: plot(rows, out.with_suffix(".png"), f"{meta['gpu']}, Llama-3.1-8B shapes, bf16, batch 1"))
+    publish(out.with_suffix(".md"), table)
     print("\n" + table)
 
 

@@ -1,11 +1,8 @@
-"""Write bench/RESULTS.md: every benchmark's last table, with the command that made it.
+"""bench/RESULTS.md: every benchmark's last table, with the command that made it.
 
-    python bench/results.py
-
-The tables are the .md files the benchmarks write next to their JSON (bench/latency.py,
-bench/accuracy.py, bench/kernels.py, bench/generate_table.py; each rewrites its table from its
-JSON with --replot or by running again): this file only puts them in one place, so nothing in it
-is typed by hand.
+Each benchmark writes its table into bench/results/ through `publish` (bench/latency.py and
+bench/accuracy.py also from an earlier run's JSON with --replot), which rewrites RESULTS.md from
+all of them, so nothing in it is typed by hand. `python bench/results.py` rewrites it alone.
 """
 import sys
 from pathlib import Path
@@ -18,9 +15,9 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "Llama-3.1-8B shapes with random bf16 weights (speed does not depend on their values), batch 1. Decode: median "
      "of the steps after warm-up (min–max). Floor: the bytes a step must read from HBM plus its host→device bytes, "
      "at the bandwidths measured in the same run (`latency.json`, meta.bandwidth)."),
-    ("Where a decode step's time goes", "profile_tailor_128k.md", "python bench/latency.py --profile", None,
+    ("Where a decode step's time goes", "profile_tailor_128k.md", "python bench/latency.py --profile --contexts 131072 --policies tailor-1", None,
      "tailor-1 at 128k tokens, eager kernel path under torch.profiler, per kernel name."),
-    ("Each kernel against the HBM and PCIe ceilings", "kernels.md", "python bench/kernels.py", None,
+    ("Each kernel against the HBM and PCIe ceilings", "kernels.md", "python bench/kernel_speed.py", None,
      "One layer at 131072 tokens, bf16."),
     ("Accuracy against device memory, H100", "accuracy_h100.md",
      "python bench/accuracy.py --device cuda --dtype bfloat16 --contexts 1024 2048 4096 7500", "accuracy_h100.png",
@@ -29,7 +26,7 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py on the bundled story", "generate.md",
-     "python bench/generate_table.py bench/results/generate/*.json > bench/results/generate.md", None,
+     "python bench/generate_table.py bench/results/generate/*.json", None,
      "From the --report files of generate.py runs in bench/results/generate/ (see the README for the command)."),
 ]
 
@@ -45,6 +42,18 @@ def build() -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":
+def write():
     (RESULTS.parent / "RESULTS.md").write_text(build())
+
+
+def publish(path: Path, table: str):
+    """Write one benchmark's table to `path`; if it is one of RESULTS.md's, rebuild RESULTS.md around it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table.strip() + "\n")
+    if path.resolve().parent == RESULTS and path.name in {section[1] for section in SECTIONS}:
+        write()
+
+if __name__ == "__main__":
+    write()
     sys.exit(0)

@@ -38,7 +38,7 @@ MUTANTS = [
            ("tests/test_kvcache.py",), "the channel selector predicts layer l+1's query with layer l's W_q"),
     Mutant("kl-direction", "generate.py",
            "kl = (ref_lp.exp() * (ref_lp - lp)).sum().item()", "kl = (lp.exp() * (lp - ref_lp)).sum().item()",
-           ("tests/test_generate.py", "tests/test_accuracy.py"), "--check computes KL(policy || full)"),
+           ("tests/test_generate.py", "bench/test_accuracy.py"), "--check computes KL(policy || full)"),
     Mutant("sketch-skips-last", "kvcache.py",
            "keys = self.store.dequantize()[:, lo:hi]", "keys = self.store.dequantize()[:, lo:hi - 1]",
            ("tests/test_kvcache.py",), "sketch scoring skips the last offloaded position (PyTorch path)"),

@@ -4,8 +4,8 @@ Each kernel's time (CUDA events, median of --reps after warm-up), the bytes it m
 achieved bandwidth, and that as a fraction of the measured ceiling: HBM copy bandwidth for kernels
 that read device memory, pinned host->device bandwidth for those that read host memory over PCIe.
 
-    python bench/kernels.py                      # at 128k tokens
-    python bench/kernels.py --length 32768
+    python bench/kernel_speed.py                      # at 128k tokens
+    python bench/kernel_speed.py --length 32768
 """
 import argparse
 import statistics
@@ -22,6 +22,7 @@ from kvcache import QuantStore, attention  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from latency import measure_bandwidth  # noqa: E402
+from results import publish  # noqa: E402
 
 
 def bench(fn, reps):
@@ -49,7 +50,7 @@ def main():
     p.add_argument("--reps", type=int, default=50)
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+        raise SystemExit("bench/kernel_speed.py needs a CUDA GPU")
     H, n_kv, hd, L, dev, bf = 32, 8, 128, args.length, "cuda", torch.bfloat16
     bw = measure_bandwidth()
     pos = torch.tensor(L - 1, device=dev)
@@ -133,11 +134,13 @@ def main():
     add("sparse_append", bench(lambda: K.sparse_append(kr, vr, pos, host_k, host_v, att_k[:, :8], att_v[:, :8],
                                                        att_k[:, 136:], att_v[:, 136:]), args.reps),
         nbytes(kr, vr), "pcie", "one row to host (posted writes) + window")
-    print(f"# {torch.cuda.get_device_name()}: HBM copy {bw['hbm'] / 1e12:.2f} TB/s, pinned H2D {bw['pcie'] / 1e9:.1f} GB/s; "
-          f"one layer, {L} tokens, bf16\n")
-    print("| kernel | µs | MiB moved | GB/s | % of ceiling | what |\n|---|---|---|---|---|---|")
-    for name, us, mib, gbs, pct, what in rows:
-        print(f"| {name} | {us:.1f} | {mib:.2f} | {gbs:.1f} | {pct:.0f}% | {what} |")
+    table = [f"# {torch.cuda.get_device_name()}: HBM copy {bw['hbm'] / 1e12:.2f} TB/s, pinned H2D "
+             f"{bw['pcie'] / 1e9:.1f} GB/s; one layer, {L} tokens, bf16\n",
+             "| kernel | µs | MiB moved | GB/s | % of ceiling | what |", "|---|---|---|---|---|---|"]
+    table += [f"| {name} | {us:.1f} | {mib:.2f} | {gbs:.1f} | {pct:.0f}% | {what} |"
+              for name, us, mib, gbs, pct, what in rows]
+    print("\n".join(table))
+    publish(ROOT / "bench" / "results" / "kernels.md", "\n".join(table))
 
 
 if __name__ == "__main__":

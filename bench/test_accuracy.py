@@ -1,16 +1,12 @@
 """bench/accuracy.py: the task builders, the metrics and the policy specs, on tiny inputs."""
 import json
 import math
-import sys
 
+import accuracy
 import pytest
 import torch
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
-import accuracy  # noqa: E402
-from accuracy import (budget_knobs, fidelity, fidelity_task, markdown, parse_policy, passkey_found,  # noqa: E402
-                      passkey_task, recall, repeat_task, summarize, token_metrics)
+from accuracy import (budget_knobs, fidelity, fidelity_task, markdown, parse_policy, passkey_found, passkey_task,
+                      recall, repeat_task, summarize, token_metrics)
 
 
 def test_repeat_task_feeds_the_document_then_asks_for_it_again():

@@ -1,3 +1,4 @@
+"""Fixtures shared by the engine's tests (tests/) and the benchmarks' own (bench/test_*.py)."""
 import atexit
 import os
 import shutil
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 # convert the default GGUF into a cache private to this test session (exercises the conversion too),
 # removed when the session ends
