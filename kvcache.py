@@ -426,7 +426,7 @@ class Selector:
     scoring of n_off offloaded tokens moves.
     """
 
-    def __init__(self, layer: "SparseLayer", cfg: CacheConfig, wq: torch.Tensor, inv_freq: torch.Tensor):
+    def __init__(self, layer: "SparseLayer", cfg: CacheConfig, wq: torch.nn.Linear, inv_freq: torch.Tensor):
         self.n_kv, _, self.hd = layer.att_k.shape
 
     def group_queries(self, q: torch.Tensor) -> torch.Tensor:
@@ -497,7 +497,7 @@ class ChannelSelector(Selector):
 
     def see_previous_input(self, x, pos):
         """Predict this layer's query at pos (an int or a device tensor) from the previous layer's x (1, 1, dim)."""
-        qhat = F.linear(x, self.wq).view(1, 1, -1, self.hd).transpose(1, 2)  # (1, H, 1, hd)
+        qhat = self.wq(x).view(1, 1, -1, self.hd).transpose(1, 2)  # (1, H, 1, hd)
         freqs = pos * self.inv_freq
         self.qhat = apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]  # (H, hd)
 
@@ -783,9 +783,13 @@ class KVCache:
         if any(k in ("quant", None) for k in self.kinds) and a.head_dim % cfg.group:
             raise ConfigError("group", f"group {cfg.group} must divide head_dim {a.head_dim}: values are quantized "
                                        f"in groups of `group` channels")
+        if (any(k in ("sparse", None) for k in self.kinds) and cfg.select == "sketch"
+                and a.head_dim % (32 // cfg.sketch_bits)):
+            raise ConfigError("sketch_bits", f"a {cfg.sketch_bits}-bit sketch packs {32 // cfg.sketch_bits} channels per "
+                                             f"int32, which does not divide head_dim {a.head_dim}")
         self.shape, self.batch, self.device, self.host_device = (a.n_kv_heads, a.head_dim, max_len), batch, device, host_device
         self.n_heads = a.n_heads
-        self.wq = [b.attn.wq.weight for b in model.layers]  # for selectors that predict a layer's query
+        self.wq = [b.attn.wq for b in model.layers]  # query projections, for selectors that predict a layer's query
         self.inv_freq = model.inv_freq
         self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
         if kernels and any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0:

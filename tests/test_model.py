@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_LLAMA31, TINY_MISTRAL, write_hf_model
+from conftest import TINY_LLAMA31, TINY_MISTRAL, TINY_QWEN2, write_hf_model
 
 from kvcache import KVCache
 from model import ModelArgs, load_model
@@ -56,8 +56,9 @@ def to_v4_layout(path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config,v4", [(TINY_LLAMA31, False), (TINY_LLAMA31, True), (TINY_MISTRAL, False)],
-                         ids=["llama3.1-gqa4", "llama3.1-gqa4-v4-config", "mistral"])
+@pytest.mark.parametrize("config,v4", [(TINY_LLAMA31, False), (TINY_LLAMA31, True), (TINY_MISTRAL, False),
+                                       (TINY_QWEN2, False)],
+                         ids=["llama3.1-gqa4", "llama3.1-gqa4-v4-config", "mistral", "qwen2"])
 def test_tiny_models_match_transformers(tmp_path, config, v4, device):
     path = write_hf_model(tmp_path, config, seed=1)
     if v4:
@@ -67,6 +68,27 @@ def test_tiny_models_match_transformers(tmp_path, config, v4, device):
     # positions beyond original_max_position_embeddings exercise the llama3 frequency scaling
     tokens = torch.randint(0, config["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))
     assert_close(full_logits(model, tokens), hf_logits(path, tokens))
+    if config is TINY_QWEN2:  # its q/k/v biases are loaded (write_hf_model set them away from zero)
+        assert model.layers[1].attn.wk.bias is not None and model.layers[1].attn.wk.bias.abs().min() > 0
+
+
+@pytest.mark.parametrize("cache", ["full", "sparse"])
+def test_qwen2_greedy_ids_match_transformers(tmp_path, cache):
+    """Greedy decoding through our cache (prefill, then one token at a time) picks the ids HF's generate
+    picks; the offloaded cache retrieves every token here (budget above the length), so it agrees too."""
+    import transformers
+
+    from generate import generate
+    from kvcache import CacheConfig
+    path = write_hf_model(tmp_path, TINY_QWEN2, seed=3)
+    model = load_model(path)
+    prompt = torch.randint(3, 300, (1, 150), generator=torch.Generator().manual_seed(4))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 150:]
+    cfg = CacheConfig(cache, budget=512, sink=4, recent=8)
+    kv = KVCache(model, 170, cfg)
+    ours, _ = generate(model, kv, prompt[0].tolist(), 20, set())
+    assert ours == theirs.tolist()
 
 
 def test_sharded_checkpoint_loads(tmp_path, tiny_llama_dir):
@@ -128,8 +150,12 @@ def test_cache_overflow_is_refused(tiny_llama_dir):
 
 def test_config_errors():
     base = dict(TINY_LLAMA31)
-    with pytest.raises(ValueError, match="unsupported architecture 'Qwen2ForCausalLM'.*LlamaForCausalLM"):
-        ModelArgs.from_hf_config({**base, "architectures": ["Qwen2ForCausalLM"]})
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'.*Qwen2ForCausalLM"):
+        ModelArgs.from_hf_config({**base, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="attention_bias"):
+        ModelArgs.from_hf_config({**base, "attention_bias": True})
+    with pytest.raises(ValueError, match="sliding-window"):
+        ModelArgs.from_hf_config({**TINY_QWEN2, "use_sliding_window": True})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         ModelArgs.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="sliding-window"):
