@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import is_converted, resolve_model
-from kvcache import POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, kernels_available, plan_memory
+from kvcache import (POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, has_kernel_path, kernels_available,
+                     plan_memory)
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -351,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sink", type=int, help=f"tailor, sparse, streaming: first tokens kept (default: {d.sink})")
     c.add_argument("--recent", type=int, help=f"tailor, sparse, streaming: newest tokens kept (default: {d.recent})")
     c.add_argument("--select", choices=list(SELECTORS),
-                   help=f"tailor, sparse: top-k selector, a low-bit key sketch on the device or the paper's C channels "
-                        f"(default: {d.select})")
+                   help=f"tailor, sparse: top-k selector: sketch, a low-bit key sketch on the device; channels, the paper's "
+                        f"C channels; sketch-heads, the sketch ranked per query head; exact and exact-heads, every "
+                        f"offloaded key in full precision (for measurement) (default: {d.select})")
     c.add_argument("--channels", type=int, help=f"tailor, sparse: C for --select channels (default: {d.channels})")
     c.add_argument("--sketch-bits", type=int, help=f"tailor, sparse: bits of --select sketch (default: {d.sketch_bits})")
     c.add_argument("--check", action="store_true",
@@ -486,6 +488,9 @@ def run(args, report: dict) -> int:
     if args.kernels is None and kernels and not kernels_available(device):
         kernels = False  # a CUDA torch without Triton: the PyTorch path
         log("Triton is not installed: decoding on the PyTorch path (pip install 'triton>=3.6,<3.9' for the kernels)")
+    if args.kernels is None and kernels and cfg.policy in ("tailor", "sparse") and not has_kernel_path(cfg.select):
+        kernels = False
+        log(f"the {cfg.select} selector has no kernel path: decoding on the PyTorch path")
     if kernels and not kernels_available(device):
         raise UsageError("--kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
     if args.cuda_graph and not (kernels and on_cuda):

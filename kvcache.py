@@ -433,6 +433,15 @@ class Selector:
         """(H, hd) -> (n_kv, hd): one query per KV head, the mean of its group, in fp32."""
         return q.view(self.n_kv, -1, q.shape[-1]).float().mean(1)
 
+    def rank(self, keys: torch.Tensor, q: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """keys (n_kv, n, hd) fp32 against the step's queries q (H, hd) -> a score per key (n_kv, n):
+        the group's mean query (one dot product per key), or per_head: each query head's own softmax
+        over these keys, and the largest of them (a key one head needs is kept, whatever the others do)."""
+        if not per_head:
+            return (keys @ self.group_queries(q)[..., None])[..., 0]
+        s = keys @ q.view(self.n_kv, -1, q.shape[-1]).float().transpose(1, 2)   # (n_kv, n, G)
+        return s.mul(self.hd ** -0.5).log_softmax(1).amax(-1)
+
     def append(self, k): pass
     def step_append(self, k, pos): pass
     def advance(self, length): pass
@@ -454,6 +463,7 @@ class Selector:
 class SketchSelector(Selector):
     """A low-bit copy of every key on the device (per channel, groups of g tokens, token-major), scored
     against each KV head's mean query: every offloaded token on every channel, no host traffic."""
+    per_head = False
 
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
@@ -473,8 +483,7 @@ class SketchSelector(Selector):
         self.store.advance(length)
 
     def scores(self, q, lo, hi):
-        keys = self.store.dequantize()[:, lo:hi]                              # (n_kv, n_off, hd) fp32
-        return (keys @ self.group_queries(q)[..., None])[..., 0]              # (n_kv, n_off)
+        return self.rank(self.store.dequantize()[:, lo:hi], q, self.per_head)  # (n_kv, n_off)
 
     def step_scores(self, q, pos, out, sink, recent):
         K.sketch_scores(q, self.store, pos, out, sink, recent)
@@ -530,7 +539,42 @@ class ChannelSelector(Selector):
         return self.n_kv * n_off * self.C * self.host_k.element_size()
 
 
-SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector}
+class HeadwiseSketchSelector(SketchSelector):
+    """The sketch, ranked by each query head of the group on its own (Selector.rank, per_head): a key that
+    one head of a group attends to is not averaged away by the others. PyTorch path only."""
+    per_head = True
+    step_scores = Selector.step_scores
+
+
+class ExactSelector(Selector):
+    """For measurement, not a method (the oracle): every offloaded key in full precision, from the host
+    store, ranked as the sketch ranks them (the group's mean query). What it loses against the full cache
+    is what the budget and single-token selection lose; the sketch's further loss is its ranking."""
+    per_head = False
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        self.host_k = layer.host_k
+
+    def scores(self, q, lo, hi):
+        keys = self.host_k[lo:hi].to(q.device).float().transpose(0, 1)        # (n_kv, n_off, hd)
+        return self.rank(keys, q, self.per_head)
+
+    def h2d_bytes(self, n_off):
+        return n_off * self.n_kv * self.hd * self.host_k.element_size()
+
+
+class HeadwiseExactSelector(ExactSelector):
+    """The oracle ranked by each query head on its own (Selector.rank, per_head)."""
+    per_head = True
+
+
+def has_kernel_path(select: str) -> bool:
+    return SELECTORS[select].step_scores is not Selector.step_scores
+
+
+SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector, "sketch-heads": HeadwiseSketchSelector,
+             "exact": ExactSelector, "exact-heads": HeadwiseExactSelector}
 
 
 class SparseLayer:
@@ -783,6 +827,10 @@ class KVCache:
         if any(k in ("quant", None) for k in self.kinds) and a.head_dim % cfg.group:
             raise ConfigError("group", f"group {cfg.group} must divide head_dim {a.head_dim}: values are quantized "
                                        f"in groups of `group` channels")
+        offloads = any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0
+        if kernels and offloads and not has_kernel_path(cfg.select):
+            raise ConfigError("select", f"the {cfg.select!r} selector has no kernel path: decode on the PyTorch "
+                                        f"path (kernels off)")
         if (any(k in ("sparse", None) for k in self.kinds) and cfg.select == "sketch"
                 and a.head_dim % (32 // cfg.sketch_bits)):
             raise ConfigError("sketch_bits", f"a {cfg.sketch_bits}-bit sketch packs {32 // cfg.sketch_bits} channels per "
@@ -875,6 +923,20 @@ class KVCache:
         self.stage.free()
         if self.copy_stream is not None:
             torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+
+    def load_prompt(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        """Take a prompt's K/V, (1, n_kv, T, hd) per layer, as another cache's prefill computed them, in
+        place of prefilling it: prefill attention is exact in every policy, so every layer stores what its
+        own prefill would have (bench/accuracy.py prefills each prompt once for all policies). Online
+        identification measures the prefill's queries, so it prefills through the model."""
+        if self.meter is not None:
+            raise ValueError("online identification measures the prefill's queries: prefill through the model")
+        if keys[0].shape[2] > self.max_len:
+            raise RuntimeError(f"KV cache full: position {keys[0].shape[2]} exceeds its {self.max_len} slots")
+        for layer, k, v in zip(self.layers, keys, values, strict=True):
+            layer.load(k, v, 0)
+        self.length = keys[0].shape[2]
+        self.end_prefill()
 
     # ---------------------------------------------------------------------------- decode
 

@@ -26,7 +26,8 @@ def model_name(model_dir: Path) -> str:
 
 def fingerprint(model) -> str:
     """Identity of a model's config and weights, independent of the dtype it was loaded in."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in vars(model.args).items() if k != "eos_token_ids"},
+    # qkv_bias is left to the parameter names below (so plans made before that field existed still match)
+    h = hashlib.sha256(json.dumps({k: v for k, v in vars(model.args).items() if k not in ("eos_token_ids", "qkv_bias")},
                                   sort_keys=True).encode())
     for name, p in sorted(model.named_parameters()):
         flat = p.detach().reshape(-1)

@@ -26,10 +26,12 @@ identification without one) and the bits from the spec.
 """
 import argparse
 import json
+import platform
 import random
 import re
 import statistics
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -40,18 +42,31 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import resolve_model  # noqa: E402
 from generate import Decoder, compare  # noqa: E402
-from kvcache import CacheConfig, KVCache  # noqa: E402
+from kvcache import CacheConfig, KVCache, has_kernel_path  # noqa: E402
 from model import load_model  # noqa: E402
 from plots import try_plot  # noqa: E402
 from results import publish  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 DOCS = ROOT / "examples" / "documents"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])  # the running Python's: meta["python"] names its version
+
+
+def python_reference() -> str:
+    """The Python Language Reference as pydoc shows it (every Python ships it in pydoc_data)."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 DOCUMENTS = {  # none of them is used by profile_layers.py (its calibration texts are in examples/calibration)
-    "prose": [ROOT / "examples" / "lighthouse.txt", DOCS / "salt_road.txt"],
+    "prose": [ROOT / "examples" / "lighthouse.txt", DOCS / "salt_road.txt"],     # ~8k tokens each
     "code": [DOCS / "tidegauge.py.txt"],
     "table": [DOCS / "observations_table.txt"],
+    "stdlib": [STDLIB / "argparse.py", STDLIB / "inspect.py"],                 # >= 33k tokens each
+    "reference": python_reference,
+    "ledger": [DOCS / "ledger_long.txt"],
 }
+LONG_DOCUMENTS = ["stdlib", "reference", "ledger"]
 POLICIES = ["full", "tailor-1", "tailor-2", "tailor-1/channels", "tailor-2/channels", "kivi-1", "kivi-2",
             "sparse", "sparse/channels", "streaming"]
 SWEEP = ["tailor-2", "sparse", "streaming"]
@@ -145,19 +160,41 @@ def passkey_found(answer: str, key: int) -> bool:
 
 # ------------------------------------------------------------------------------------- running
 
+class Prefilled:
+    """A prompt prefilled once, through a full cache: its K/V per layer and last logits. Prefill attention
+    is exact in every policy, so each policy's cache loads these (KVCache.load_prompt) instead of
+    prefilling again: one prefill per prompt, not one per policy (bench/test_accuracy.py checks that
+    the logits that follow are the same bits)."""
+
+    @torch.inference_mode()
+    def __init__(self, model, prompt: list[int]):
+        dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+        cache = KVCache(model, len(prompt), CacheConfig(), device=dev, dtype=dtype)
+        self.ids = prompt
+        self.logits = model.prefill(torch.tensor([prompt], device=dev), cache)[0]
+        self.keys = [layer.k for layer in cache.layers]      # (1, n_kv, len(prompt), hd) each
+        self.values = [layer.v for layer in cache.layers]
+
+
 @torch.inference_mode()
-def decode(model, cfg: CacheConfig, prompt: list[int], n: int, choose) -> dict:
-    """Prefill prompt, then n decode steps; choose(i, logits) sees the prediction for position
-    len(prompt) + i and returns the token fed there. Returns the cache's memory report.
-    On CUDA the decode steps run on the kernel path, replayed from a CUDA graph."""
+def decode(model, cfg: CacheConfig, prompt: list[int] | Prefilled, n: int, choose) -> dict:
+    """Prefill prompt (or load an already prefilled one), then n decode steps; choose(i, logits) sees
+    the prediction for position len(prompt) + i and returns the token fed there. Returns the cache's
+    memory report. On CUDA the decode steps run on the kernel path, replayed from a CUDA graph."""
     dev, dtype = model.embed.weight.device, model.embed.weight.dtype
-    cache = KVCache(model, len(prompt) + n, cfg, device=dev, dtype=dtype, kernels=dev.type == "cuda")
-    logits = model.prefill(torch.tensor([prompt], device=dev), cache)[0]
+    ids = prompt.ids if isinstance(prompt, Prefilled) else prompt
+    kernels = dev.type == "cuda" and has_kernel_path(cfg.select)  # the PyTorch path for measurement-only selectors
+    cache = KVCache(model, len(ids) + n, cfg, device=dev, dtype=dtype, kernels=kernels)
+    if isinstance(prompt, Prefilled) and not cfg.online:
+        cache.load_prompt(prompt.keys, prompt.values)
+        logits = prompt.logits
+    else:
+        logits = model.prefill(torch.tensor([ids], device=dev), cache)[0]
     decoder = Decoder(model, cache)
     for i in range(n):
         token = choose(i, logits)
         if i + 1 < n:
-            logits = decoder.step(token, len(prompt) + i)
+            logits = decoder.step(token, len(ids) + i)
     return cache.memory_report()
 
 
@@ -192,8 +229,7 @@ def memory_fields(mem: dict) -> dict:
             "h2d_bytes_per_step": mem["h2d_bytes_per_step"]}
 
 
-def run_repeat(model, cfg, doc, context, n_copy) -> dict:
-    prefix, targets = repeat_task(doc, context, n_copy)
+def run_repeat(model, cfg, prefix, targets) -> dict:
     nll, top1 = [], []
 
     def score(i, logits):
@@ -204,9 +240,8 @@ def run_repeat(model, cfg, doc, context, n_copy) -> dict:
     return {**recall(nll, top1), **memory_fields(mem)}
 
 
-def run_fidelity(model, cfg, doc, context, n_next, reference: list[torch.Tensor]) -> dict:
+def run_fidelity(model, cfg, prefix, targets, reference: list[torch.Tensor]) -> dict:
     """reference: the full cache's logits at each step (recorded when cfg is the full cache)."""
-    prefix, targets = fidelity_task(doc, context, n_next)
     kl, agree = [], []
 
     def score(i, logits):
@@ -219,24 +254,53 @@ def run_fidelity(model, cfg, doc, context, n_next, reference: list[torch.Tensor]
     return {**fidelity(kl, agree), **memory_fields(mem)}
 
 
-def run_passkey(model, tok, cfg, context, depths, seed=0) -> dict:
-    rng, found = random.Random(seed + context), []
-    for depth in depths:
-        key = rng.randrange(10000, 100000)
-        answer = tok.decode(greedy(model, cfg, passkey_task(tok, context, depth, key), 8))
-        found.append(passkey_found(answer, key))
-    return {"passkey": sum(found) / len(found)}
+def run_doc(args, model, tok, context: int, specs: list[tuple[str, bool]], name: str, doc: list[int],
+            passkey: bool) -> list[dict]:
+    """Every policy of `specs` ((spec, in the budget sweep), the full cache first if there) at one context
+    on one document: a record each. Each task's prompt is prefilled once, for all of them (Prefilled).
+    passkey: run the passkey task too (it does not depend on the document)."""
+    cfgs = [parse_policy(spec, model) for spec, _ in specs]
+    records = [{"context": context, "policy": spec, "sweep": sweep, "doc": name, "quant_layers": cfg.quant_layers,
+                "bits": cfg.bits if cfg.policy in ("tailor", "kivi") else None}
+               for (spec, sweep), cfg in zip(specs, cfgs)]
+    if "repeat" in args.tasks:
+        prefix, targets = repeat_task(doc, context, args.copy)
+        prompt = Prefilled(model, prefix)
+        for r, cfg in zip(records, cfgs):
+            r.update(run_repeat(model, cfg, prompt, targets))
+    if "fidelity" in args.tasks:
+        prefix, targets = fidelity_task(doc, context, args.next)
+        prompt, reference = Prefilled(model, prefix), []
+        if cfgs[0].policy != "full" or cfgs[0].layers:
+            run_fidelity(model, CacheConfig(), prompt, targets, reference)
+        for r, cfg in zip(records, cfgs):
+            r.update(run_fidelity(model, cfg, prompt, targets, reference))
+    if "passkey" in args.tasks and passkey:
+        rng, found = random.Random(context), [[] for _ in specs]
+        for depth in args.depths:
+            key = rng.randrange(10000, 100000)
+            prompt = Prefilled(model, passkey_task(tok, context, depth, key))
+            for hits, (_, sweep), cfg in zip(found, specs, cfgs):
+                if not sweep:
+                    hits.append(passkey_found(tok.decode(greedy(model, cfg, prompt, 8)), key))
+        for r, hits in zip(records, found):
+            if hits:
+                r["passkey"] = sum(hits) / len(hits)
+    return records
 
 
 def load_documents(tok, names: list[str]) -> dict[str, list[int]]:
     docs = {}
     for name in names:
-        files = DOCUMENTS.get(name) or [Path(name)]
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise SystemExit(f"error: document {missing[0]} not found; name one of {', '.join(DOCUMENTS)} or a text file")
-        docs[name if name in DOCUMENTS else Path(name).stem] = tok.encode(
-            "\n\n".join(f.read_text() for f in files), add_special_tokens=False)
+        source = DOCUMENTS.get(name) or [Path(name)]
+        if callable(source):
+            text = source()
+        else:
+            missing = [f for f in source if not f.is_file()]
+            if missing:
+                raise SystemExit(f"error: document {missing[0]} not found; name one of {', '.join(DOCUMENTS)} or a text file")
+            text = "\n\n".join(f.read_text() for f in source)
+        docs[name if name in DOCUMENTS else Path(name).stem] = tok.encode(text, add_special_tokens=False)
     return docs
 
 
@@ -305,7 +369,9 @@ def plot(rows: list[dict], context: int, path: Path, title: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir, .gguf or hub repo id (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--docs", nargs="+", default=list(DOCUMENTS), help=f"{' '.join(DOCUMENTS)} or text files")
+    p.add_argument("--docs", nargs="+", default=["prose", "code", "table"],
+                   help=f"{' '.join(DOCUMENTS)} or text files (default: the three that fit an 8k context; "
+                        f"{', '.join(LONG_DOCUMENTS)} hold >= 33k tokens)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--policies", nargs="+", default=POLICIES)
     p.add_argument("--tasks", nargs="+", default=["repeat", "fidelity", "passkey"],
@@ -339,13 +405,18 @@ def main(argv=None):
     print(f"# first-pass NLL of each document's first 1024 tokens: "
           f"{', '.join(f'{n} {v:.2f}' for n, v in first.items())}", flush=True)
     meta = {"model": model_dir.name, "device": device_name, "dtype": args.dtype, "documents": {n: len(d) for n, d in docs.items()},
-            "first_pass_nll": first, "copy": args.copy, "next": args.next, "depths": args.depths,
+            "first_pass_nll": first, "python": platform.python_version(), "copy": args.copy, "next": args.next, "depths": args.depths,
             "sweep_context": sweep_context}
-    reference, t0 = {}, time.perf_counter()
+    t0 = time.perf_counter()
 
-    def one(context, spec, sweep, records):
-        run_one(args, model, tok, docs, context, spec, sweep, reference, records, t0)
-    return run_all(sorted(runs, key=lambda r: (r[0], r[1] != "full")), one, meta, Path(args.out))
+    def one(context, name, records):
+        specs = sorted([(spec, sweep) for c, spec, sweep in runs if c == context], key=lambda r: r[0] != "full")
+        for r in run_doc(args, model, tok, context, specs, name, docs[name], name == next(iter(docs))):
+            records.append(r)
+            print(f"{time.perf_counter() - t0:7.0f}s  {context:>6} {r['policy']:<20} {name:<6} "
+                  + "  ".join(f"{k} {r[k]:.3f}" for k in ("top1", "nll", "kl_mean", "agreement", "passkey") if k in r)
+                  + f"  device KV {r['device_kv_bytes'] / 2**20:.2f} MiB", flush=True)
+    return run_all([(c, name) for c in sorted({c for c, _, _ in runs}) for name in docs], one, meta, Path(args.out))
 
 
 def run_all(runs, one, meta: dict, out: Path) -> int:
@@ -363,27 +434,6 @@ def run_all(runs, one, meta: dict, out: Path) -> int:
     meta["complete"] = True
     report(meta, records, out)
     return 0
-
-
-def run_one(args, model, tok, docs, context, spec, sweep, reference, records, t0):
-    """One policy at one context on every document: a record per document, appended to `records`."""
-    cfg = parse_policy(spec, model)
-    for name, doc in docs.items():
-        r = {"context": context, "policy": spec, "sweep": sweep, "doc": name, "quant_layers": cfg.quant_layers,
-             "bits": cfg.bits if cfg.policy in ("tailor", "kivi") else None}
-        if "repeat" in args.tasks:
-            r.update(run_repeat(model, cfg, doc, context, args.copy))
-        if "fidelity" in args.tasks:
-            ref = reference.setdefault((name, context), [])
-            if not ref and cfg.policy != "full":
-                run_fidelity(model, CacheConfig(), doc, context, args.next, ref)
-            r.update(run_fidelity(model, cfg, doc, context, args.next, ref))
-        if "passkey" in args.tasks and not sweep and name == next(iter(docs)):  # doc-independent
-            r.update(run_passkey(model, tok, cfg, context, args.depths))
-        records.append(r)
-        print(f"{time.perf_counter() - t0:7.0f}s  {context:>6} {spec:<20} {name:<6} "
-              + "  ".join(f"{k} {r[k]:.3f}" for k in ("top1", "nll", "kl_mean", "agreement", "passkey") if k in r)
-              + f"  device KV {r['device_kv_bytes'] / 2**20:.2f} MiB", flush=True)
 
 
 def save(meta: dict, records: list[dict], out: Path) -> list[dict]:

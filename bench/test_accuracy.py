@@ -103,11 +103,55 @@ def test_full_cache_beats_a_tiny_window_on_a_tiny_model(tiny_llama_dir):
     from model import load_model
     model = load_model(tiny_llama_dir, "cpu", torch.float32)
     doc = torch.randint(4, 300, (120,), generator=torch.Generator().manual_seed(0)).tolist()
+    prefix, targets = fidelity_task(doc, 80, 16)
     ref = []
-    full = accuracy.run_fidelity(model, CacheConfig(), doc, 80, 16, ref)
+    full = accuracy.run_fidelity(model, CacheConfig(), prefix, targets, ref)
     assert full["kl_mean"] < 1e-9 and full["agreement"] == 1.0 and len(ref) == 16
-    window = accuracy.run_fidelity(model, CacheConfig("streaming", sink=2, recent=2), doc, 80, 16, ref)
+    window = accuracy.run_fidelity(model, CacheConfig("streaming", sink=2, recent=2), prefix, targets, ref)
     assert window["kl_mean"] > 1e-4 and window["device_kv_bytes"] < full["device_kv_bytes"] / 10
+
+
+@pytest.mark.parametrize("spec", ["full", "tailor-2", "kivi-1", "sparse@24", "sparse/channels@24", "streaming@16"])
+def test_a_prompt_prefilled_once_decodes_as_if_each_policy_prefilled_it(tmp_path_factory, spec):
+    """Prefilled + KVCache.load_prompt: every policy's logits after loading the shared prefill are the same
+    bits as after its own prefill (prefill attention is exact in every policy), over decode steps that
+    quantize groups and retrieve from the host."""
+    from dataclasses import replace
+
+    from kvcache import KVCache
+    from model import load_model
+    from conftest import TINY_QWEN2, write_hf_model
+    model = load_model(write_hf_model(tmp_path_factory.mktemp("qwen2"), TINY_QWEN2), "cpu", torch.float32)  # hd 32
+    cfg = replace(parse_policy(spec, model), quant_layers=(1,), group=32, residual=64, sink=4, recent=8)
+    doc = torch.randint(4, 300, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    prefix, targets = doc[:230], doc[230:300]
+    shared = accuracy.Prefilled(model, prefix)
+
+    def logits_of(prompt):
+        seen = []
+        mem = accuracy.teacher_force(model, cfg, prompt, targets, lambda i, lg: seen.append(lg.clone()))
+        return torch.stack(seen), mem
+    (own, mem_own), (loaded, mem_loaded) = logits_of(prefix), logits_of(shared)
+    assert torch.equal(own, loaded) and mem_own == mem_loaded
+    with pytest.raises(ValueError, match="online identification"):
+        KVCache(model, 300, replace(cfg, policy="tailor", quant_layers=None)).load_prompt(shared.keys, shared.values)
+
+
+def test_run_doc_prefills_each_prompt_once(tiny_llama_dir, monkeypatch):
+    import argparse
+
+    from model import load_model
+    model = load_model(tiny_llama_dir, "cpu", torch.float32)
+    prefills = []
+    real = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda *a, **k: prefills.append(a[0].shape[1]) or real(*a, **k))
+    args = argparse.Namespace(tasks=["repeat", "fidelity"], copy=16, next=8)
+    doc = torch.randint(4, 300, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    specs = [("full", False), ("sparse/channels@24", False), ("sparse@24", True), ("streaming@16", True)]
+    records = accuracy.run_doc(args, model, None, 96, specs, "d", doc, passkey=False)
+    assert prefills == [80, 96]   # the repeat prompt (96 - 16 copied), the fidelity prompt: once each
+    assert [r["policy"] for r in records] == [s for s, _ in specs] and records[0]["kl_mean"] < 1e-9
+    assert all("top1" in r and "kl_mean" in r for r in records)
 
 
 def test_an_interrupted_run_keeps_its_finished_rows_and_replots(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from kvcache import (CacheConfig, KVCache, PrefillStage, QuantLayer, QuantStore, Selector, SparseLayer, attention,
+from kvcache import (CacheConfig, ConfigError, KVCache, PrefillStage, QuantLayer, QuantStore, Selector, SparseLayer, attention,
                      nbytes, pack, plan_memory, quantize, unpack)
 from model import ModelArgs, Transformer
 
@@ -108,7 +108,7 @@ def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):
     torch.testing.assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     N, prompt = 90, 30
@@ -118,7 +118,7 @@ def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     torch.testing.assert_close(out, reference(q, k, v, lambda t: range(t + 1)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_retrieves_the_dominant_tokens(select, H, n_kv, hd):
     """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those."""
@@ -163,7 +163,14 @@ def channel_scores(layer, q, keys, lo, hi):
     return (kc * qk.gather(1, ch)[:, None, :]).sum(-1)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels"])
+def headwise_scores(keys, q, lo, hi):
+    """Each query head's softmax over keys [lo, hi) (n_kv, n, hd), the largest over the group's heads."""
+    n_kv, hd = keys.shape[0], keys.shape[-1]
+    s = torch.einsum("htd,hgd->htg", keys[:, lo:hi].float(), q.view(n_kv, -1, hd).float())
+    return (s / hd ** 0.5).log_softmax(1).amax(-1)
+
+
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
     """Budget far below the context, random data: every decode step attends over exactly the sinks, the
     recent window and the top-k of the selector's scores recomputed here over [sink, first recent)."""
@@ -178,10 +185,15 @@ def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
     for t in range(prompt, N):
         out = layer.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t)
         lo, hi = sink, t + 1 - recent                      # offloaded positions [lo, hi): always more than topk
-        if select == "sketch":
-            scores = sketch_scores(layer, q[0, :, t], lo, hi)
-        else:
+        keys = layer.selector.store.dequantize() if select.startswith("sketch") else k[0, :, :t + 1]
+        if select == "channels":
             scores = channel_scores(layer, q[0, :, t], k[0, :, :t + 1], lo, hi)
+        elif select.endswith("heads"):
+            scores = headwise_scores(keys, q[0, :, t], lo, hi)
+        elif select == "sketch":
+            scores = sketch_scores(layer, q[0, :, t], lo, hi)
+        else:  # exact: the full-precision keys against the group's mean query
+            scores = torch.einsum("htd,hd->ht", keys[:, lo:hi], q[0, :, t].view(n_kv, -1, hd).mean(1))
         top = scores.topk(topk, dim=-1).indices + lo
         for h in range(n_kv):
             keep = sorted(set(range(sink)) | set(top[h].tolist()) | set(range(hi, t + 1)))
@@ -206,7 +218,7 @@ def selected_positions(layer):
             for h in range(layer.att_k.shape[0])]
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 @pytest.mark.parametrize("prompt", [135, 136])  # the last offloaded position quantized in the sketch, or exact
 def test_needles_at_the_edges_of_the_offloaded_range_are_retrieved(select, prompt):
     """The first step after the prompt offloads [sink, prompt + 1 - recent); needles at its first and last
@@ -570,3 +582,33 @@ def test_the_trace_records_what_each_offloaded_layer_retrieved(monkeypatch, tmp_
         expect = torch.bincount(torch.cat([idx.flatten() for (lay, _), idx in made.items() if lay == layer]),
                                 minlength=60)[:60]  # the page shows the prompt
         assert data["layers"][layer]["counts"] == expect.tolist()
+
+
+def test_headwise_ranking_keeps_a_key_that_one_head_of_the_group_wants():
+    """One query head of each group points at the needles, the group's other heads away from them: the
+    group's mean query does not see them, each head's own softmax does."""
+    H, n_kv, hd, sink, recent, topk, prompt = 8, 2, 64, 4, 8, 4, 160
+    G, needles = H // n_kv, [20, 70, 71, 140]
+    q, k, v = qkv(H, n_kv, hd, prompt + 1, seed=5)
+    d, r = rand(n_kv, hd, seed=6), rand(n_kv, hd, seed=7)
+    r -= (r * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True) * d  # r orthogonal to d
+    for h in range(n_kv):  # head 0 of the group: 3d + r; the other three: -d + r; their mean: r
+        q[0, h * G:(h + 1) * G, prompt] = torch.stack([3 * d[h]] + [-d[h]] * (G - 1)) + r[h]
+        k[0, h, needles] = 4 * d[h] + 0.1 * rand(len(needles), hd, seed=h)
+    got = {}
+    for select in ("exact", "exact-heads", "sketch-heads"):
+        cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select,
+                          sketch_bits=8)  # the per-head ranking on a sketch close to the keys
+        layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
+        layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
+        layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)
+        got[select] = selected_positions(layer)
+    assert got["exact-heads"] == got["sketch-heads"] == [needles] * n_kv
+    assert all(set(heads) != set(needles) for heads in got["exact"])
+
+
+def test_a_selector_without_a_kernel_path_is_refused_on_the_kernels():
+    model = tiny_model(8, 2, 64)
+    with pytest.raises(ConfigError, match="'sketch-heads' selector has no kernel path"):
+        KVCache(model, 64, CacheConfig("sparse", select="sketch-heads"), kernels=True)
+    KVCache(model, 64, CacheConfig("streaming", select="sketch-heads"), kernels=True)  # selects nothing: fine

@@ -1,4 +1,5 @@
-"""Writes the two generated accuracy documents: a table-like ledger and a Python module.
+"""Writes the generated accuracy documents: a table-like ledger, a Python module, and a ledger long enough
+for a 32k-token context.
 
 Both are deterministic (fixed seeds), so rerunning this script reproduces the shipped files:
 
@@ -82,3 +83,4 @@ def code(rng: random.Random, units: int = 68) -> str:
 if __name__ == "__main__":
     (HERE / "observations_table.txt").write_text(table(random.Random(2024)))
     (HERE / "tidegauge.py.txt").write_text(code(random.Random(7)))
+    (HERE / "ledger_long.txt").write_text(table(random.Random(2025), rows=900))
