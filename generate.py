@@ -513,7 +513,8 @@ def run(args, report: dict) -> int:
 
     report["stage"] = "generating"
     out, stats = generate(model, cache, ids, max_new, stop_ids, args.temperature, args.top_p, args.seed,
-                          on_token, bar.update, args.prefill_chunk, check, args.cuda_graph, record=bool(args.trace))
+                          on_token, lambda f: bar.update(min(f, bar.total - bar.n)), args.prefill_chunk, check,
+                          args.cuda_graph, record=bool(args.trace))  # (fractions of a layer add up to a hair over it)
     bar.close()
     sys.stdout.write("\n")
     log(stats_line(stats, len(ids), len(out), threads if not on_cuda else None) +

@@ -345,7 +345,8 @@ def plot(rows: list[dict], context: int, path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    sel = [r for r in rows if r["context"] == context and "top1" in r]
+    # the exact selectors are measurements (their device bytes leave out the keys they read from the host)
+    sel = [r for r in rows if r["context"] == context and "top1" in r and "/exact" not in r["policy"]]
     for r in sel:
         if not r["sweep"]:
             ax.scatter(r["device_kv_bytes"] / 2**20, r["top1"], zorder=3)
@@ -384,11 +385,16 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy"), help="prefix of .json/.md/.png")
-    p.add_argument("--replot", metavar="JSON", help="rewrite the table and plot of an earlier run's JSON; runs nothing")
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="rewrite the table and plot of earlier runs' JSON (several: their rows merged into --out, "
+                        "the first run's row kept where two have the same one); runs nothing")
     args = p.parse_args(argv)
     if args.replot:
-        run = json.loads(Path(args.replot).read_text())
-        report(run["meta"], run["records"], Path(args.replot).with_suffix(""))
+        runs = [json.loads(Path(f).read_text()) for f in args.replot]
+        if len(runs) == 1:
+            report(runs[0]["meta"], runs[0]["records"], Path(args.replot[0]).with_suffix(""))
+        else:
+            report(*merge(runs), Path(args.out))
         return 0
 
     model_dir = resolve_model(args.model)
@@ -434,6 +440,22 @@ def run_all(runs, one, meta: dict, out: Path) -> int:
     meta["complete"] = True
     report(meta, records, out)
     return 0
+
+
+def merge(runs: list[dict]) -> tuple[dict, list[dict]]:
+    """The records of several runs of the same model and hardware as one run: the first run's meta (its
+    sweep context the largest of theirs), each (context, policy, sweep, document) row once."""
+    meta, records, seen = dict(runs[0]["meta"]), [], set()
+    if len({(run["meta"]["model"], run["meta"]["device"], run["meta"]["dtype"]) for run in runs}) > 1:
+        raise SystemExit("--replot merges runs of one model, device and dtype only")
+    meta["sweep_context"] = max(run["meta"].get("sweep_context") or 0 for run in runs)
+    for run in runs:
+        for r in run["records"]:
+            key = (r["context"], r["policy"], r.get("sweep", False), r["doc"])
+            if key not in seen:
+                seen.add(key)
+                records.append(r)
+    return meta, records
 
 
 def save(meta: dict, records: list[dict], out: Path) -> list[dict]:

@@ -23,6 +23,15 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "python bench/accuracy.py --device cuda --dtype bfloat16 --contexts 1024 2048 4096 7500", "accuracy_h100.png",
      "Default model; document repeat (copy top-1, NLL), fidelity to the full cache (KL, top-1 agreement) and "
      "passkey on three documents (examples/documents/), mean ± sd; rows with @N are the budget sweep."),
+    ("Accuracy at 8k–32k tokens: Qwen2.5-Coder-0.5B-Instruct, H100", "accuracy_qwen05_h100.md",
+     "python bench/accuracy.py --model qwen2.5-coder-0.5b --device cuda --dtype bfloat16 --docs stdlib reference ledger "
+     "--contexts 8192 16384 (then 32768, and 32768 with --policies full tailor-2/exact tailor-2/exact-heads "
+     "tailor-2/sketch-heads --tasks repeat fidelity); merged by --replot bench/results/qwen/*.json",
+     "accuracy_qwen05_h100.png",
+     "The same tasks on three documents of more than 33k tokens (two standard-library modules, the Python language "
+     "reference, a generated ledger); its plan (plans/Qwen2.5-Coder-0.5B-Instruct.json) quantizes no layer, so "
+     "tailor-* equals sparse. /exact rows rank with every offloaded key in full precision (a measurement: their "
+     "device bytes leave out the keys read from the host); -heads rank per query head."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py on the bundled story", "generate.md",

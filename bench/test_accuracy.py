@@ -176,3 +176,14 @@ def test_an_interrupted_run_keeps_its_finished_rows_and_replots(tmp_path):
     out.with_suffix(".md").unlink()
     assert accuracy.main(["--replot", str(out.with_suffix(".json"))]) == 0
     assert "| 1024 | kivi |" in out.with_suffix(".md").read_text()
+    later = {"meta": {**meta, "sweep_context": 2048}, "records": [{**row, "context": 1024, "policy": "kivi", "doc": "a",
+                                                                   "top1": 0.1},  # the first run's row is kept
+                                                                  {**row, "context": 2048, "policy": "full", "doc": "a"}]}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    merged = tmp_path / "merged"
+    assert accuracy.main(["--replot", str(out.with_suffix(".json")), str(tmp_path / "later.json"),
+                          "--out", str(merged)]) == 0
+    run = json.loads(merged.with_suffix(".json").read_text())
+    assert [(r["context"], r["policy"], r["top1"]) for r in run["records"]] == \
+        [(1024, "full", 0.9), (1024, "full", 0.9), (1024, "kivi", 0.9), (2048, "full", 0.9)]
+    assert run["meta"]["sweep_context"] == 2048
