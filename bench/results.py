@@ -32,6 +32,12 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "reference, a generated ledger); its plan (plans/Qwen2.5-Coder-0.5B-Instruct.json) quantizes no layer, so "
      "tailor-* equals sparse. /exact rows rank with every offloaded key in full precision (a measurement: their "
      "device bytes leave out the keys read from the host); -heads rank per query head."),
+    ("Accuracy at 16k and 32k tokens: Qwen2.5-Coder-1.5B-Instruct, H100", "accuracy_qwen15_h100.md",
+     "python bench/accuracy.py --model qwen2.5-coder-1.5b --device cuda --dtype bfloat16 --docs stdlib reference ledger "
+     "--contexts 16384 --policies full tailor-2 sparse streaming (then 32768); merged by --replot "
+     "bench/results/qwen/acc15_*.json", "accuracy_qwen15_h100.png",
+     "At 16k tailor-2 takes its layers from plans/Qwen2.5-Coder-1.5B-Instruct.json (the proxy's: 1, 5, 17, 26, 27); "
+     "at 32k it decided them online from each prompt's prefill."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py on the bundled story", "generate.md",
