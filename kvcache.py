@@ -546,6 +546,17 @@ class HeadwiseSketchSelector(SketchSelector):
     step_scores = Selector.step_scores
 
 
+class NeighbourSketchSelector(SketchSelector):
+    """The sketch, where a token also scores as high as the token before it: the top-k then takes the
+    successor of a strong hit (the next token of a passage being read or copied) in place of a weaker
+    token elsewhere, within the same budget. PyTorch path only."""
+    step_scores = Selector.step_scores
+
+    def scores(self, q, lo, hi):
+        s = super().scores(q, lo, hi)
+        return torch.cat([s[:, :1], torch.maximum(s[:, 1:], s[:, :-1])], dim=1)
+
+
 class ExactSelector(Selector):
     """For measurement, not a method (the oracle): every offloaded key in full precision, from the host
     store, ranked as the sketch ranks them (the group's mean query). What it loses against the full cache
@@ -574,7 +585,7 @@ def has_kernel_path(select: str) -> bool:
 
 
 SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector, "sketch-heads": HeadwiseSketchSelector,
-             "exact": ExactSelector, "exact-heads": HeadwiseExactSelector}
+             "sketch-next": NeighbourSketchSelector, "exact": ExactSelector, "exact-heads": HeadwiseExactSelector}
 
 
 class SparseLayer:

@@ -108,7 +108,7 @@ def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):
     torch.testing.assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "exact", "exact-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     N, prompt = 90, 30
@@ -121,7 +121,8 @@ def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
 @pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_retrieves_the_dominant_tokens(select, H, n_kv, hd):
-    """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those."""
+    """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those. (sketch-next
+    trades some of them for their successors by design: its own test is below.)"""
     N, prompt, topk = 300, 250, 6
     cfg = CacheConfig("sparse", sink=4, recent=8, budget=4 + 8 + topk, select=select, sketch_bits=2)
     q, k, v = qkv(H, n_kv, hd, N, seed=3)
@@ -170,7 +171,7 @@ def headwise_scores(keys, q, lo, hi):
     return (s / hd ** 0.5).log_softmax(1).amax(-1)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "exact", "exact-heads"])
 def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
     """Budget far below the context, random data: every decode step attends over exactly the sinks, the
     recent window and the top-k of the selector's scores recomputed here over [sink, first recent)."""
@@ -190,6 +191,9 @@ def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
             scores = channel_scores(layer, q[0, :, t], k[0, :, :t + 1], lo, hi)
         elif select.endswith("heads"):
             scores = headwise_scores(keys, q[0, :, t], lo, hi)
+        elif select == "sketch-next":  # a token scores at least as high as the one before it
+            scores = sketch_scores(layer, q[0, :, t], lo, hi)
+            scores[:, 1:] = torch.maximum(scores[:, 1:], scores[:, :-1].clone())
         elif select == "sketch":
             scores = sketch_scores(layer, q[0, :, t], lo, hi)
         else:  # exact: the full-precision keys against the group's mean query
@@ -612,3 +616,19 @@ def test_a_selector_without_a_kernel_path_is_refused_on_the_kernels():
     with pytest.raises(ConfigError, match="'sketch-heads' selector has no kernel path"):
         KVCache(model, 64, CacheConfig("sparse", select="sketch-heads"), kernels=True)
     KVCache(model, 64, CacheConfig("streaming", select="sketch-heads"), kernels=True)  # selects nothing: fine
+
+
+def test_the_neighbour_selector_fetches_the_token_after_each_hit():
+    """Needles at 40 and 90 point at every query; the keys after them are random. The neighbour ranking
+    takes 41 and 91 in the same budget of 4, the plain sketch two other random tokens."""
+    H, n_kv, hd, sink, recent, topk, prompt = 6, 2, 64, 4, 8, 4, 150
+    q, k, v = plant_needles(H, n_kv, hd, prompt + 1, [40, 90])
+    got = {}
+    for select in ("sketch", "sketch-next"):
+        cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select)
+        layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
+        layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
+        layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)
+        got[select] = selected_positions(layer)
+    assert got["sketch-next"] == [[40, 41, 90, 91]] * n_kv
+    assert all({40, 90} <= set(heads) and not {41, 91} <= set(heads) for heads in got["sketch"])
