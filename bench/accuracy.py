@@ -475,7 +475,7 @@ def report(meta: dict, records: list[dict], out: Path):
     model = re.sub(r"-[0-9a-f]{12}$", "", meta["model"])  # a converted GGUF's cache dir ends in its hash
     header = f"{model}, {meta['device']}, {meta['dtype']}"
     partial = "" if meta.get("complete", True) else " (an interrupted run: the rows that finished)"
-    table = f"{header}; mean ± sd over {len(meta['documents'])} documents{partial}\n\n" + markdown(rows)
+    table = f"{header}; mean ± sd over {len({r['doc'] for r in records})} documents{partial}\n\n" + markdown(rows)
     ctx = meta.get("sweep_context") or max(r["context"] for r in records)
     try_plot(lambda: plot(rows, ctx, out.with_suffix(".png"), f"{header}, context {ctx}: recall vs device KV memory"))
     publish(out.with_suffix(".md"), table)

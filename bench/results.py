@@ -38,6 +38,12 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "bench/results/qwen/acc15_*.json", "accuracy_qwen15_h100.png",
      "At 16k tailor-2 takes its layers from plans/Qwen2.5-Coder-1.5B-Instruct.json (the proxy's: 1, 5, 17, 26, 27); "
      "at 32k it decided them online from each prompt's prefill."),
+    ("Where retrieval loses: selectors on the default model, H100", "retrieval_default_h100.md",
+     "python bench/accuracy.py --device cuda --dtype bfloat16 --contexts 4096 7500 --docs prose code table stdlib "
+     "reference ledger --policies full tailor-2 tailor-2/exact tailor-2/exact-heads tailor-2/sketch-heads "
+     "tailor-2/sketch-next streaming --tasks repeat fidelity --sweep-budgets", "retrieval_default_h100.png",
+     "An interrupted run (9 minutes): the 4k rows of the first three documents. /exact rank with every offloaded "
+     "key in full precision (a measurement), -heads per query head, -next with each hit's successor."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py on the bundled story", "generate.md",
