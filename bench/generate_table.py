@@ -1,11 +1,13 @@
 """The table of generate.py runs in the README, from their --report files.
 
     python bench/generate_table.py bench/results/generate/*.json    # writes bench/results/generate.md
+    python bench/generate_table.py --out bench/results/generate_qwen.md bench/results/generate_qwen/*.json
 
 Each report names its hardware (GPU, or the CPU and its threads), dtype, cache policy and path; the
 rows give prefill speed, decode ms/token, the first decode step (timed apart: on CUDA it compiles
 the kernels and captures the graph), the KV cache held on the device (and on the host) and peak memory.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,14 +27,18 @@ def row(rep: dict) -> str:
             f"| {kv['device_bytes'] / mib:.0f} MiB{host} | {peak} |")
 
 
-def main(paths: list[str]) -> int:
-    reports = [json.loads(Path(p).read_text()) for p in paths]
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description="the table of generate.py runs, from their --report files")
+    p.add_argument("reports", nargs="+")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "generate.md")
+    args = p.parse_args(argv)
+    reports = [json.loads(Path(f).read_text()) for f in args.reports]
     table = [f"generate.py on {reports[0]['prompt_tokens']:,} prompt tokens, {len(reports[0]['generated_ids'])} generated\n",
              "| hardware | dtype | cache | path | prefill | decode | first step | KV cache | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     table += [row(rep) for rep in sorted(reports, key=lambda r: (r["device"] != "cpu", not r["kernels"], r["policy"]["cache"]))]
     print("\n".join(table))
-    publish(Path(__file__).resolve().parent / "results" / "generate.md", "\n".join(table))
+    publish(args.out, "\n".join(table))
     return 0
 
 

@@ -46,6 +46,10 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "key in full precision (a measurement), -heads per query head, -next with each hit's successor."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
+    ("generate.py over a 20k-token file, Qwen2.5-Coder-0.5B on a CPU", "generate_qwen.md",
+     "python bench/generate_table.py --out bench/results/generate_qwen.md bench/results/generate_qwen/*.json", None,
+     "generate.py --model qwen2.5-coder-0.5b --prompt-file argparse.py (the standard library's, 19,701 tokens) "
+     "--question ... --max-new-tokens 48 --cache <each> --report ..., on 2 CPU threads."),
     ("generate.py on the bundled story", "generate.md",
      "python bench/generate_table.py bench/results/generate/*.json", None,
      "From the --report files of generate.py runs in bench/results/generate/ (see the README for the command)."),
