@@ -842,8 +842,7 @@ class KVCache:
         if kernels and offloads and not has_kernel_path(cfg.select):
             raise ConfigError("select", f"the {cfg.select!r} selector has no kernel path: decode on the PyTorch "
                                         f"path (kernels off)")
-        if (any(k in ("sparse", None) for k in self.kinds) and cfg.select == "sketch"
-                and a.head_dim % (32 // cfg.sketch_bits)):
+        if offloads and issubclass(SELECTORS[cfg.select], SketchSelector) and a.head_dim % (32 // cfg.sketch_bits):
             raise ConfigError("sketch_bits", f"a {cfg.sketch_bits}-bit sketch packs {32 // cfg.sketch_bits} channels per "
                                              f"int32, which does not divide head_dim {a.head_dim}")
         self.shape, self.batch, self.device, self.host_device = (a.n_kv_heads, a.head_dim, max_len), batch, device, host_device

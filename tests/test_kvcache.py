@@ -632,3 +632,11 @@ def test_the_neighbour_selector_fetches_the_token_after_each_hit():
         got[select] = selected_positions(layer)
     assert got["sketch-next"] == [[40, 41, 90, 91]] * n_kv
     assert all({40, 90} <= set(heads) and not {41, 91} <= set(heads) for heads in got["sketch"])
+
+
+@pytest.mark.parametrize("select", ["sketch", "sketch-heads", "sketch-next"])
+def test_a_sketch_that_cannot_pack_the_head_is_refused(select):
+    model = tiny_model(4, 2, 24)  # 24 channels: not a multiple of the 16 a 2-bit int32 holds
+    with pytest.raises(ConfigError, match="2-bit sketch packs 16 channels per int32, which does not divide head_dim 24"):
+        KVCache(model, 64, CacheConfig("sparse", select=select, sketch_bits=2))
+    KVCache(model, 64, CacheConfig("sparse", select="exact"))  # keeps no sketch
