@@ -426,6 +426,8 @@ class Selector:
     scoring of n_off offloaded tokens moves.
     """
 
+    per_head = False  # how scores() ranks keys: the group's mean query, or each query head (see rank)
+
     def __init__(self, layer: "SparseLayer", cfg: CacheConfig, wq: torch.nn.Linear, inv_freq: torch.Tensor):
         self.n_kv, _, self.hd = layer.att_k.shape
 
@@ -433,11 +435,11 @@ class Selector:
         """(H, hd) -> (n_kv, hd): one query per KV head, the mean of its group, in fp32."""
         return q.view(self.n_kv, -1, q.shape[-1]).float().mean(1)
 
-    def rank(self, keys: torch.Tensor, q: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    def rank(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """keys (n_kv, n, hd) fp32 against the step's queries q (H, hd) -> a score per key (n_kv, n):
-        the group's mean query (one dot product per key), or per_head: each query head's own softmax
+        the group's mean query (one dot product per key), or with per_head each query head's own softmax
         over these keys, and the largest of them (a key one head needs is kept, whatever the others do)."""
-        if not per_head:
+        if not self.per_head:
             return (keys @ self.group_queries(q)[..., None])[..., 0]
         s = keys @ q.view(self.n_kv, -1, q.shape[-1]).float().transpose(1, 2)   # (n_kv, n, G)
         return s.mul(self.hd ** -0.5).log_softmax(1).amax(-1)
@@ -463,7 +465,6 @@ class Selector:
 class SketchSelector(Selector):
     """A low-bit copy of every key on the device (per channel, groups of g tokens, token-major), scored
     against each KV head's mean query: every offloaded token on every channel, no host traffic."""
-    per_head = False
 
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
@@ -483,7 +484,7 @@ class SketchSelector(Selector):
         self.store.advance(length)
 
     def scores(self, q, lo, hi):
-        return self.rank(self.store.dequantize()[:, lo:hi], q, self.per_head)  # (n_kv, n_off)
+        return self.rank(self.store.dequantize()[:, lo:hi], q)                # (n_kv, n_off)
 
     def step_scores(self, q, pos, out, sink, recent):
         K.sketch_scores(q, self.store, pos, out, sink, recent)
@@ -561,7 +562,6 @@ class ExactSelector(Selector):
     """For measurement, not a method (the oracle): every offloaded key in full precision, from the host
     store, ranked as the sketch ranks them (the group's mean query). What it loses against the full cache
     is what the budget and single-token selection lose; the sketch's further loss is its ranking."""
-    per_head = False
 
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
@@ -569,7 +569,7 @@ class ExactSelector(Selector):
 
     def scores(self, q, lo, hi):
         keys = self.host_k[lo:hi].to(q.device).float().transpose(0, 1)        # (n_kv, n_off, hd)
-        return self.rank(keys, q, self.per_head)
+        return self.rank(keys, q)
 
     def h2d_bytes(self, n_off):
         return n_off * self.n_kv * self.hd * self.host_k.element_size()
@@ -850,7 +850,7 @@ class KVCache:
         self.wq = [b.attn.wq for b in model.layers]  # query projections, for selectors that predict a layer's query
         self.inv_freq = model.inv_freq
         self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
-        if kernels and any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0:
+        if kernels and offloads:
             unit = 8 * cfg.group  # the sketch kernel scores 8 groups per program
             width = -(-max(max_len, cfg.topk) // unit) * unit
             # half-precision scores for a half-precision model: they only rank tokens, and top-k over 16-bit

@@ -335,10 +335,10 @@ def test_quant_layer_error_within_the_half_step_bound(bits, lossy):
 
 # ------------------------------------------------------------------------------ the whole cache
 
-def tiny_model(H, n_kv, hd, layers=3, seed=0):
+def tiny_model(H, n_kv, hd, layers=3, seed=0, qkv_bias=False):
     torch.manual_seed(seed)
     return Transformer(ModelArgs(dim=64, n_layers=layers, n_heads=H, n_kv_heads=n_kv, head_dim=hd, ffn_dim=128,
-                                 vocab_size=97, max_seq_len=4096)).eval()
+                                 vocab_size=97, max_seq_len=4096, qkv_bias=qkv_bias)).eval()
 
 
 def logits_through(model, cache, tokens, prompt, chunk=32):
@@ -396,9 +396,11 @@ def test_policies_run_in_bf16(policy, device):
 
 def test_channel_selector_predicts_each_layers_query_from_the_layer_before():
     """Through a real prefill and decode: layer l's predicted query is W_q of layer l (with RoPE at the
-    step's position) applied to the normalised input of layer l - 1, captured as the model ran."""
+    step's position) applied to the normalised input of layer l - 1, captured as the model ran; with
+    q/k/v biases (Qwen2), so the prediction must go through the whole projection."""
     from model import apply_rope
-    model = tiny_model(8, 2, 64, layers=4)
+    model = tiny_model(8, 2, 64, layers=4, qkv_bias=True)
+    assert model.layers[1].attn.wq.bias.abs().min() > 0
     cache = KVCache(model, 64, CacheConfig("sparse", sink=2, recent=4, budget=10, select="channels"))
     normed = {}
     for i, block in enumerate(model.layers):
