@@ -7,7 +7,8 @@
                 sequence (flash-decoding) and combined; the residual ring is the last split
   dense_attend  the same over full-precision K/V (the full cache)
   sparse_attend attention over a sparse layer's device tokens [sinks | retrieved | window]
-  sketch_scores q . dequant(sketch) for every offloaded token (the GPU-resident selector)
+  sketch_scores q . dequant(sketch) for every offloaded token (the GPU-resident selector), against
+                the group's mean query or each query head (then the largest log-softmax)
   channel_scores q . K on C channels of every offloaded key, read from pinned host memory
   gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
@@ -416,23 +417,133 @@ def _sketch_scores_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res
         tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
 
 
-def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, NB: int = 8, num_warps: int = 8):
-    """Scores (n_kv, cap) of every offloaded position [sink, pos + 1 - recent) against the group-mean query,
-    from a token-major, per-channel kvcache.QuantStore sketch whose residual is one group; -inf elsewhere.
-    Reference: kvcache.SparseLayer._select's sketch scores."""
+@triton.jit
+def _head_queries(q, h, j, sm_scale, G, BG: tl.constexpr, W: tl.constexpr, HD: tl.constexpr):
+    """(HD / W, BG): channels w * W + j of KV head h's query heads, times sm_scale."""
+    g = tl.arange(0, BG)
+    c = tl.arange(0, HD // W) * W + j
+    return tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
+
+
+@triton.jit
+def _sketch_heads_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, raw, raw_h, part_m,
+                         part_l, pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr,
+                         HD: tl.constexpr):
+    """Each of the G query heads of KV head h against the sketch, NB groups of tokens per program: the
+    scores (times sm_scale) into raw rows h * G + g, and per program each head's max and sum of
+    exponentials into part_m/part_l (_head_max_kernel finishes the ranking). Code j of every word
+    (channels w * W + j) is one shift and mask away, so the dot products build up over j = 0..W-1 in the
+    words' own layout, a multiply-add per step with the matching channels of the scaled queries, and one
+    sum over the words at the end."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
+    n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
+    W: tl.constexpr = 32 // BITS
+    w = tl.arange(0, HD // W)
+    g = tl.arange(0, BG)
+    i = tl.arange(0, GROUP)
+    ring = tl.zeros((GROUP, BG), tl.float32)  # the group still in the ring: exact keys
+    t_r = n_q + i
+    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
+        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
+        for j in tl.static_range(W):
+            kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + (w * W + j)[None, :],
+                         mask=(t_r < L)[:, None], other=0.0).to(tl.float32)
+            acc += kr[:, :, None] * _head_queries(q, h, j, sm_scale, G, BG, W, HD)[None]
+        ring = tl.sum(acc, 1)
+    m = tl.full((BG,), float("-inf"), tl.float32)
+    l = tl.zeros((BG,), tl.float32)
+    for gi in tl.static_range(NB):
+        grp = b * NB + gi
+        t = grp * GROUP + i
+        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + w[None, :] * kc_w)  # (GROUP, HD/W)
+        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
+        bias = tl.zeros((BG,), tl.float32)
+        for j in tl.static_range(W):
+            s = tl.load(ks + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
+            mn = tl.load(km + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
+            qj = _head_queries(q, h, j, sm_scale, G, BG, W, HD)
+            code = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            acc += code[:, :, None] * (qj * s[:, None])[None]
+            bias += tl.sum(qj * mn[:, None], 0)
+        score = tl.where(grp * GROUP == n_q, ring, tl.sum(acc, 1) + bias[None, :])
+        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))      # (GROUP, BG)
+        tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
+        m_new = tl.maximum(m, tl.max(score, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
+        m = m_new
+    tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
+    tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
+
+
+@triton.jit
+def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G, BLOCK: tl.constexpr, BP: tl.constexpr,
+                     BG: tl.constexpr):
+    """out[h, t] = max over the G heads of KV head h of (raw[h * G + g, t] - logsumexp_t raw[h * G + g]), the
+    log-sum-exp of each head put together from the per-program partials of _sketch_dot_kernel."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, BG)
+    rows = h * G + g
+    M = tl.full((BG,), float("-inf"), tl.float32)
+    S = tl.zeros((BG,), tl.float32)
+    for j0 in range(0, n_parts, BP):
+        j = j0 + tl.arange(0, BP)
+        ok = (g < G)[:, None] & (j < n_parts)[None, :]
+        pm = tl.load(part_m + rows[:, None] * n_parts + j[None, :], mask=ok, other=float("-inf"))
+        pl = tl.load(part_l + rows[:, None] * n_parts + j[None, :], mask=ok, other=0.0)
+        M_new = tl.maximum(M, tl.max(pm, 1))
+        M_safe = tl.where(M_new == float("-inf"), 0.0, M_new)
+        S = S * tl.exp(M - M_safe) + tl.sum(pl * tl.exp(pm - M_safe[:, None]), 1)
+        M = M_new
+    lse = tl.where(S > 0, M + tl.log(tl.where(S > 0, S, 1.0)), 0.0)  # a head with no offloaded token: nothing to rank
+    t = b * BLOCK + tl.arange(0, BLOCK)
+    s = tl.load(raw + rows[:, None] * r_h + t[None, :], mask=(g < G)[:, None], other=float("-inf")).to(tl.float32)
+    s = tl.where(s == float("-inf"), float("-inf"), s - lse[:, None])  # outside the offloaded range: -inf
+    tl.store(out + h * o_h + t, tl.max(s, 0))
+
+
+class HeadScratch:
+    """What per-head sketch scoring keeps between its two kernels: each query head's raw scores (H, width)
+    and per-program softmax partials (H, programs). One is shared by all layers (they score one at a time)."""
+
+    def __init__(self, n_heads, width, device, dtype, block=8 * 64):
+        self.raw = torch.empty(n_heads, width, device=device, dtype=dtype)
+        self.m = torch.empty(n_heads, width // block, device=device)
+        self.l = torch.empty_like(self.m)
+
+
+def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None, NB: int = 8,
+                  num_warps: int = 8):
+    """Scores (n_kv, width) of every offloaded position [sink, pos + 1 - recent), -inf elsewhere, from a
+    token-major, per-channel kvcache.QuantStore sketch whose residual is one group. heads=None: against the
+    group's mean query; else each query head's log-softmax over the offloaded positions, the largest of
+    the group's heads. Reference: kvcache.Selector.rank over the dequantized sketch."""
     n_kv, R, hd = sketch.res.shape
     _check_q(q, n_kv, hd)
     _check_store(sketch)
     _check(sketch.per_channel and sketch.token_major and sketch.R == sketch.g,
            "the sketch is per channel, token-major, with a one-group residual")
-    _check(scores.shape[0] == n_kv and scores.shape[1] % (NB * sketch.g) == 0 and sketch.codes.shape[1] >= scores.shape[1],
-           f"scores: (n_kv, a multiple of {NB * sketch.g}) within the sketch's capacity")
-    G = q.shape[0] // n_kv
-    _sketch_scores_kernel[(n_kv, scores.shape[1] // (NB * sketch.g))](
-        q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
-        sketch.res, sketch.res.stride(0), sketch.res.stride(1), scores, scores.stride(0), pos, G,
-        SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, BG=triton.next_power_of_2(G), HD=hd,
-        num_warps=num_warps)
+    width, block = scores.shape[1], NB * sketch.g
+    _check(scores.shape[0] == n_kv and width % block == 0 and sketch.codes.shape[1] >= width,
+           f"scores: (n_kv, a multiple of {block}) within the sketch's capacity")
+    G, n_parts = q.shape[0] // n_kv, width // block
+    BG = triton.next_power_of_2(G)
+    store = (q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
+             sketch.res, sketch.res.stride(0), sketch.res.stride(1))
+    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, BG=BG, HD=hd, num_warps=num_warps)
+    if heads is None:
+        _sketch_scores_kernel[(n_kv, n_parts)](*store, scores, scores.stride(0), pos, G, **shape)
+        return scores
+    _check(heads.raw.shape == (q.shape[0], width) and heads.m.shape == (q.shape[0], n_parts),
+           f"heads: a HeadScratch({q.shape[0]}, {width}, block={block})")
+    _sketch_heads_kernel[(n_kv, n_parts)](*store, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5,
+                                          n_parts, G, **shape)
+    _head_max_kernel[(n_kv, n_parts)](heads.raw, heads.raw.stride(0), heads.m, heads.l, n_parts, scores,
+                                      scores.stride(0), G, BLOCK=block, BP=min(triton.next_power_of_2(n_parts), 256),
+                                      BG=BG)
     return scores
 
 

@@ -542,9 +542,18 @@ class ChannelSelector(Selector):
 
 class HeadwiseSketchSelector(SketchSelector):
     """The sketch, ranked by each query head of the group on its own (Selector.rank, per_head): a key that
-    one head of a group attends to is not averaged away by the others. PyTorch path only."""
+    one head of a group attends to is not averaged away by the others. The kernel path scores every head
+    into a scratch the layers share (KVCache.head_scratch), then takes the largest log-softmax per key."""
     per_head = True
-    step_scores = Selector.step_scores
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        self.scratch, self.block = layer.head_scratch, 8 * cfg.group
+
+    def step_scores(self, q, pos, out, sink, recent):
+        if self.scratch is None:  # a layer built on its own: a scratch of its own
+            self.scratch = K.HeadScratch(q.shape[0], out.shape[1], out.device, out.dtype, self.block)
+        K.sketch_scores(q, self.store, pos, out, sink, recent, heads=self.scratch)
 
 
 class NeighbourSketchSelector(SketchSelector):
@@ -599,7 +608,7 @@ class SparseLayer:
     """
 
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, topk, device, dtype, host_device, scores=None,
-                 kernels=False, wq=None, inv_freq=None):
+                 kernels=False, wq=None, inv_freq=None, head_scratch=None):
         self.sink, self.recent, self.topk, self.max_len, self.kernels = cfg.sink, cfg.recent, topk, max_len, kernels
         self.kind = "sparse" if topk else "window"
         kw = dict(device=device, dtype=dtype)
@@ -611,6 +620,7 @@ class SparseLayer:
         self.length, self.h2d_bytes, self.steps = 0, 0, 0
         self.streamed = 0  # prompt positions already copied to the host store (KVCache's copy stream)
         self.scores = scores  # (n_kv, >= max_len) scratch of the kernel path, shared by the layers
+        self.head_scratch = head_scratch  # kernels.HeadScratch of per-head selectors, shared too
         self.host_k = self.host_v = self.selector = None
         self.trace, self.index = None, None  # a TraceRecorder and this layer's number, when recording
         if topk:
@@ -850,6 +860,7 @@ class KVCache:
         self.wq = [b.attn.wq for b in model.layers]  # query projections, for selectors that predict a layer's query
         self.inv_freq = model.inv_freq
         self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
+        self.head_scratch = None  # and what per-head scoring keeps between its kernels
         if kernels and offloads:
             unit = 8 * cfg.group  # the sketch kernel scores 8 groups per program
             width = -(-max(max_len, cfg.topk) // unit) * unit
@@ -857,6 +868,8 @@ class KVCache:
             # keys takes half the radix passes of float32
             self.scores = torch.empty(a.n_kv_heads, width, device=device,
                                       dtype=torch.float32 if dtype == torch.float32 else torch.float16)
+            if SELECTORS[cfg.select].per_head:
+                self.head_scratch = K.HeadScratch(a.n_heads, width, device, self.scores.dtype, unit)
         self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
         if torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu":
             self.copy_stream = torch.cuda.Stream(device)
@@ -873,7 +886,7 @@ class KVCache:
             return QuantLayer(*self.shape, self.cfg, self.device, self.dtype, self.n_heads, self.kernels)
         topk = self.cfg.topk if kind == "sparse" else 0
         return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device, self.scores,
-                           self.kernels, self.wq[i], self.inv_freq)
+                           self.kernels, self.wq[i], self.inv_freq, self.head_scratch)
 
     # --------------------------------------------------------------------------- prefill
 

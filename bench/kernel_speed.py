@@ -93,12 +93,18 @@ def main():
     sketch = QuantStore(n_kv, hd, L, bits=2, group=64, residual=64, per_channel=True, device=dev, dtype=bf, kernels=True,
                         token_major=True)
     sketch.append(k)
-    scores = torch.empty(n_kv, L, device=dev)
-    add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps),
-        nbytes(*sketch.tensors()) + nbytes(scores), "hbm", "codes + scales + scores written")
-    for nb, nw in ((4, 4), (16, 4), (8, 8), (8, 2)):
-        add(f"  NB={nb} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, nb, nw), args.reps),
-            nbytes(*sketch.tensors()) + nbytes(scores), "hbm", "groups per program, warps")
+    scores = torch.empty(n_kv, L, device=dev, dtype=torch.float16)  # what KVCache scores into for a bf16 model
+    moved = nbytes(*sketch.tensors()) + nbytes(scores)
+    add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps), moved, "hbm",
+        "the group's mean query; codes + scales read, scores written")
+    for nb, nw in ((4, 4), (16, 4), (8, 2)):
+        add(f"  NB={nb} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, None, nb, nw),
+                                           args.reps), moved, "hbm", "groups per program, warps")
+    for nb, nw in ((8, 8), (4, 4)):
+        heads = K.HeadScratch(H, L, dev, scores.dtype, block=nb * 64)
+        add("sketch_scores 2-bit per head" + ("" if nb == 8 else f" NB={nb} warps={nw}"),
+            bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, heads, nb, nw), args.reps),
+            moved + 2 * nbytes(heads.raw), "hbm", "each query head: its scores written and read back, then the largest")
     add("torch.topk k=128", bench(lambda: scores.topk(128, dim=-1, sorted=False), args.reps), nbytes(scores), "hbm",
         f"({n_kv}, {L}) fp32")
     half = scores.half()

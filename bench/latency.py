@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,14 @@ POLICIES = {  # label -> CacheConfig; tailor quantizes layer 0 (the paper's iden
     "streaming": CacheConfig("streaming", recent=184),  # 8 + 184: the device tokens of a 192 budget
 }
 GiB = 2 ** 30
+
+
+def policy(label: str) -> CacheConfig:
+    """A label of POLICIES, or one with another selector: "tailor-1/sketch-heads"."""
+    if label in POLICIES:
+        return POLICIES[label]
+    base, _, select = label.partition("/")
+    return replace(POLICIES[base], select=select)
 
 
 def sync():
@@ -234,7 +243,8 @@ def plot(rows, path, title):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
-    p.add_argument("--policies", nargs="+", default=list(POLICIES) + ["hf"], help=f"{' '.join(POLICIES)} hf")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES) + ["hf"],
+                   help=f"{' '.join(POLICIES)} hf; POLICY/SELECTOR for another selector")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk")
@@ -260,7 +270,7 @@ def main():
         model = on_gpu_in_bf16(lambda: Transformer(LLAMA31_8B))
         for context in args.contexts:
             for label in args.policies:
-                profile(model, label, POLICIES[label], context, args.chunk)
+                profile(model, label, policy(label), context, args.chunk)
         return
 
     def cap(on):
@@ -274,7 +284,7 @@ def main():
             for label in ours:
                 cap(label != "full")
                 try:
-                    r = run_ours(model, label, POLICIES[label], context, args.steps, args.warmup, args.chunk, bw,
+                    r = run_ours(model, label, policy(label), context, args.steps, args.warmup, args.chunk, bw,
                                  not args.eager)
                 except torch.OutOfMemoryError as e:
                     r = {"policy": label, "context": context, "error": f"out of memory: {str(e).splitlines()[0][:80]}"}

@@ -44,6 +44,18 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "tailor-2/sketch-next streaming --tasks repeat fidelity --sweep-budgets", "retrieval_default_h100.png",
      "An interrupted run (9 minutes): the 4k rows of the first three documents. /exact rank with every offloaded "
      "key in full precision (a measurement), -heads per query head, -next with each hit's successor."),
+    ("Per-head selection on the kernel path: the default model, H100", "retrieval_heads_h100.md",
+     "python bench/accuracy.py --device cuda --dtype bfloat16 --docs prose code table stdlib reference ledger "
+     "--contexts 4096 --policies full tailor-2 tailor-2/sketch-heads streaming --tasks repeat fidelity --sweep-budgets "
+     "(then --contexts 7680 --next 128: the shortest document holds 7,817 tokens); merged by --replot",
+     "retrieval_heads_h100.png",
+     "Six documents, every one of the accuracy set; decode on the kernel path in a CUDA graph for every row. "
+     "tailor-2/sketch-heads ranks the sketch per query head (kernels.sketch_scores with a HeadScratch) at the same "
+     "device bytes as tailor-2."),
+    ("What per-head selection costs at 128k tokens, H100", "latency_heads.md",
+     "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1/sketch-heads --steps 20 --warmup 3 "
+     "--out bench/results/latency_heads", None,
+     "The same model and cap as the latency table above, the two selectors in one run."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py over a 20k-token file, Qwen2.5-Coder-0.5B on a CPU", "generate_qwen.md",

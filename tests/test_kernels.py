@@ -106,6 +106,32 @@ def test_dense_attention_across_split_edges(device):
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), L
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (True, 2), (True, 4)])
+def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
+    """Scores over the sketch as Selector.rank computes them on the dequantized store (the group's mean
+    query, or each head's log-softmax and the largest), -inf outside the offloaded range; lengths across
+    group, ring and 2-group block edges, a group of 3 query heads (padded to 4)."""
+    from types import SimpleNamespace
+    from kvcache import Selector
+    n_kv, G, hd, g, sink, recent, width = 2, 3, 64, 32, 4, 8, 256
+    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), None, None, None)
+    rank.per_head = per_head
+    x = rand(n_kv, width, hd, seed=bits, device=device)
+    scores = torch.empty(n_kv, width, device=device)
+    heads = K.HeadScratch(n_kv * G, width, device, torch.float32, block=2 * g) if per_head else None
+    for L in (9, 33, 64, 65, 140, 256):
+        store = QuantStore(n_kv, hd, width, bits=bits, group=g, residual=g, per_channel=True, token_major=True,
+                           device=device, dtype=torch.float32, kernels=True, capacity=width)
+        store.append(x[:, :L])
+        q = rand(n_kv * G, hd, seed=L, device=device)
+        K.sketch_scores(q, store, torch.tensor(L - 1, device=device), scores, sink, recent, heads, NB=2)
+        hi = max(sink, L - recent)
+        ref = rank.rank(store.dequantize()[:, sink:hi], q)
+        assert torch.allclose(scores[:, sink:hi], ref, atol=1e-4, rtol=1e-4), L
+        assert (scores[:, :sink] == float("-inf")).all() and (scores[:, hi:] == float("-inf")).all(), L
+
+
 def test_wrappers_refuse_bad_inputs():
     keys, values = quant_layer_pair(2, 64, 100, 2, "cpu", torch.float32)
     ws = K.Workspace(4, 2, 64, "cpu")
@@ -119,12 +145,11 @@ def test_wrappers_refuse_bad_inputs():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("select", ["sketch", "channels"])
-@pytest.mark.parametrize("prompt", [5, 40, 300])         # shorter than the sinks, than the budget, longer
-def test_sparse_step_equals_the_reference_decode(device, select, prompt):
+@pytest.mark.parametrize("select,prompt,steps", [(s, p, 70) for s in ("sketch", "channels") for p in (5, 40, 300)]
+                         + [("sketch-heads", 300, 10)])  # prompts shorter than the sinks, than the budget, longer
+def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     H, n_kv, hd = 6, 2, 64
     cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8)
-    steps = 70
     scores = torch.empty(n_kv, 512, device=device)  # the sketch kernel scores 8 groups per program
     ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", scores=scores)  # same layout
     ker = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", scores=scores, kernels=True)
@@ -141,12 +166,12 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt):
         ker.advance(t + 1)
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), t
     assert ker.h2d_bytes == ref.h2d_bytes                 # the same bytes cross to the device
-    if select == "sketch":
+    if select != "channels":
         assert_same_store(ref.selector.store, ker.selector.store)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads"])
 @pytest.mark.parametrize("prompt", [135, 136])  # the last offloaded position quantized in the sketch, or exact
 def test_needles_at_the_edges_of_the_offloaded_range_are_retrieved(device, select, prompt):
     """The kernel path's twin of the test in test_kvcache.py: needles at the first and last offloaded
@@ -264,7 +289,7 @@ def test_prompt_streams_to_pinned_host_memory_during_prefill():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("select", ["sketch", "channels"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads"])
 def test_half_precision_scores_retrieve_the_needles(select):
     """A bf16 cache scores in an fp16 buffer (KVCache does this for half-precision models): the needles at
     the edges of the offloaded range still win."""
@@ -316,11 +341,13 @@ def test_a_cuda_graph_records_its_retrievals_like_eager():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming"])
+@pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming", "sparse/sketch-heads"])
 def test_cuda_graph_decode_equals_eager_token_for_token(policy):
     from generate import Decoder
     model = tiny_model("cuda", torch.bfloat16)
-    cfg = CacheConfig(policy, budget=48, sink=4, recent=12, **({"quant_layers": (0,)} if policy == "tailor" else {}))
+    policy, _, select = policy.partition("/")
+    cfg = CacheConfig(policy, budget=48, sink=4, recent=12, **({"quant_layers": (0,)} if policy == "tailor" else {}),
+                      **({"select": select} if select else {}))
     prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(2)).cuda()
     runs = []
     for graph in (False, True):

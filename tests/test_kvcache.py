@@ -615,9 +615,9 @@ def test_headwise_ranking_keeps_a_key_that_one_head_of_the_group_wants():
 
 def test_a_selector_without_a_kernel_path_is_refused_on_the_kernels():
     model = tiny_model(8, 2, 64)
-    with pytest.raises(ConfigError, match="'sketch-heads' selector has no kernel path"):
-        KVCache(model, 64, CacheConfig("sparse", select="sketch-heads"), kernels=True)
-    KVCache(model, 64, CacheConfig("streaming", select="sketch-heads"), kernels=True)  # selects nothing: fine
+    with pytest.raises(ConfigError, match="'sketch-next' selector has no kernel path"):
+        KVCache(model, 64, CacheConfig("sparse", select="sketch-next"), kernels=True)
+    KVCache(model, 64, CacheConfig("streaming", select="sketch-next"), kernels=True)  # selects nothing: fine
 
 
 def test_the_neighbour_selector_fetches_the_token_after_each_hit():
