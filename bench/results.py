@@ -52,6 +52,10 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "Six documents, every one of the accuracy set; decode on the kernel path in a CUDA graph for every row. "
      "tailor-2/sketch-heads ranks the sketch per query head (kernels.sketch_scores with a HeadScratch) at the same "
      "device bytes as tailor-2."),
+    ("Retrieval: what each selector keeps of the full cache, and its speed", "retrieval_summary.md",
+     "python bench/retrieval_table.py", None,
+     "Put together from retrieval_heads_h100.json, retrieval_default_h100.json, accuracy_qwen05_h100.json, "
+     "latency.json and latency_heads.json. Recovered: (policy - streaming) / (full - streaming), copy top-1."),
     ("What per-head selection costs at 128k tokens, H100", "latency_heads.md",
      "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1/sketch-heads --steps 20 --warmup 3 "
      "--out bench/results/latency_heads", None,

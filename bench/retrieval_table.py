@@ -1,0 +1,80 @@
+"""The retrieval comparison of the README from the benchmarks' own JSON: what each selector keeps of the
+full cache's copy accuracy at the same device memory, and what it costs per token at 128k.
+
+    python bench/retrieval_table.py          # writes bench/results/retrieval_summary.md
+
+Inputs (bench/results/): retrieval_heads_h100.json (default model, six documents, 4k and 7.5k),
+retrieval_default_h100.json (default model, three documents, 4k), accuracy_qwen05_h100.json (Qwen2.5-Coder-0.5B
+at 32k), latency_heads.json and latency.json (Llama-3.1-8B shapes at 128k).
+"""
+import json
+from pathlib import Path
+
+from results import publish
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def summary(name: str) -> dict:
+    """(context, policy) -> summary row of an accuracy run."""
+    return {(r["context"], r["policy"]): r for r in json.loads((RESULTS / name).read_text())["summary"]}
+
+
+def latency(name: str) -> dict:
+    """(context, policy) -> row of a latency run."""
+    return {(r["context"], r["policy"]): r for r in json.loads((RESULTS / name).read_text())["rows"] if "ms_median" in r}
+
+
+def recovered(rows: dict, context: int, policy: str) -> float:
+    """The fraction of what the window (streaming) loses against the full cache that `policy` gets back."""
+    full, window = rows[context, "full"]["top1"], rows[context, "streaming"]["top1"]
+    return (rows[context, policy]["top1"] - window) / (full - window)
+
+
+def per_context(rows: dict) -> str:
+    out = ["| context | policy | copy top-1 | vs full | window's loss recovered | KL mean | device KV MiB |",
+           "|---|---|---|---|---|---|---|"]
+    for context, policy in sorted(k for k in rows if k[1] not in ("full", "streaming")):
+        r = rows[context, policy]
+        out.append(f"| {context} | {policy} | {r['top1']:.3f} | {r['top1'] / rows[context, 'full']['top1']:.2f}x | "
+                   f"{100 * recovered(rows, context, policy):.0f}% | {r['kl_mean']:.3f} | "
+                   f"{r['device_kv_bytes'] / 2**20:.2f} |")
+    return "\n".join(out)
+
+
+def tried(heads: dict, three: dict, qwen: dict, speed: dict) -> str:
+    """One row per selector: copy top-1 / full at each measured setting, ms/token at 128k."""
+    runs = [(heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
+    selectors = [("`sketch` (default): 2-bit sketch, group-mean query", "tailor-2", "tailor-1"),
+                 ("`sketch-heads`: each query head's softmax, the largest", "tailor-2/sketch-heads", "tailor-1/sketch-heads"),
+                 ("`exact`: full-precision keys (a measurement)", "tailor-2/exact", None),
+                 ("`exact-heads`: the same, per query head (a measurement)", "tailor-2/exact-heads", None),
+                 ("`sketch-next`: a token scores as its predecessor", "tailor-2/sketch-next", None),
+                 ("`sketch`, 512 tokens instead of 192 (more device memory)", "tailor-2@512", None),
+                 ("`channels`: the paper's, C channels read from the host", None, "sparse/channels")]
+    out = ["| selector | default 4k (6 docs) | default 7.5k (6 docs) | default 4k (3 docs) | Qwen 0.5B 32k (3 docs) "
+           "| ms/token at 128k |", "|---|---|---|---|---|---|"]
+    for label, policy, timed in selectors:
+        cells = [f"{rows[c, policy]['top1'] / rows[c, 'full']['top1']:.2f}x" if (c, policy) in rows else "–"
+                 for rows, c in runs]
+        ms = speed.get((131072, timed), {}).get("ms_median")
+        out.append(f"| {label} | {' | '.join(cells)} | {'–' if ms is None else f'{ms:.2f}'} |")
+    return "\n".join(out)
+
+
+def build() -> str:
+    heads = summary("retrieval_heads_h100.json")
+    speed = {**latency("latency.json"), **latency("latency_heads.json")}
+    return ("Default model, H100 bf16, six documents, the same device memory per row pair:\n\n" + per_context(heads)
+            + "\n\nCopy top-1 against the full cache of the same run, and decode speed (Llama-3.1-8B shapes, H100):\n\n"
+            + tried(heads, summary("retrieval_default_h100.json"), summary("accuracy_qwen05_h100.json"), speed))
+
+
+def main():
+    text = build()
+    publish(RESULTS / "retrieval_summary.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
