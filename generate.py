@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--select", choices=list(SELECTORS),
                    help=f"tailor, sparse: top-k selector: sketch, a low-bit key sketch on the device; channels, the paper's "
                         f"C channels; sketch-heads, the sketch ranked per query head; sketch-next, the sketch with each hit's "
-                        f"successor; exact and exact-heads, every "
-                        f"offloaded key in full precision (for measurement) (default: {d.select})")
+                        f"successor; sketch-predicted, the sketch against the query predicted one layer early; exact "
+                        f"and exact-heads, every offloaded key in full precision (for measurement) (default: {d.select})")
     c.add_argument("--channels", type=int, help=f"tailor, sparse: C for --select channels (default: {d.channels})")
     c.add_argument("--sketch-bits", type=int, help=f"tailor, sparse: bits of --select sketch (default: {d.sketch_bits})")
     c.add_argument("--check", action="store_true",

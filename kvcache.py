@@ -427,9 +427,24 @@ class Selector:
     """
 
     per_head = False  # how scores() ranks keys: the group's mean query, or each query head (see rank)
+    predicts_query = False  # whether see_previous_input predicts this layer's query (see predicted)
 
     def __init__(self, layer: "SparseLayer", cfg: CacheConfig, wq: torch.nn.Linear, inv_freq: torch.Tensor):
         self.n_kv, _, self.hd = layer.att_k.shape
+        self.wq, self.inv_freq = wq, inv_freq
+        self.qhat = None  # (H, hd) the predicted query: None until a layer before this one has run
+
+    def see_previous_input(self, x, pos):
+        """With predicts_query: this layer's query at pos (an int or a device tensor) predicted one layer early,
+        W_q of this layer (with RoPE) applied to the previous layer's normalised input x (1, 1, dim)."""
+        if self.predicts_query:
+            qhat = self.wq(x).view(1, 1, -1, self.hd).transpose(1, 2)  # (1, H, 1, hd)
+            freqs = pos * self.inv_freq
+            self.qhat = apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]
+
+    def predicted(self, q: torch.Tensor) -> torch.Tensor:
+        """The predicted query where there is one, else the step's own (layer 0 has no layer before it)."""
+        return q if self.qhat is None else self.qhat
 
     def group_queries(self, q: torch.Tensor) -> torch.Tensor:
         """(H, hd) -> (n_kv, hd): one query per KV head, the mean of its group, in fp32."""
@@ -447,7 +462,6 @@ class Selector:
     def append(self, k): pass
     def step_append(self, k, pos): pass
     def advance(self, length): pass
-    def see_previous_input(self, x, pos): pass
 
     def scores(self, q, lo, hi):
         raise NotImplementedError
@@ -499,17 +513,12 @@ class ChannelSelector(Selector):
     layer's normalised input); every offloaded token is scored on those channels, read from the host
     store each step."""
 
+    predicts_query = True
+
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
-        self.C, self.host_k, self.wq, self.inv_freq = min(cfg.channels, self.hd), layer.host_k, wq, inv_freq
+        self.C, self.host_k = min(cfg.channels, self.hd), layer.host_k
         self.kmax = torch.zeros(self.n_kv, self.hd, device=layer.att_k.device, dtype=layer.att_k.dtype)
-        self.qhat = None  # (H, hd): None until a layer before this one has run (layer 0: its own query)
-
-    def see_previous_input(self, x, pos):
-        """Predict this layer's query at pos (an int or a device tensor) from the previous layer's x (1, 1, dim)."""
-        qhat = self.wq(x).view(1, 1, -1, self.hd).transpose(1, 2)  # (1, H, 1, hd)
-        freqs = pos * self.inv_freq
-        self.qhat = apply_rope(qhat, freqs.cos()[None], freqs.sin()[None])[0, :, 0]  # (H, hd)
 
     def append(self, k):
         torch.maximum(self.kmax, k.abs().amax(1), out=self.kmax)
@@ -519,7 +528,7 @@ class ChannelSelector(Selector):
 
     def channels(self, q):
         """(n_kv, C) channel ids per KV head."""
-        qhat = self.group_queries(self.qhat if self.qhat is not None else q)
+        qhat = self.group_queries(self.predicted(q))
         return (qhat.abs() * self.kmax.float()).topk(self.C, dim=-1).indices
 
     def scores(self, q, lo, hi):
@@ -567,6 +576,17 @@ class NeighbourSketchSelector(SketchSelector):
         return torch.cat([s[:, :1], torch.maximum(s[:, 1:], s[:, :-1])], dim=1)
 
 
+class PredictedSketchSelector(SketchSelector):
+    """The sketch, ranked against this layer's query predicted one layer early (Selector.predicted, as the
+    channel selector predicts it): its selection need not wait for the layer's own query, so it could run
+    while the layer before reads its weights. For measuring what the prediction costs; PyTorch path only."""
+    predicts_query = True
+    step_scores = Selector.step_scores
+
+    def scores(self, q, lo, hi):
+        return super().scores(self.predicted(q), lo, hi)
+
+
 class ExactSelector(Selector):
     """For measurement, not a method (the oracle): every offloaded key in full precision, from the host
     store, ranked as the sketch ranks them (the group's mean query). What it loses against the full cache
@@ -594,7 +614,8 @@ def has_kernel_path(select: str) -> bool:
 
 
 SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector, "sketch-heads": HeadwiseSketchSelector,
-             "sketch-next": NeighbourSketchSelector, "exact": ExactSelector, "exact-heads": HeadwiseExactSelector}
+             "sketch-next": NeighbourSketchSelector, "sketch-predicted": PredictedSketchSelector,
+             "exact": ExactSelector, "exact-heads": HeadwiseExactSelector}
 
 
 class SparseLayer:

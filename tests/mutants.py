@@ -96,6 +96,20 @@ MUTANTS = [
            "torch.cat([torch.maximum(s[:, :-1], s[:, 1:]), s[:, -1:]], dim=1)",
            ("tests/test_kvcache.py::test_the_neighbour_selector_fetches_the_token_after_each_hit",),
            "the neighbour selector fetches the token before each hit"),
+    Mutant("head-max-without-lse", "kernels.py",
+           "s = tl.where(s == float(\"-inf\"), float(\"-inf\"), s - lse[:, None])",
+           "s = tl.where(s == float(\"-inf\"), float(\"-inf\"), s)",
+           ("tests/test_kernels.py::test_sketch_scores_equal_the_selector_ranking",),
+           "the per-head kernel path ranks raw scores, not each head's log-softmax"),
+    Mutant("head-kernel-skips-ring", "kernels.py",
+           "score = tl.where(grp * GROUP == n_q, ring, tl.sum(acc, 1) + bias[None, :])",
+           "score = tl.sum(acc, 1) + bias[None, :]",
+           ("tests/test_kernels.py::test_sketch_scores_equal_the_selector_ranking",),
+           "the per-head kernel scores the ring's group from its stale codes, not the exact keys"),
+    Mutant("predicted-sketch-uses-own-query", "kvcache.py",
+           "return super().scores(self.predicted(q), lo, hi)", "return super().scores(q, lo, hi)",
+           ("tests/test_kvcache.py::test_the_predicted_sketch_ranks_with_the_predicted_query",),
+           "sketch-predicted ranks with the step's own query"),
 ]
 
 

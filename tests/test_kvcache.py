@@ -108,7 +108,7 @@ def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):
     torch.testing.assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "exact", "exact-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "sketch-predicted", "exact", "exact-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     N, prompt = 90, 30
@@ -431,6 +431,30 @@ def test_channel_selector_predicts_the_next_layers_query():
     assert all(layer.selector.qhat is not None for layer in cache.layers[1:])
 
 
+def test_the_predicted_sketch_ranks_with_the_predicted_query():
+    """Needles aligned with the predicted query and an orthogonal step query: sketch-predicted fetches the
+    needles, the plain sketch does not; before any layer ran (qhat None) it ranks with the step's query."""
+    H, n_kv, hd, sink, recent, topk, prompt = 4, 2, 64, 2, 4, 3, 100
+    needles = [20, 50, 70]
+    q, k, v = qkv(H, n_kv, hd, prompt + 1, seed=3)
+    d, r = rand(n_kv, hd, seed=4), rand(n_kv, hd, seed=5)
+    r -= (r * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True) * d  # r orthogonal to d
+    for h in range(n_kv):
+        k[0, h, needles] = 4 * d[h] + 0.1 * rand(len(needles), hd, seed=h)
+        q[0, h * 2:(h + 1) * 2, prompt] = r[h]                     # the step's query looks away
+    qhat = d.repeat_interleave(H // n_kv, 0)                       # the predicted one at the needles
+    got = {}
+    for select, predicted in (("sketch", qhat), ("sketch-predicted", qhat), ("sketch-predicted", None)):
+        cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select, sketch_bits=8)
+        layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
+        layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
+        layer.selector.qhat = predicted
+        layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)
+        got[select, predicted is None] = selected_positions(layer)
+    assert got["sketch-predicted", False] == [needles] * n_kv
+    assert got["sketch", False] == got["sketch-predicted", True] != [needles] * n_kv
+
+
 def tensors_of(obj):
     """Every tensor reachable from a layer's attributes (one level into stores and selectors), for counting
     bytes; views (a sparse layer's sinks, retrieved rows and window inside one buffer) are counted once, as
@@ -615,7 +639,7 @@ def test_headwise_ranking_keeps_a_key_that_one_head_of_the_group_wants():
 
 def test_a_selector_without_a_kernel_path_is_refused_on_the_kernels():
     model = tiny_model(8, 2, 64)
-    with pytest.raises(ConfigError, match="'sketch-next' selector has no kernel path"):
+    with pytest.raises(ConfigError, match="'sketch-next' selector has no kernel path"):  # so is sketch-predicted
         KVCache(model, 64, CacheConfig("sparse", select="sketch-next"), kernels=True)
     KVCache(model, 64, CacheConfig("streaming", select="sketch-next"), kernels=True)  # selects nothing: fine
 
