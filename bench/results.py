@@ -60,6 +60,12 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1/sketch-heads --steps 20 --warmup 3 "
      "--out bench/results/latency_heads", None,
      "The same model and cap as the latency table above, the two selectors in one run."),
+    ("Selecting with the query predicted one layer early, CPU", "predicted_query_cpu.md",
+     "python bench/accuracy.py --contexts 2048 --docs prose code table stdlib reference ledger --policies full "
+     "tailor-2 tailor-2/sketch-predicted streaming --tasks repeat fidelity --next 128 --sweep-budgets", "predicted_query_cpu.png",
+     "Default model, fp32 on the PyTorch path, 2 CPU cores (21 min). sketch-predicted ranks the sketch with W_q of "
+     "each layer applied to the previous layer's normalised input (the channel selector's prediction), which would "
+     "let selection start before the layer's own query exists."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py over a 20k-token file, Qwen2.5-Coder-0.5B on a CPU", "generate_qwen.md",
