@@ -505,17 +505,20 @@ def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G, BLOCK: tl.c
     tl.store(out + h * o_h + t, tl.max(s, 0))
 
 
+SKETCH_NB = 8  # groups of sketch tokens per program of the sketch kernels: score buffers are a multiple of NB groups
+
+
 class HeadScratch:
     """What per-head sketch scoring keeps between its two kernels: each query head's raw scores (H, width)
     and per-program softmax partials (H, programs). One is shared by all layers (they score one at a time)."""
 
-    def __init__(self, n_heads, width, device, dtype, block=8 * 64):
+    def __init__(self, n_heads, width, device, dtype, block):  # block: SKETCH_NB (or the NB used) groups
         self.raw = torch.empty(n_heads, width, device=device, dtype=dtype)
         self.m = torch.empty(n_heads, width // block, device=device)
         self.l = torch.empty_like(self.m)
 
 
-def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None, NB: int = 8,
+def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None, NB: int = SKETCH_NB,
                   num_warps: int = 8):
     """Scores (n_kv, width) of every offloaded position [sink, pos + 1 - recent), -inf elsewhere, from a
     token-major, per-channel kvcache.QuantStore sketch whose residual is one group. heads=None: against the

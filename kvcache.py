@@ -557,11 +557,11 @@ class HeadwiseSketchSelector(SketchSelector):
 
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
-        self.scratch, self.block = layer.head_scratch, 8 * cfg.group
+        self.scratch = layer.head_scratch
 
     def step_scores(self, q, pos, out, sink, recent):
         if self.scratch is None:  # a layer built on its own: a scratch of its own
-            self.scratch = K.HeadScratch(q.shape[0], out.shape[1], out.device, out.dtype, self.block)
+            self.scratch = K.HeadScratch(q.shape[0], out.shape[1], out.device, out.dtype, K.SKETCH_NB * self.store.g)
         K.sketch_scores(q, self.store, pos, out, sink, recent, heads=self.scratch)
 
 
@@ -883,7 +883,7 @@ class KVCache:
         self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
         self.head_scratch = None  # and what per-head scoring keeps between its kernels
         if kernels and offloads:
-            unit = 8 * cfg.group  # the sketch kernel scores 8 groups per program
+            unit = K.SKETCH_NB * cfg.group  # the sketch kernels score SKETCH_NB groups per program
             width = -(-max(max_len, cfg.topk) // unit) * unit
             # half-precision scores for a half-precision model: they only rank tokens, and top-k over 16-bit
             # keys takes half the radix passes of float32
