@@ -9,6 +9,7 @@
   sparse_attend attention over a sparse layer's device tokens [sinks | retrieved | window]
   sketch_scores q . dequant(sketch) for every offloaded token (the GPU-resident selector), against
                 the group's mean query or each query head (then the largest log-softmax)
+  shortlist_scores  q . K of the shortlist selector's candidates, their exact keys on the device
   channel_scores q . K on C channels of every offloaded key, read from pinned host memory
   gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
@@ -548,6 +549,34 @@ def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScr
                                       scores.stride(0), G, BLOCK=block, BP=min(triton.next_power_of_2(n_parts), 256),
                                       BG=BG)
     return scores
+
+
+@triton.jit
+def _shortlist_scores_kernel(q, k, k_h, k_m, vals, out, M, G, BM: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    h, b = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, BG)
+    c = tl.arange(0, HD)
+    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
+                0) / G                                                               # the group's mean query
+    j = b * BM + tl.arange(0, BM)
+    inside = j < M
+    kr = tl.load(k + h * k_h + j[:, None] * k_m + c[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+    live = tl.load(vals + h * M + j, mask=inside, other=float("-inf")) > float("-inf")
+    tl.store(out + h * M + j, tl.where(live, tl.sum(kr * qm[None, :], 1), float("-inf")), mask=inside)
+
+
+def shortlist_scores(q, k, vals, out, BM: int = 64):
+    """out[h, j] = k[h, j] . the mean query of KV head h's group, for the candidates whose vals[h, j] > -inf,
+    -inf elsewhere: the shortlist selector ranking its candidates on their exact keys k (n_kv, M, hd) on the
+    device. vals, out: (n_kv, M). Reference: kvcache.Selector.rank."""
+    n_kv, M, hd = k.shape
+    _check_q(q, n_kv, hd)
+    _check(k.stride(-1) == 1 and pow2(hd), f"k: (n_kv, M, hd), rows contiguous, hd a power of two, got {hd}")
+    _check(vals.shape == out.shape == (n_kv, M) and vals.is_contiguous() and out.is_contiguous(), "vals, out: (n_kv, M)")
+    G = q.shape[0] // n_kv
+    _shortlist_scores_kernel[(n_kv, triton.cdiv(M, BM))](q, k, k.stride(0), k.stride(1), vals, out, M, G, BM=BM,
+                                                         BG=triton.next_power_of_2(G), HD=hd)
+    return out
 
 
 @triton.jit

@@ -30,6 +30,7 @@ reference, and the CPU path), and `step` on the Triton kernels of kernels.py wit
 a device tensor, so that a whole decode step can be captured in a CUDA graph (generate.Decoder).
 Selectors (how a sparse layer ranks its offloaded tokens) are classes registered in SELECTORS.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -71,6 +72,7 @@ class CacheConfig:
     recent: int = 56
     select: str = "sketch"                # sparse selector: a name in SELECTORS
     channels: int = 8                     # C: channels the `channels` selector scores on
+    shortlist: int = 4                    # the `shortlist` selector fetches shortlist x top-k candidates ahead
     sketch_bits: int = 2
     alpha: float = 0.05                   # proxy: attention mass outside each query's top alpha of keys...
     tau: float = 0.2                      # ...above tau marks a layer as quantization-friendly
@@ -98,6 +100,8 @@ class CacheConfig:
                                         f"{self.sink} and recent {self.recent}; raise it above {self.sink + self.recent}")
         if self.channels < 1:
             raise ConfigError("channels", f"channels must be >= 1, got {self.channels}")
+        if self.shortlist < 1:
+            raise ConfigError("shortlist", f"shortlist must be >= 1 (candidates per retrieved token), got {self.shortlist}")
 
     @property
     def topk(self) -> int:
@@ -417,6 +421,9 @@ class Selector:
       step_scores(q, pos, out)               kernel path: into out (n_kv, >= max_len) at every
                                              offloaded position of the step at device position pos,
                                              -inf elsewhere (kernels.sketch_scores shows how)
+      step_select(q, pos)                    kernel path: the whole selection, scores -> top-k -> rows
+                                             gathered into the layer's device rows (the default
+                                             composes step_scores, torch.topk, kernels.gather_rows)
     and it sees what it needs:
       append(k)                 keys (n_kv, T, hd) entering the layer, in position order (PyTorch path)
       step_append(k, pos)       the step's key (n_kv, hd) at device position pos (kernel path)
@@ -430,6 +437,7 @@ class Selector:
     predicts_query = False  # whether see_previous_input predicts this layer's query (see predicted)
 
     def __init__(self, layer: "SparseLayer", cfg: CacheConfig, wq: torch.nn.Linear, inv_freq: torch.Tensor):
+        self.layer = layer
         self.n_kv, _, self.hd = layer.att_k.shape
         self.wq, self.inv_freq = wq, inv_freq
         self.qhat = None  # (H, hd) the predicted query: None until a layer before this one has run
@@ -468,6 +476,15 @@ class Selector:
 
     def step_scores(self, q, pos, out, sink, recent):
         raise NotImplementedError(f"{type(self).__name__} has no kernel path")
+
+    def step_select(self, q, pos):
+        """Kernel path: choose this step's top-k offloaded rows and gather them into the layer's device rows
+        (sel_k, sel_v) -> (scores, positions), each (n_kv, topk); a score of -inf where nothing was chosen."""
+        L = self.layer
+        self.step_scores(q, pos, L.scores, L.sink, L.recent)
+        vals, idx = L.scores.topk(L.topk, dim=-1, sorted=False)
+        K.gather_rows(idx, vals, L.host_k, L.host_v, L.sel_k, L.sel_v)
+        return vals, idx
 
     def tensors(self) -> list:
         return []
@@ -587,6 +604,112 @@ class PredictedSketchSelector(SketchSelector):
         return super().scores(self.predicted(q), lo, hi)
 
 
+class Shortlist:
+    """The candidates a shortlist selector fetched for one layer's step: positions (n_kv, M), their sketch
+    scores (-inf: no candidate) and their K/V rows (n_kv, M, hd), on the device. One serves every layer, the
+    next layer's being fetched after this one has read its own. With the kernels on CUDA the fetch runs on
+    its own `stream`, from a copy `x` of the previous layer's normalised input."""
+
+    def __init__(self, n_kv, M, hd, dim, device, dtype, score_dtype, stream=False):
+        self.pos = torch.zeros(n_kv, M, dtype=torch.long, device=device)
+        self.vals = torch.full((n_kv, M), float("-inf"), dtype=score_dtype, device=device)
+        self.exact = torch.empty_like(self.vals)   # the candidates ranked with the step's own query
+        self.k = torch.zeros(n_kv, M, hd, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.x = torch.zeros(1, 1, dim, dtype=dtype, device=device) if stream else None
+        self.before = torch.zeros((), dtype=torch.long, device=device)  # the device position of the step before
+        self.stream = torch.cuda.Stream(device) if stream else None
+
+    def tensors(self):
+        return [self.k, self.v]
+
+
+class ShortlistSelector(SketchSelector):
+    """Selection moved off the layer's critical path. One layer early, with the query predicted from the
+    previous layer's input (Selector.predicted), the sketch picks M = shortlist x top-k candidates among the
+    step's offloaded positions and their K/V rows are fetched to the device; at the layer's own step only the
+    candidates are ranked, on their exact keys with the step's own query, and the top-k kept. On CUDA the
+    early part runs on a stream of its own while the layer before reads its weights (a CUDA graph captures
+    the fork and the join). A layer with no layer before it fetches at its own step, with its own query."""
+    predicts_query = True
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        self.sink, self.recent, self.topk = layer.sink, layer.recent, layer.topk
+        self.M = cfg.shortlist * layer.topk
+        self.shortlist = layer.shortlist or Shortlist(self.n_kv, self.M, self.hd, None, layer.att_k.device,
+                                                      layer.att_k.dtype, torch.float32 if layer.scores is None
+                                                      else layer.scores.dtype)
+        self.ahead = None  # the step the shortlist was fetched for early (its position; True on the kernel path)
+
+    def see_previous_input(self, x, pos):
+        """The early part, for the step at position pos: this step's token has not reached the layer yet."""
+        lst = self.shortlist
+        if not self.layer.kernels:
+            super().see_previous_input(x, pos)
+            self._fetch(self.qhat, self.sink, max(self.sink, pos + 1 - self.recent))
+            self.ahead = pos
+            return
+        side = nullcontext()
+        if lst.stream is not None:  # fork: the layer before goes on with its MLP while this runs
+            x = lst.x.copy_(x)  # a buffer of the fork's own: the allocator may reuse x's memory meanwhile
+            lst.stream.wait_stream(torch.cuda.current_stream(x.device))
+            side = torch.cuda.stream(lst.stream)
+        with side:  # the sketch holds the positions before pos: score them as the step before, window one shorter
+            super().see_previous_input(x, pos)
+            torch.sub(pos, 1, out=lst.before)
+            self._step_fetch(self.qhat, lst.before, self.recent - 1)
+        self.ahead = True
+
+    def _fetch(self, q, lo, hi):
+        """PyTorch path: the top-M of the sketch against q over positions [lo, hi), rows and all."""
+        lst = self.shortlist
+        lst.vals.fill_(float("-inf"))
+        m = min(self.M, hi - lo)
+        if m > 0:
+            vals, idx = self.rank(self.store.dequantize()[:, lo:hi], q).topk(m, dim=-1)
+            lst.vals[:, :m], lst.pos[:, :m] = vals, idx + lo
+            rows, heads = lst.pos[:, :m].cpu(), torch.arange(self.n_kv)[:, None]
+            lst.k[:, :m] = self.layer.host_k[rows, heads].to(lst.k.device)
+            lst.v[:, :m] = self.layer.host_v[rows, heads].to(lst.v.device)
+
+    def _step_fetch(self, q, pos, recent):
+        """Kernel path: the same, over the offloaded positions of a step at device position pos."""
+        lst, L = self.shortlist, self.layer
+        K.sketch_scores(q, self.store, pos, L.scores, self.sink, recent)
+        torch.topk(L.scores, self.M, dim=-1, sorted=False, out=(lst.vals, lst.pos))
+        K.gather_rows(lst.pos, lst.vals, L.host_k, L.host_v, lst.k, lst.v)
+
+    def scores(self, q, lo, hi):
+        if self.ahead != hi - 1 + self.recent:  # not fetched early for this step
+            self._fetch(q, lo, hi)
+        self.ahead = None
+        lst = self.shortlist
+        exact = self.rank(lst.k.float(), q)                                   # (n_kv, M)
+        out = torch.full((self.n_kv, hi - lo), float("-inf"), device=q.device)
+        h, j = (lst.vals > float("-inf")).nonzero(as_tuple=True)
+        out[h, lst.pos[h, j] - lo] = exact[h, j]
+        return out
+
+    def step_select(self, q, pos):
+        lst, L = self.shortlist, self.layer
+        if self.ahead is None:
+            self._step_fetch(q, pos, self.recent)
+        elif lst.stream is not None:  # join
+            torch.cuda.current_stream(q.device).wait_stream(lst.stream)
+        self.ahead = None
+        K.shortlist_scores(q, lst.k, lst.vals, lst.exact)
+        vals, j = lst.exact.topk(self.topk, dim=-1, sorted=False)
+        K.gather_rows(j, vals, lst.k.transpose(0, 1), lst.v.transpose(0, 1), L.sel_k, L.sel_v)
+        return vals, lst.pos.gather(1, j)
+
+    def tensors(self):
+        return self.store.tensors()  # the shared Shortlist is counted once, by the cache
+
+    def h2d_bytes(self, n_off):  # the candidates' rows beyond the top-k the layer counts as gathered
+        return 2 * self.n_kv * (min(self.M, n_off) - min(self.topk, n_off)) * self.hd * self.layer.host_k.element_size()
+
+
 class ExactSelector(Selector):
     """For measurement, not a method (the oracle): every offloaded key in full precision, from the host
     store, ranked as the sketch ranks them (the group's mean query). What it loses against the full cache
@@ -615,7 +738,7 @@ def has_kernel_path(select: str) -> bool:
 
 SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector, "sketch-heads": HeadwiseSketchSelector,
              "sketch-next": NeighbourSketchSelector, "sketch-predicted": PredictedSketchSelector,
-             "exact": ExactSelector, "exact-heads": HeadwiseExactSelector}
+             "exact": ExactSelector, "exact-heads": HeadwiseExactSelector, "shortlist": ShortlistSelector}
 
 
 class SparseLayer:
@@ -629,7 +752,7 @@ class SparseLayer:
     """
 
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, topk, device, dtype, host_device, scores=None,
-                 kernels=False, wq=None, inv_freq=None, head_scratch=None):
+                 kernels=False, wq=None, inv_freq=None, head_scratch=None, shortlist=None):
         self.sink, self.recent, self.topk, self.max_len, self.kernels = cfg.sink, cfg.recent, topk, max_len, kernels
         self.kind = "sparse" if topk else "window"
         kw = dict(device=device, dtype=dtype)
@@ -642,6 +765,7 @@ class SparseLayer:
         self.streamed = 0  # prompt positions already copied to the host store (KVCache's copy stream)
         self.scores = scores  # (n_kv, >= max_len) scratch of the kernel path, shared by the layers
         self.head_scratch = head_scratch  # kernels.HeadScratch of per-head selectors, shared too
+        self.shortlist = shortlist  # the Shortlist of the shortlist selector, shared too
         self.host_k = self.host_v = self.selector = None
         self.trace, self.index = None, None  # a TraceRecorder and this layer's number, when recording
         if topk:
@@ -719,11 +843,9 @@ class SparseLayer:
         vals = None
         if self.topk:
             self.selector.step_append(kr, pos)
-            self.selector.step_scores(qh, pos, self.scores, self.sink, self.recent)
-            vals, idx = self.scores.topk(self.topk, dim=-1, sorted=False)
+            vals, idx = self.selector.step_select(qh, pos)
             if self.trace is not None:
                 self.trace.record(self.index, torch.where(vals > float("-inf"), idx, -1), pos)
-            K.gather_rows(idx, vals, self.host_k, self.host_v, self.sel_k, self.sel_v)
         return K.sparse_attend(qh, self.att_k, self.att_v, vals, pos, self.sink, self.topk, self.recent)[None, :, None]
 
     def advance(self, length):
@@ -882,15 +1004,21 @@ class KVCache:
         self.inv_freq = model.inv_freq
         self.scores = None  # selection scores of the sparse layers' kernel path, shared (one layer at a time)
         self.head_scratch = None  # and what per-head scoring keeps between its kernels
+        self.shortlist = None  # and the candidates of the shortlist selector
+        shortlists = offloads and issubclass(SELECTORS[cfg.select], ShortlistSelector)
         if kernels and offloads:
             unit = K.SKETCH_NB * cfg.group  # the sketch kernels score SKETCH_NB groups per program
-            width = -(-max(max_len, cfg.topk) // unit) * unit
+            width = -(-max(max_len, cfg.topk * (cfg.shortlist if shortlists else 1)) // unit) * unit
             # half-precision scores for a half-precision model: they only rank tokens, and top-k over 16-bit
             # keys takes half the radix passes of float32
             self.scores = torch.empty(a.n_kv_heads, width, device=device,
                                       dtype=torch.float32 if dtype == torch.float32 else torch.float16)
             if SELECTORS[cfg.select].per_head:
                 self.head_scratch = K.HeadScratch(a.n_heads, width, device, self.scores.dtype, unit)
+        if shortlists:
+            self.shortlist = Shortlist(a.n_kv_heads, cfg.shortlist * cfg.topk, a.head_dim, a.dim, device, dtype,
+                                       torch.float32 if self.scores is None else self.scores.dtype,
+                                       stream=kernels and torch.device(device).type == "cuda")
         self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
         if torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu":
             self.copy_stream = torch.cuda.Stream(device)
@@ -907,7 +1035,7 @@ class KVCache:
             return QuantLayer(*self.shape, self.cfg, self.device, self.dtype, self.n_heads, self.kernels)
         topk = self.cfg.topk if kind == "sparse" else 0
         return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device, self.scores,
-                           self.kernels, self.wq[i], self.inv_freq, self.head_scratch)
+                           self.kernels, self.wq[i], self.inv_freq, self.head_scratch, self.shortlist)
 
     # --------------------------------------------------------------------------- prefill
 
@@ -1055,6 +1183,8 @@ def memory_report(cache: KVCache) -> dict:
         r["device_bytes"] += nbytes(layer.device_tensors())
         r["host_bytes"] += nbytes(layer.host_tensors())
         r["h2d_bytes_per_step"] += layer.h2d_bytes / max(layer.steps, 1)
+    if cache.shortlist is not None and "sparse" in by_kind:  # shared by the sparse layers: counted once
+        by_kind["sparse"]["device_bytes"] += nbytes(cache.shortlist.tensors())
     for r in by_kind.values():
         r["full_cache_bytes"] = r["layers"] * full_layer
     total = {k: sum(r[k] for r in by_kind.values())

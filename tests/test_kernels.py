@@ -132,6 +132,25 @@ def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
         assert (scores[:, :sink] == float("-inf")).all() and (scores[:, hi:] == float("-inf")).all(), L
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M", [5, 64, 100])  # within one block of rows, exactly one, across two
+def test_shortlist_scores_equal_the_selector_ranking(device, M):
+    """The candidates' exact keys (a strided view, as the selector passes them) against the group's mean
+    query, as Selector.rank computes it; -inf where a candidate's slot is empty."""
+    from types import SimpleNamespace
+    from kvcache import Selector
+    n_kv, G, hd = 2, 3, 64
+    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), None, None, None)
+    k = rand(M, n_kv, hd, seed=M, device=device).transpose(0, 1)           # (n_kv, M, hd), not contiguous
+    vals = rand(n_kv, M, seed=M + 1, device=device)
+    vals[:, ::3] = float("-inf")
+    q = rand(n_kv * G, hd, seed=M + 2, device=device)
+    out = K.shortlist_scores(q, k, vals, torch.empty(n_kv, M, device=device))
+    ref = rank.rank(k.float(), q).masked_fill(vals == float("-inf"), float("-inf"))
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out == float("-inf"), vals == float("-inf"))
+
+
 def test_wrappers_refuse_bad_inputs():
     keys, values = quant_layer_pair(2, 64, 100, 2, "cpu", torch.float32)
     ws = K.Workspace(4, 2, 64, "cpu")
@@ -146,13 +165,18 @@ def test_wrappers_refuse_bad_inputs():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("select,prompt,steps", [(s, p, 70) for s in ("sketch", "channels") for p in (5, 40, 300)]
-                         + [("sketch-heads", 300, 10)])  # prompts shorter than the sinks, than the budget, longer
+                         + [("sketch-heads", 300, 10), ("shortlist", 40, 70), ("shortlist", 300, 30)])
 def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
+    """Prompts shorter than the sinks, than the budget, longer; the shortlist fetched one layer early (from an
+    input the layer before would have seen) at odd steps, at the step itself at even ones."""
+    from test_kvcache import identity_prediction
     H, n_kv, hd = 6, 2, 64
-    cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8)
+    cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8, shortlist=3)
     scores = torch.empty(n_kv, 512, device=device)  # the sketch kernel scores 8 groups per program
-    ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", scores=scores)  # same layout
-    ker = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", scores=scores, kernels=True)
+    wq, inv_freq = (x.to(device) for x in identity_prediction(H, hd))
+    kw = dict(scores=scores, wq=wq, inv_freq=inv_freq)
+    ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", **kw)  # same layout
+    ker = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", kernels=True, **kw)
     k = rand(1, n_kv, prompt + steps, hd, seed=5, device=device)
     v = rand(1, n_kv, prompt + steps, hd, seed=6, device=device)
     ref.load(k[:, :, :prompt], v[:, :, :prompt], 0)
@@ -160,8 +184,12 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     pos = torch.zeros((), dtype=torch.long, device=device)
     for t in range(prompt, prompt + steps):
         q = rand(1, H, 1, hd, seed=100 + t, device=device)
-        a = ref.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
         pos.fill_(t)
+        if select == "shortlist" and t % 2:
+            x = rand(1, 1, H * hd, seed=200 + t, device=device)
+            ref.selector.see_previous_input(x, t)
+            ker.selector.see_previous_input(x, pos)
+        a = ref.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
         b = ker.step(q, k[:, :, t:t + 1], v[:, :, t:t + 1], pos)
         ker.advance(t + 1)
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), t
@@ -171,7 +199,7 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "shortlist"])
 @pytest.mark.parametrize("prompt", [135, 136])  # the last offloaded position quantized in the sketch, or exact
 def test_needles_at_the_edges_of_the_offloaded_range_are_retrieved(device, select, prompt):
     """The kernel path's twin of the test in test_kvcache.py: needles at the first and last offloaded

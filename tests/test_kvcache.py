@@ -108,7 +108,8 @@ def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):
     torch.testing.assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "sketch-predicted", "exact", "exact-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "sketch-predicted", "exact",
+                                    "exact-heads", "shortlist"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     N, prompt = 90, 30
@@ -118,7 +119,7 @@ def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     torch.testing.assert_close(out, reference(q, k, v, lambda t: range(t + 1)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads", "shortlist"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_retrieves_the_dominant_tokens(select, H, n_kv, hd):
     """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those. (sketch-next
@@ -171,7 +172,8 @@ def headwise_scores(keys, q, lo, hi):
     return (s / hd ** 0.5).log_softmax(1).amax(-1)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "exact", "exact-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "exact", "exact-heads",
+                                    "shortlist"])
 def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
     """Budget far below the context, random data: every decode step attends over exactly the sinks, the
     recent window and the top-k of the selector's scores recomputed here over [sink, first recent)."""
@@ -196,6 +198,10 @@ def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
             scores[:, 1:] = torch.maximum(scores[:, 1:], scores[:, :-1].clone())
         elif select == "sketch":
             scores = sketch_scores(layer, q[0, :, t], lo, hi)
+        elif select == "shortlist":  # the sketch's top 4 * topk, then those ranked on their exact keys
+            cand = sketch_scores(layer, q[0, :, t], lo, hi).topk(4 * topk, dim=-1).indices + lo
+            exact = torch.einsum("htd,hd->ht", k[0, :, :t + 1].float(), q[0, :, t].view(n_kv, -1, hd).mean(1))
+            scores = torch.full((n_kv, hi - lo), float("-inf")).scatter(1, cand - lo, exact.gather(1, cand))
         else:  # exact: the full-precision keys against the group's mean query
             scores = torch.einsum("htd,hd->ht", keys[:, lo:hi], q[0, :, t].view(n_kv, -1, hd).mean(1))
         top = scores.topk(topk, dim=-1).indices + lo
@@ -222,7 +228,7 @@ def selected_positions(layer):
             for h in range(layer.att_k.shape[0])]
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads", "shortlist"])
 @pytest.mark.parametrize("prompt", [135, 136])  # the last offloaded position quantized in the sketch, or exact
 def test_needles_at_the_edges_of_the_offloaded_range_are_retrieved(select, prompt):
     """The first step after the prompt offloads [sink, prompt + 1 - recent); needles at its first and last
@@ -453,6 +459,46 @@ def test_the_predicted_sketch_ranks_with_the_predicted_query():
         got[select, predicted is None] = selected_positions(layer)
     assert got["sketch-predicted", False] == [needles] * n_kv
     assert got["sketch", False] == got["sketch-predicted", True] != [needles] * n_kv
+
+
+def identity_prediction(H, hd):
+    """A query projection and RoPE frequencies under which see_previous_input(x, pos) predicts x itself."""
+    wq = torch.nn.Linear(H * hd, H * hd, bias=False)
+    wq.weight.data = torch.eye(H * hd)
+    return wq, torch.zeros(hd // 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_shortlist_is_fetched_with_the_predicted_query_and_ranked_with_the_steps_own(device):
+    """Three kinds of planted keys: A along d (where the predicted query points), B along d and r, C along r
+    alone (where the step's query points). One layer early the sketch shortlists 2 x top-k = A and B; at the
+    step the exact keys rank them against r: B is chosen. The plain sketch takes C, sketch-predicted A."""
+    H, n_kv, hd, sink, recent, topk, prompt = 4, 2, 64, 2, 4, 3, 100
+    A, B, C = [20, 50, 70], [30, 60, 80], [10, 40, 90]
+    q, k, v = qkv(H, n_kv, hd, prompt + 1, seed=3)
+    d, r = rand(n_kv, hd, seed=4), rand(n_kv, hd, seed=5)
+    r -= (r * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True) * d  # r orthogonal to d
+    d, r = d / d.norm(dim=-1, keepdim=True), r / r.norm(dim=-1, keepdim=True)
+    for h in range(n_kv):
+        k[0, h] *= 0.05
+        k[0, h, A], k[0, h, B], k[0, h, C] = 8 * d[h], 5 * d[h] + 3 * r[h], 4 * r[h]
+        k[0, h, A + B + C] += 0.01 * rand(9, hd, seed=h)
+        q[0, h * 2:(h + 1) * 2, prompt] = r[h]
+    qhat = d.repeat_interleave(H // n_kv, 0)
+    wq, inv_freq = identity_prediction(H, hd)
+    got = {}
+    for select in ("sketch", "sketch-predicted", "shortlist"):
+        cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select, sketch_bits=8,
+                          shortlist=2)
+        layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, device, torch.float32, "cpu", wq=wq.to(device),
+                            inv_freq=inv_freq.to(device))
+        layer.load(k[:, :, :prompt].to(device), v[:, :, :prompt].to(device), 0)
+        layer.selector.see_previous_input(qhat.reshape(1, 1, -1).to(device), prompt)
+        layer.decode(*(x[:, :, prompt:].to(device) for x in (q, k, v)), prompt)
+        got[select] = selected_positions(layer)
+        if select == "shortlist":
+            assert sorted(layer.selector.shortlist.pos[0].tolist()) == sorted(A + B)
+    assert (got["sketch"], got["sketch-predicted"], got["shortlist"]) == ([C] * n_kv, [A] * n_kv, [B] * n_kv)
 
 
 def tensors_of(obj):
