@@ -295,6 +295,7 @@ def layer_list(s):
 CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "bits": ("tailor", "kivi"),
                "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"), "budget": ("tailor", "sparse"),
                "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"), "sketch_bits": ("tailor", "sparse"),
+               "shortlist": ("tailor", "sparse"),
                "sink": ("tailor", "sparse", "streaming"), "recent": ("tailor", "sparse", "streaming")}
 
 
@@ -354,10 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--select", choices=list(SELECTORS),
                    help=f"tailor, sparse: top-k selector: sketch, a low-bit key sketch on the device; channels, the paper's "
                         f"C channels; sketch-heads, the sketch ranked per query head; sketch-next, the sketch with each hit's "
-                        f"successor; sketch-predicted, the sketch against the query predicted one layer early; exact "
-                        f"and exact-heads, every offloaded key in full precision (for measurement) (default: {d.select})")
+                        f"successor; sketch-predicted, the sketch against the query predicted one layer early; shortlist, "
+                        f"candidates fetched one layer early with that query, ranked on their exact keys with the step's "
+                        f"own; exact and exact-heads, every offloaded key in full precision (for measurement) (default: {d.select})")
     c.add_argument("--channels", type=int, help=f"tailor, sparse: C for --select channels (default: {d.channels})")
     c.add_argument("--sketch-bits", type=int, help=f"tailor, sparse: bits of --select sketch (default: {d.sketch_bits})")
+    c.add_argument("--shortlist", type=int,
+                   help=f"tailor, sparse: candidates per retrieved token of --select shortlist (default: {d.shortlist})")
     c.add_argument("--check", action="store_true",
                    help="run a full cache alongside; print top-1 agreement and KL(full || policy) per step")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction,
@@ -609,7 +613,8 @@ def describe(cfg: CacheConfig, n_layers: int) -> str:
                      f"{','.join(str(i) for i, k in enumerate(kinds) if k == 'quant') if len(set(kinds)) > 1 else 'all'}")
     if "sparse" in kinds:
         parts.append(f"offload {kinds.count('sparse')} layers: sink {cfg.sink} + recent {cfg.recent} + top-{cfg.topk} "
-                     f"by {cfg.select}" + {"channels": f" (C={cfg.channels})", "sketch": f" ({cfg.sketch_bits}-bit)"}.get(cfg.select, ""))
+                     f"by {cfg.select}" + {"channels": f" (C={cfg.channels})", "sketch": f" ({cfg.sketch_bits}-bit)",
+                                   "shortlist": f" ({cfg.shortlist}x top-k candidates)"}.get(cfg.select, ""))
     if "window" in kinds:
         parts.append(f"sink {cfg.sink} + recent {cfg.recent} only")
     return f"{cfg.policy}" + (f" [{'; '.join(parts)}]" if parts else "")

@@ -266,6 +266,7 @@ def tiny_model(device, dtype=torch.float32):
 @pytest.mark.parametrize("cfg", [CacheConfig("full"), CacheConfig("kivi", bits=2, residual=64),
                                  CacheConfig("tailor", quant_layers=(0,), bits=1, budget=48, sink=4, recent=12),
                                  CacheConfig("sparse", budget=48, sink=4, recent=12, select="channels"),
+                                 CacheConfig("tailor", quant_layers=(0,), budget=48, sink=4, recent=12, select="shortlist"),
                                  CacheConfig("streaming", sink=4, recent=12)], ids=lambda c: c.policy + "-" + c.select)
 def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
     from generate import Decoder
@@ -369,7 +370,8 @@ def test_a_cuda_graph_records_its_retrievals_like_eager():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming", "sparse/sketch-heads"])
+@pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming", "sparse/sketch-heads",
+                                    "tailor/shortlist"])
 def test_cuda_graph_decode_equals_eager_token_for_token(policy):
     from generate import Decoder
     model = tiny_model("cuda", torch.bfloat16)
@@ -390,6 +392,31 @@ def test_cuda_graph_decode_equals_eager_token_for_token(policy):
         runs.append((toks, torch.stack(outs)))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])            # the same kernels, replayed: bit for bit
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_shortlist_fetched_on_its_own_stream_equals_the_serial_step_bit_for_bit():
+    """The shortlist selector's early fetch on a second stream (forked and joined inside the step), eager and
+    in a CUDA graph, against the same kernels on one stream: the same logits, bit for bit."""
+    from generate import Decoder
+    model = tiny_model("cuda", torch.bfloat16)
+    cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select="shortlist")
+    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(2)).cuda()
+    runs = []
+    for stream, graph in ((False, False), (True, False), (True, True)):
+        cache = KVCache(model, 300, cfg, device="cuda", dtype=torch.bfloat16, kernels=True)
+        assert cache.shortlist.stream is not None
+        if not stream:
+            cache.shortlist.stream = None
+        dec = Decoder(model, cache, cuda_graph=graph)
+        with torch.inference_mode():
+            logits, outs = model.prefill(prompt, cache, chunk_size=64)[0], []
+            for pos in range(150, 290):
+                logits = dec.step(int(logits.argmax()), pos).clone()
+                outs.append(logits)
+        runs.append(torch.stack(outs))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 @pytest.mark.parametrize("device", DEVICES)
