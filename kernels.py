@@ -11,6 +11,7 @@
                 the group's mean query or each query head (then the largest log-softmax)
   shortlist_scores  q . K of the shortlist selector's candidates, their exact keys on the device
   channel_scores q . K on C channels of every offloaded key, read from pinned host memory
+  topk          the k largest scores of each row (a radix select), for the selection
   gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
 
@@ -612,6 +613,93 @@ def channel_scores(q, channels, host_k, pos, scores, sink: int, recent: int):
         q, channels, host_k, host_k.stride(0), host_k.stride(1), scores, scores.stride(0), scores.shape[1], pos, G, C,
         SINK=sink, RECENT=recent, BN=BN, BC=max(2, triton.next_power_of_2(C)), BG=triton.next_power_of_2(G), HD=hd)
     return scores
+
+
+@triton.jit
+def _radix_key(x, BITS: tl.constexpr):
+    """Scores -> unsigned keys in the same order (float bits, the sign bit flipped, every bit if negative)."""
+    if BITS == 16:
+        b = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return (b ^ tl.where(b >= 0x8000, 0xFFFF, 0x8000)).to(tl.uint32)
+    b = x.to(tl.uint32, bitcast=True)
+    return b ^ tl.where((b >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+
+
+@triton.jit
+def _radix_prefix(hist, h, k, LEVELS: tl.constexpr, UPTO: tl.constexpr):
+    """From the digit histograms of levels 0..UPTO-1 of head h: the k-th largest key's top UPTO digits, and
+    how many of the keys that start with them still belong to the top k."""
+    d = tl.arange(0, 256)
+    prefix = tl.zeros((), tl.uint32)
+    need = k
+    for lev in tl.static_range(UPTO):
+        count = tl.load(hist + (h * LEVELS + lev) * 256 + d)
+        above = tl.sum(count, 0) - tl.cumsum(count, 0)         # keys of a larger digit
+        digit = tl.min(tl.where(above < need, d, 256), 0)      # the smallest digit with fewer than `need` above it
+        need -= tl.sum(tl.where(d == digit, above, 0), 0)
+        prefix = (prefix << 8) | digit.to(tl.uint32)
+    return prefix, need
+
+
+@triton.jit
+def _radix_hist_kernel(x, x_h, W, hist, k, LEVEL: tl.constexpr, LEVELS: tl.constexpr, BITS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Level LEVEL of the radix select: the histogram of digit LEVEL of the keys that share the k-th largest
+    key's higher digits."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    key = _radix_key(tl.load(x + h * x_h + i, mask=i < W, other=float("-inf")), BITS)
+    prefix, _ = _radix_prefix(hist, h, k, LEVELS, LEVEL)
+    shift: tl.constexpr = BITS - 8 * (LEVEL + 1)
+    match = (i < W) & ((key >> (shift + 8)) == prefix) if LEVEL > 0 else i < W
+    count = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+    tl.atomic_add(hist + (h * LEVELS + LEVEL) * 256 + tl.arange(0, 256), count, mask=count > 0)
+
+
+@triton.jit
+def _radix_collect_kernel(x, x_h, W, hist, taken, k, vals, idx, LEVELS: tl.constexpr, BITS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """Every key above the k-th largest, and as many keys equal to it as the top k still needs, into vals/idx
+    (n_kv, k), in no particular order; taken (n_kv, 2) counts what was written, above and equal."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    s = tl.load(x + h * x_h + i, mask=i < W, other=float("-inf"))
+    key = _radix_key(s, BITS)
+    kth, need = _radix_prefix(hist, h, k, LEVELS, LEVELS)
+    above, equal = (i < W) & (key > kth), (i < W) & (key == kth)
+    slot = tl.atomic_add(taken + h * 2, tl.sum(above.to(tl.int32), 0)) + tl.cumsum(above.to(tl.int32), 0) - 1
+    tl.store(vals + h * k + slot, s, mask=above)
+    tl.store(idx + h * k + slot, i.to(tl.int64), mask=above)
+    rank = tl.atomic_add(taken + h * 2 + 1, tl.sum(equal.to(tl.int32), 0)) + tl.cumsum(equal.to(tl.int32), 0) - 1
+    keep = equal & (rank < need)
+    slot = k - need + rank
+    tl.store(vals + h * k + slot, s, mask=keep)
+    tl.store(idx + h * k + slot, i.to(tl.int64), mask=keep)
+
+
+def topk(x: torch.Tensor, k: int, out=None, BLOCK: int = 4096):
+    """The k largest of each row of x (rows, W), fp16 or fp32 -> (values, indices), each (rows, k) (into out's
+    pair of tensors, if given), in no
+    particular order; where the k-th largest value is tied, which of its equals are taken is unspecified. A
+    radix select: one histogram pass per byte of the keys (2 for fp16, 4 for fp32), then one pass that
+    collects; every pass reads x once, with many programs per row. Reference: torch.topk(sorted=False)."""
+    rows, W = x.shape
+    _check(x.dtype in (torch.float16, torch.float32) and x.stride(-1) == 1, "x: fp16 or fp32 rows, contiguous")
+    _check(0 < k <= W, f"k must be in 1..{W}, got {k}")
+    bits = 8 * x.element_size()
+    levels = bits // 8
+    work = torch.zeros(rows * (levels * 256 + 2), dtype=torch.int32, device=x.device)
+    hist, taken = work[:rows * levels * 256], work[rows * levels * 256:]
+    if out is None:
+        out = torch.empty(rows, k, dtype=x.dtype, device=x.device), torch.empty(rows, k, dtype=torch.long, device=x.device)
+    vals, idx = out
+    _check(vals.shape == idx.shape == (rows, k) and vals.dtype == x.dtype and idx.dtype == torch.long
+           and vals.is_contiguous() and idx.is_contiguous(), f"out: contiguous ({rows}, {k}) values and int64 indices")
+    grid = (rows, triton.cdiv(W, BLOCK))
+    for level in range(levels):
+        _radix_hist_kernel[grid](x, x.stride(0), W, hist, k, LEVEL=level, LEVELS=levels, BITS=bits, BLOCK=BLOCK)
+    _radix_collect_kernel[grid](x, x.stride(0), W, hist, taken, k, vals, idx, LEVELS=levels, BITS=bits, BLOCK=BLOCK)
+    return vals, idx
 
 
 @triton.jit

@@ -482,7 +482,7 @@ class Selector:
         (sel_k, sel_v) -> (scores, positions), each (n_kv, topk); a score of -inf where nothing was chosen."""
         L = self.layer
         self.step_scores(q, pos, L.scores, L.sink, L.recent)
-        vals, idx = L.scores.topk(L.topk, dim=-1, sorted=False)
+        vals, idx = K.topk(L.scores, L.topk)
         K.gather_rows(idx, vals, L.host_k, L.host_v, L.sel_k, L.sel_v)
         return vals, idx
 
@@ -677,7 +677,7 @@ class ShortlistSelector(SketchSelector):
         """Kernel path: the same, over the offloaded positions of a step at device position pos."""
         lst, L = self.shortlist, self.layer
         K.sketch_scores(q, self.store, pos, L.scores, self.sink, recent)
-        torch.topk(L.scores, self.M, dim=-1, sorted=False, out=(lst.vals, lst.pos))
+        K.topk(L.scores, self.M, out=(lst.vals, lst.pos))
         K.gather_rows(lst.pos, lst.vals, L.host_k, L.host_v, lst.k, lst.v)
 
     def scores(self, q, lo, hi):

@@ -151,6 +151,22 @@ def test_shortlist_scores_equal_the_selector_ranking(device, M):
     assert torch.equal(out == float("-inf"), vals == float("-inf"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("W,k,block", [(300, 5, 128), (1024, 128, 256), (700, 700, 256), (513, 1, 128), (4096, 512, 1024)])
+def test_radix_topk_takes_what_torch_topk_takes(device, dtype, W, k, block):
+    """The same values as torch.topk (the indices may differ only among equal values): rows with -inf in half
+    of them, with ties, with few distinct values; k of one, of the whole row; rows within a block and across."""
+    x = rand(3, W, seed=W + k).to(dtype)
+    x[0, :W // 2] = float("-inf")
+    x[1, ::7] = x[1, 3]
+    x[2] = x[2].round()
+    vals, idx = K.topk(x.to(device), k, BLOCK=block)
+    vals, idx = vals.cpu(), idx.cpu()
+    assert torch.equal(vals.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values)
+    assert torch.equal(x.gather(1, idx), vals) and all(len(set(r.tolist())) == k for r in idx)
+
+
 def test_wrappers_refuse_bad_inputs():
     keys, values = quant_layer_pair(2, 64, 100, 2, "cpu", torch.float32)
     ws = K.Workspace(4, 2, 64, "cpu")
