@@ -620,9 +620,11 @@ def _radix_key(x, BITS: tl.constexpr):
     """Scores -> unsigned keys in the same order (float bits, the sign bit flipped, every bit if negative)."""
     if BITS == 16:
         b = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        return (b ^ tl.where(b >= 0x8000, 0xFFFF, 0x8000)).to(tl.uint32)
-    b = x.to(tl.uint32, bitcast=True)
-    return b ^ tl.where((b >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+        key = (b ^ tl.where(b >= 0x8000, 0xFFFF, 0x8000)).to(tl.uint32)
+    else:
+        u = x.to(tl.uint32, bitcast=True)
+        key = u ^ tl.where((u >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    return key
 
 
 @triton.jit
@@ -630,13 +632,13 @@ def _radix_prefix(hist, h, k, LEVELS: tl.constexpr, UPTO: tl.constexpr):
     """From the digit histograms of levels 0..UPTO-1 of head h: the k-th largest key's top UPTO digits, and
     how many of the keys that start with them still belong to the top k."""
     d = tl.arange(0, 256)
-    prefix = tl.zeros((), tl.uint32)
-    need = k
+    prefix = tl.zeros((1,), tl.uint32)
+    need = tl.zeros((1,), tl.int32) + k
     for lev in tl.static_range(UPTO):
         count = tl.load(hist + (h * LEVELS + lev) * 256 + d)
-        above = tl.sum(count, 0) - tl.cumsum(count, 0)         # keys of a larger digit
-        digit = tl.min(tl.where(above < need, d, 256), 0)      # the smallest digit with fewer than `need` above it
-        need -= tl.sum(tl.where(d == digit, above, 0), 0)
+        above = tl.sum(count, 0) - tl.cumsum(count, 0)                     # keys of a larger digit
+        digit = tl.min(tl.where(above[None, :] < need[:, None], d[None, :], 256), 1)  # the smallest digit with
+        need -= tl.sum(tl.where(d[None, :] == digit[:, None], above[None, :], 0), 1)  # fewer than `need` above it
         prefix = (prefix << 8) | digit.to(tl.uint32)
     return prefix, need
 
@@ -649,11 +651,15 @@ def _radix_hist_kernel(x, x_h, W, hist, k, LEVEL: tl.constexpr, LEVELS: tl.const
     h, b = tl.program_id(0), tl.program_id(1)
     i = b * BLOCK + tl.arange(0, BLOCK)
     key = _radix_key(tl.load(x + h * x_h + i, mask=i < W, other=float("-inf")), BITS)
-    prefix, _ = _radix_prefix(hist, h, k, LEVELS, LEVEL)
-    shift: tl.constexpr = BITS - 8 * (LEVEL + 1)
-    match = (i < W) & ((key >> (shift + 8)) == prefix) if LEVEL > 0 else i < W
-    count = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-    tl.atomic_add(hist + (h * LEVELS + LEVEL) * 256 + tl.arange(0, 256), count, mask=count > 0)
+    SHIFT: tl.constexpr = BITS - 8 * (LEVEL + 1)
+    match = i < W
+    if LEVEL > 0:
+        prefix, _ = _radix_prefix(hist, h, k, LEVELS, LEVEL)
+        match = match & ((key >> (SHIFT + 8)) == prefix)
+    digit = tl.where(match, ((key >> SHIFT) & 255).to(tl.int32), 256)      # 256: not counted
+    count = tl.histogram(digit, 512)
+    bins = tl.arange(0, 512)
+    tl.atomic_add(hist + (h * LEVELS + LEVEL) * 256 + bins, count, mask=(bins < 256) & (count > 0))
 
 
 @triton.jit
@@ -666,6 +672,7 @@ def _radix_collect_kernel(x, x_h, W, hist, taken, k, vals, idx, LEVELS: tl.const
     s = tl.load(x + h * x_h + i, mask=i < W, other=float("-inf"))
     key = _radix_key(s, BITS)
     kth, need = _radix_prefix(hist, h, k, LEVELS, LEVELS)
+    kth, need = tl.sum(kth, 0), tl.sum(need, 0)  # (1,) -> scalars
     above, equal = (i < W) & (key > kth), (i < W) & (key == kth)
     slot = tl.atomic_add(taken + h * 2, tl.sum(above.to(tl.int32), 0)) + tl.cumsum(above.to(tl.int32), 0) - 1
     tl.store(vals + h * k + slot, s, mask=above)
