@@ -60,6 +60,28 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1/sketch-heads --steps 20 --warmup 3 "
      "--out bench/results/latency_heads", None,
      "The same model and cap as the latency table above, the two selectors in one run."),
+    ("Decode latency on an H200: the shortlist selector and the radix top-k", "latency_h200.md",
+     "python bench/latency.py --contexts 32768 131072 --policies full tailor-1 tailor-1/shortlist tailor-1/shortlist:1 "
+     "sparse streaming --steps 20 --warmup 3 --out bench/results/latency_h200", "latency_h200.png",
+     "The latency table's model and cap on an NVIDIA H200 (4.15 TB/s HBM measured). tailor-1/shortlist fetches 4 x "
+     "128 candidates one layer early on a second stream; :1 fetches 128. Selection's top-k is kernels.topk."),
+    ("The same step before the radix top-k, H200", "latency_h200_torch_topk.md",
+     "python bench/latency.py --contexts 32768 131072 --policies tailor-1 tailor-1/shortlist streaming --steps 20 "
+     "--warmup 3 --out bench/results/latency_h200_torch_topk", None,
+     "torch.topk for the selection, and the prefill timed with the kernels' compilation in it (tailor-1 at 32k)."),
+    ("Where a decode step's time goes, H200", "profile_tailor_128k_h200.md",
+     "python bench/latency.py --profile --contexts 131072 --policies tailor-1", None,
+     "tailor-1 at 128k tokens on the H200, eager kernel path under torch.profiler, per kernel name."),
+    ("Can selection hide under the weight reads? H200", "overlap.md", "python bench/overlap.py", None,
+     "One layer's selection kernels at 128k tokens alone, then after three MLP-sized GEMVs on the same stream and "
+     "on a second stream, each replayed from a CUDA graph."),
+    ("Selecting from a shortlist fetched one layer early, CPU", "shortlist_cpu.md",
+     "python bench/accuracy.py --contexts 2048 --docs prose code table stdlib reference ledger --policies full "
+     "tailor-2 tailor-2/shortlist tailor-2/shortlist:2 tailor-2/sketch-predicted streaming --tasks repeat fidelity "
+     "--sweep-budgets --out bench/results/shortlist_cpu", "shortlist_cpu.png",
+     "Default model, fp32 on the PyTorch path, 2 CPU cores (40 min). shortlist: the sketch ranked with the predicted "
+     "query picks 4 x 128 candidates (:2, 2 x 128), whose exact keys are ranked with the step's own query; its "
+     "device bytes count the candidates' buffer."),
     ("Selecting with the query predicted one layer early, CPU", "predicted_query_cpu.md",
      "python bench/accuracy.py --contexts 2048 --docs prose code table stdlib reference ledger --policies full "
      "tailor-2 tailor-2/sketch-predicted streaming --tasks repeat fidelity --next 128 --sweep-budgets", "predicted_query_cpu.png",
