@@ -10,7 +10,8 @@
   sketch_scores q . dequant(sketch) for every offloaded token (the GPU-resident selector), against
                 the group's mean query or each query head (then the largest log-softmax)
   shortlist_scores  q . K of the shortlist selector's candidates, their exact keys on the device
-  channel_scores q . K on C channels of every offloaded key, read from pinned host memory
+  channel_scores q . K on C channels of every offloaded key, read from a channel-major copy in pinned host
+                memory (channel_append writes each step's key into it)
   topk          the k largest scores of each row (a radix select), for the selection
   gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
@@ -581,7 +582,7 @@ def shortlist_scores(q, k, vals, out, BM: int = 64):
 
 
 @triton.jit
-def _channel_scores_kernel(q, ch, host, hs_t, hs_h, scores, s_h, width, pos_ptr, G, C,
+def _channel_scores_kernel(q, ch, host, hs_h, hs_c, scores, s_h, width, pos_ptr, G, C,
                            SINK: tl.constexpr, RECENT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
                            BG: tl.constexpr, HD: tl.constexpr):
     h, b = tl.program_id(0), tl.program_id(1)
@@ -594,25 +595,43 @@ def _channel_scores_kernel(q, ch, host, hs_t, hs_h, scores, s_h, width, pos_ptr,
                         other=0.0).to(tl.float32), 0) / G                             # (BC,) on the chosen channels
     t = b * BN + tl.arange(0, BN)
     live = (t >= SINK) & (t < hi)
-    kc = tl.load(host + t[:, None] * hs_t + h * hs_h + chan[None, :], mask=live[:, None] & (j < C)[None, :], other=0.0)
-    score = tl.sum(kc.to(tl.float32) * qm[None, :], 1)
+    kc = tl.load(host + h * hs_h + chan[:, None] * hs_c + t[None, :], mask=(j < C)[:, None] & live[None, :],
+                 other=0.0)                                                          # (BC, BN): C contiguous rows
+    score = tl.sum(kc.to(tl.float32) * qm[:, None], 0)
     tl.store(scores + h * s_h + t, tl.where(live, score, float("-inf")), mask=t < width)
 
 
-def channel_scores(q, channels, host_k, pos, scores, sink: int, recent: int):
-    """The paper's selector: scores (n_kv, cap) of offloaded positions on C channels (n_kv, C) of each head,
-    reading those channels of every offloaded key from the host store host_k (cap, n_kv, hd) — pinned
-    memory on CUDA, read over PCIe. Reference: kvcache.SparseLayer._select's channel scores."""
-    cap, n_kv, hd = host_k.shape
+def channel_scores(q, channels, host_kc, pos, scores, sink: int, recent: int, BN: int = 1024):
+    """The paper's selector: scores (n_kv, >= cap) of offloaded positions on C channels (n_kv, C) of each head,
+    reading those channels of every offloaded key from the channel-major host copy host_kc (n_kv, hd, cap) —
+    pinned memory on CUDA, read over PCIe, one contiguous row per channel. Reference:
+    kvcache.ChannelSelector.scores."""
+    n_kv, hd, cap = host_kc.shape
     _check_q(q, n_kv, hd)
+    _check(host_kc.stride(-1) == 1, "host_kc: (n_kv, hd, cap), each channel's row contiguous")
     _check(channels.shape[0] == n_kv and channels.is_contiguous(), "channels: (n_kv, C)")
     _check(scores.shape[0] == n_kv and scores.shape[1] >= cap, "scores: (n_kv, >= cap)")
-    BN = 256
     G, C = q.shape[0] // n_kv, channels.shape[1]
     _channel_scores_kernel[(n_kv, triton.cdiv(scores.shape[1], BN))](
-        q, channels, host_k, host_k.stride(0), host_k.stride(1), scores, scores.stride(0), scores.shape[1], pos, G, C,
-        SINK=sink, RECENT=recent, BN=BN, BC=max(2, triton.next_power_of_2(C)), BG=triton.next_power_of_2(G), HD=hd)
+        q, channels, host_kc, host_kc.stride(0), host_kc.stride(1), scores, scores.stride(0), scores.shape[1], pos, G,
+        C, SINK=sink, RECENT=recent, BN=BN, BC=max(2, triton.next_power_of_2(C)), BG=triton.next_power_of_2(G), HD=hd)
     return scores
+
+
+@triton.jit
+def _channel_append_kernel(k, pos_ptr, host, hs_h, hs_c, HD: tl.constexpr):
+    h = tl.program_id(0)
+    c = tl.arange(0, HD)
+    tl.store(host + h * hs_h + c * hs_c + tl.load(pos_ptr), tl.load(k + h * HD + c))
+
+
+def channel_append(k, pos, host_kc):
+    """The step's key k (n_kv, hd) into column pos of the channel-major host copy host_kc (n_kv, hd, cap),
+    written over PCIe without stalling the stream. Reference: kvcache.ChannelSelector.append of one token."""
+    n_kv, hd, cap = host_kc.shape
+    _check(k.shape == (n_kv, hd) and k.is_contiguous() and pow2(hd) and host_kc.stride(-1) == 1,
+           "k: contiguous (n_kv, hd), hd a power of two; host_kc: (n_kv, hd, cap)")
+    _channel_append_kernel[(n_kv,)](k, pos, host_kc, host_kc.stride(0), host_kc.stride(1), HD=hd)
 
 
 @triton.jit

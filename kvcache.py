@@ -429,8 +429,8 @@ class Selector:
       step_append(k, pos)       the step's key (n_kv, hd) at device position pos (kernel path)
       advance(length)           after device steps: the layer holds `length` tokens
       see_previous_input(x, pos)  the normalised input (1, 1, dim) of the layer before, at this step
-    Telemetry: tensors() it keeps on the device; h2d_bytes(n_off) host->device bytes one step's
-    scoring of n_off offloaded tokens moves.
+    Telemetry: tensors() it keeps on the device, host_tensors() in host memory; h2d_bytes(n_off)
+    host->device bytes one step's scoring of n_off offloaded tokens moves.
     """
 
     per_head = False  # how scores() ranks keys: the group's mean query, or each query head (see rank)
@@ -489,6 +489,9 @@ class Selector:
     def tensors(self) -> list:
         return []
 
+    def host_tensors(self) -> list:
+        return []
+
     def h2d_bytes(self, n_off: int) -> int:
         return 0
 
@@ -527,21 +530,35 @@ class SketchSelector(Selector):
 class ChannelSelector(Selector):
     """The paper's: the C channels per KV head with the largest |q^_c| * max_t |K[t, c]|, where q^ is
     this layer's query predicted one layer early (W_q of this layer, with RoPE, applied to the previous
-    layer's normalised input); every offloaded token is scored on those channels, read from the host
-    store each step."""
+    layer's normalised input); every offloaded token is scored on those channels, read from host memory
+    each step. As in the paper's code, the keys have a second, channel-major copy in host memory
+    (n_kv, hd, max_len), so that a channel of every token is one contiguous read, not one 2-byte read per
+    token out of the token-major store."""
 
     predicts_query = True
 
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
-        self.C, self.host_k = min(cfg.channels, self.hd), layer.host_k
+        self.C = min(cfg.channels, self.hd)
         self.kmax = torch.zeros(self.n_kv, self.hd, device=layer.att_k.device, dtype=layer.att_k.dtype)
+        host = layer.host_k
+        pin = host.is_pinned() if host.device.type == "cpu" else False
+        self.host_kc = torch.empty(self.n_kv, self.hd, host.shape[0], dtype=host.dtype, device=host.device,
+                                   pin_memory=pin)
+        self.length = 0  # keys written to host_kc by append (the PyTorch path and the prefill)
 
     def append(self, k):
         torch.maximum(self.kmax, k.abs().amax(1), out=self.kmax)
+        n = k.shape[1]
+        self.host_kc[:, :, self.length:self.length + n].copy_(k.transpose(1, 2), non_blocking=True)
+        self.length += n
 
     def step_append(self, k, pos):
         torch.maximum(self.kmax, k.abs(), out=self.kmax)
+        K.channel_append(k, pos, self.host_kc)
+
+    def advance(self, length):
+        self.length = length
 
     def channels(self, q):
         """(n_kv, C) channel ids per KV head."""
@@ -551,19 +568,21 @@ class ChannelSelector(Selector):
     def scores(self, q, lo, hi):
         ch = self.channels(q)
         # the paper's data path: C channels of every offloaded key cross host -> device each step
-        heads = torch.arange(self.n_kv)[:, None, None]
-        cols = self.host_k[torch.arange(lo, hi)[None, :, None], heads, ch.cpu()[:, None, :]]  # (n_kv, n_off, C)
+        cols = self.host_kc[torch.arange(self.n_kv)[:, None], ch.cpu(), lo:hi]              # (n_kv, C, n_off)
         kc = cols.to(q.device, non_blocking=True).float()
-        return (kc * self.group_queries(q).gather(1, ch)[:, None, :]).sum(-1)             # (n_kv, n_off)
+        return (kc * self.group_queries(q).gather(1, ch)[:, :, None]).sum(1)                # (n_kv, n_off)
 
     def step_scores(self, q, pos, out, sink, recent):
-        K.channel_scores(q, self.channels(q).contiguous(), self.host_k, pos, out, sink, recent)
+        K.channel_scores(q, self.channels(q).contiguous(), self.host_kc, pos, out, sink, recent)
 
     def tensors(self):
         return [self.kmax]
 
+    def host_tensors(self):
+        return [self.host_kc]
+
     def h2d_bytes(self, n_off):
-        return self.n_kv * n_off * self.C * self.host_k.element_size()
+        return self.n_kv * n_off * self.C * self.host_kc.element_size()
 
 
 class HeadwiseSketchSelector(SketchSelector):
@@ -870,7 +889,7 @@ class SparseLayer:
         return [self.att_k, self.att_v] + (self.selector.tensors() if self.topk else [])
 
     def host_tensors(self):
-        return [self.host_k, self.host_v] if self.topk else []
+        return [self.host_k, self.host_v] + self.selector.host_tensors() if self.topk else []
 
 
 # ------------------------------------------------------------------- prefill helpers
