@@ -65,6 +65,12 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "sparse streaming --steps 20 --warmup 3 --out bench/results/latency_h200", "latency_h200.png",
      "The latency table's model and cap on an NVIDIA H200 (4.15 TB/s HBM measured). tailor-1/shortlist fetches 4 x "
      "128 candidates one layer early on a second stream; :1 fetches 128. Selection's top-k is kernels.topk."),
+    ("The paper's channel selector from a channel-major host copy, H200", "latency_h200_channels.md",
+     "python bench/latency.py --contexts 32768 131072 --policies sparse/channels --steps 10 --warmup 2 "
+     "--out bench/results/latency_h200_channels", None,
+     "sparse/channels reads C = 8 channels of every offloaded key over PCIe each step, now as C contiguous rows per "
+     "KV head of a channel-major copy of the keys in pinned host memory (363 ms/token at 128k on the H100 before, "
+     "from the token-major store: the latency table above)."),
     ("The same step before the radix top-k, H200", "latency_h200_torch_topk.md",
      "python bench/latency.py --contexts 32768 131072 --policies tailor-1 tailor-1/shortlist streaming --steps 20 "
      "--warmup 3 --out bench/results/latency_h200_torch_topk", None,
