@@ -423,7 +423,7 @@ class Selector:
                                              -inf elsewhere (kernels.sketch_scores shows how)
       step_select(q, pos)                    kernel path: the whole selection, scores -> top-k -> rows
                                              gathered into the layer's device rows (the default
-                                             composes step_scores, torch.topk, kernels.gather_rows)
+                                             composes step_scores, kernels.topk, kernels.gather_rows)
     and it sees what it needs:
       append(k)                 keys (n_kv, T, hd) entering the layer, in position order (PyTorch path)
       step_append(k, pos)       the step's key (n_kv, hd) at device position pos (kernel path)

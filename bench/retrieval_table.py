@@ -6,7 +6,7 @@ full cache's copy accuracy at the same device memory, and what it costs per toke
 Inputs (bench/results/): shortlist_cpu.json (default model, six documents, 2k, CPU), retrieval_heads_h100.json
 (default model, six documents, 4k and 7.5k), retrieval_default_h100.json (default model, three documents, 4k),
 accuracy_qwen05_h100.json (Qwen2.5-Coder-0.5B at 32k), latency.json and latency_heads.json (Llama-3.1-8B
-shapes at 128k, H100), latency_h200.json (the same on an H200).
+shapes at 128k, H100), latency_h200.json and latency_h200_channels.json (the same on an H200).
 """
 import json
 from pathlib import Path
@@ -75,7 +75,8 @@ def build() -> str:
     return ("Default model, H100 bf16, six documents, the same device memory per row pair:\n\n" + per_context(heads)
             + "\n\nCopy top-1 against the full cache of the same run, and decode speed (Llama-3.1-8B shapes):\n\n"
             + tried(summary("shortlist_cpu.json"), heads, summary("retrieval_default_h100.json"),
-                    summary("accuracy_qwen05_h100.json"), speed, latency("latency_h200.json")))
+                    summary("accuracy_qwen05_h100.json"), speed,
+                    {**latency("latency_h200.json"), **latency("latency_h200_channels.json")}))
 
 
 def main():
