@@ -704,10 +704,9 @@ class ShortlistSelector(SketchSelector):
             self._fetch(q, lo, hi)
         self.ahead = None
         lst = self.shortlist
-        exact = self.rank(lst.k.float(), q)                                   # (n_kv, M)
+        m = int((lst.vals[0] > float("-inf")).sum())  # the PyTorch path fills the first m slots
         out = torch.full((self.n_kv, hi - lo), float("-inf"), device=q.device)
-        h, j = (lst.vals > float("-inf")).nonzero(as_tuple=True)
-        out[h, lst.pos[h, j] - lo] = exact[h, j]
+        out.scatter_(1, lst.pos[:, :m] - lo, self.rank(lst.k[:, :m].float(), q))  # (n_kv, m) candidates ranked
         return out
 
     def step_select(self, q, pos):
@@ -727,6 +726,14 @@ class ShortlistSelector(SketchSelector):
 
     def h2d_bytes(self, n_off):  # the candidates' rows beyond the top-k the layer counts as gathered
         return 2 * self.n_kv * (min(self.M, n_off) - min(self.topk, n_off)) * self.hd * self.layer.host_k.element_size()
+
+
+class HeadwiseShortlistSelector(ShortlistSelector):
+    """The shortlist ranked per query head at both stages (Selector.rank, per_head): the predicted queries'
+    softmax over the sketch picks the candidates, the step's own queries' softmax over their exact keys the
+    top-k, the largest over the group's heads each time. PyTorch path only."""
+    per_head = True
+    step_scores = Selector.step_scores
 
 
 class ExactSelector(Selector):
@@ -757,7 +764,8 @@ def has_kernel_path(select: str) -> bool:
 
 SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector, "sketch-heads": HeadwiseSketchSelector,
              "sketch-next": NeighbourSketchSelector, "sketch-predicted": PredictedSketchSelector,
-             "exact": ExactSelector, "exact-heads": HeadwiseExactSelector, "shortlist": ShortlistSelector}
+             "exact": ExactSelector, "exact-heads": HeadwiseExactSelector, "shortlist": ShortlistSelector,
+             "shortlist-heads": HeadwiseShortlistSelector}
 
 
 class SparseLayer:

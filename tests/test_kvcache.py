@@ -109,7 +109,7 @@ def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):
 
 
 @pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "sketch-predicted", "exact",
-                                    "exact-heads", "shortlist"])
+                                    "exact-heads", "shortlist", "shortlist-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     N, prompt = 90, 30
@@ -119,7 +119,8 @@ def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     torch.testing.assert_close(out, reference(q, k, v, lambda t: range(t + 1)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads", "shortlist"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads", "shortlist",
+                                    "shortlist-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_retrieves_the_dominant_tokens(select, H, n_kv, hd):
     """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those. (sketch-next
@@ -672,15 +673,15 @@ def test_headwise_ranking_keeps_a_key_that_one_head_of_the_group_wants():
         q[0, h * G:(h + 1) * G, prompt] = torch.stack([3 * d[h]] + [-d[h]] * (G - 1)) + r[h]
         k[0, h, needles] = 4 * d[h] + 0.1 * rand(len(needles), hd, seed=h)
     got = {}
-    for select in ("exact", "exact-heads", "sketch-heads"):
+    for select in ("exact", "exact-heads", "sketch-heads", "shortlist", "shortlist-heads"):
         cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select,
-                          sketch_bits=8)  # the per-head ranking on a sketch close to the keys
+                          sketch_bits=8, shortlist=1)  # the per-head ranking on a sketch close to the keys
         layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
         layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
         layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)
         got[select] = selected_positions(layer)
-    assert got["exact-heads"] == got["sketch-heads"] == [needles] * n_kv
-    assert all(set(heads) != set(needles) for heads in got["exact"])
+    assert got["exact-heads"] == got["sketch-heads"] == got["shortlist-heads"] == [needles] * n_kv
+    assert all(set(heads) != set(needles) for heads in got["exact"] + got["shortlist"])
 
 
 def test_a_selector_without_a_kernel_path_is_refused_on_the_kernels():
