@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"C channels; sketch-heads, the sketch ranked per query head; sketch-next, the sketch with each hit's "
                         f"successor; sketch-predicted, the sketch against the query predicted one layer early; shortlist, "
                         f"candidates fetched one layer early with that query, ranked on their exact keys with the step's "
-                        f"own; exact and exact-heads, every offloaded key in full precision (for measurement) (default: {d.select})")
+                        f"own (shortlist-heads: per query head); exact and exact-heads, every offloaded key in full precision (for measurement) (default: {d.select})")
     c.add_argument("--channels", type=int, help=f"tailor, sparse: C for --select channels (default: {d.channels})")
     c.add_argument("--sketch-bits", type=int, help=f"tailor, sparse: bits of --select sketch (default: {d.sketch_bits})")
     c.add_argument("--shortlist", type=int,
