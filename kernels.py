@@ -705,10 +705,10 @@ def _radix_collect_kernel(x, x_h, W, hist, taken, k, vals, idx, LEVELS: tl.const
 
 def topk(x: torch.Tensor, k: int, out=None, BLOCK: int = 4096):
     """The k largest of each row of x (rows, W), fp16 or fp32 -> (values, indices), each (rows, k) (into out's
-    pair of tensors, if given), in no
-    particular order; where the k-th largest value is tied, which of its equals are taken is unspecified. A
-    radix select: one histogram pass per byte of the keys (2 for fp16, 4 for fp32), then one pass that
-    collects; every pass reads x once, with many programs per row. Reference: torch.topk(sorted=False)."""
+    pair of tensors, if given), in no particular order; where the k-th largest value is tied, which of its
+    equals are taken is unspecified. A radix select: one histogram pass per byte of the keys (2 for fp16, 4
+    for fp32), then one pass that collects; every pass reads x once, with many programs per row.
+    Reference: torch.topk(sorted=False)."""
     rows, W = x.shape
     _check(x.dtype in (torch.float16, torch.float32) and x.stride(-1) == 1, "x: fp16 or fp32 rows, contiguous")
     _check(0 < k <= W, f"k must be in 1..{W}, got {k}")
