@@ -94,6 +94,13 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "Default model, fp32 on the PyTorch path, 2 CPU cores (21 min). sketch-predicted ranks the sketch with W_q of "
      "each layer applied to the previous layer's normalised input (the channel selector's prediction), which would "
      "let selection start before the layer's own query exists."),
+    ("Per-head ranking of the shortlist at 4k tokens, CPU", "shortlist4k_cpu.md",
+     "python bench/accuracy.py --contexts 4096 --docs prose code table stdlib reference ledger --policies full "
+     "tailor-2 tailor-2/shortlist tailor-2/shortlist-heads tailor-2/sketch-heads streaming --tasks repeat fidelity "
+     "--next 128 --sweep-budgets --out bench/results/shortlist4k_cpu", "shortlist4k_cpu.png",
+     "Default model, fp32 on the PyTorch path, 2 CPU cores; an interrupted run: the documents it finished (the "
+     "table's count). shortlist-heads ranks per query head at both stages: the predicted queries' softmax over "
+     "the sketch picks the candidates, the step's queries' softmax over their exact keys the top-k."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py over a 20k-token file, Qwen2.5-Coder-0.5B on a CPU", "generate_qwen.md",

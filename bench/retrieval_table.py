@@ -3,7 +3,8 @@ full cache's copy accuracy at the same device memory, and what it costs per toke
 
     python bench/retrieval_table.py          # writes bench/results/retrieval_summary.md
 
-Inputs (bench/results/): shortlist_cpu.json (default model, six documents, 2k, CPU), retrieval_heads_h100.json
+Inputs (bench/results/): shortlist_cpu.json and shortlist4k_cpu.json (default model, 2k and 4k, CPU),
+retrieval_heads_h100.json
 (default model, six documents, 4k and 7.5k), retrieval_default_h100.json (default model, three documents, 4k),
 accuracy_qwen05_h100.json (Qwen2.5-Coder-0.5B at 32k), latency.json and latency_heads.json (Llama-3.1-8B
 shapes at 128k, H100), latency_h200.json and latency_h200_channels.json (the same on an H200).
@@ -43,9 +44,9 @@ def per_context(rows: dict) -> str:
     return "\n".join(out)
 
 
-def tried(cpu: dict, heads: dict, three: dict, qwen: dict, h100: dict, h200: dict) -> str:
+def tried(cpu: dict, cpu4k: dict, heads: dict, three: dict, qwen: dict, h100: dict, h200: dict) -> str:
     """One row per selector: copy top-1 / full at each measured setting, ms/token at 128k on each GPU."""
-    runs = [(cpu, 2048), (heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
+    runs = [(cpu, 2048), (cpu4k, 4096), (heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
     selectors = [("`sketch` (default): 2-bit sketch, group-mean query", "tailor-2", "tailor-1"),
                  ("`sketch-heads`: each query head's softmax, the largest", "tailor-2/sketch-heads", "tailor-1/sketch-heads"),
                  ("`exact`: full-precision keys (a measurement)", "tailor-2/exact", None),
@@ -55,10 +56,15 @@ def tried(cpu: dict, heads: dict, three: dict, qwen: dict, h100: dict, h200: dic
                  ("`shortlist`: 4 x 128 candidates fetched one layer early, exact re-rank", "tailor-2/shortlist",
                   "tailor-1/shortlist"),
                  ("`shortlist:2`: the same, 2 x 128 candidates", "tailor-2/shortlist:2", None),
+                 ("`shortlist-heads`: the shortlist ranked per query head at both stages", "tailor-2/shortlist-heads",
+                  None),
                  ("`sketch`, 512 tokens instead of 192 (more device memory)", "tailor-2@512", None),
                  ("`channels`: the paper's, C channels read from the host", None, "sparse/channels")]
-    out = ["| selector | default 2k, CPU (6 docs) | default 4k (6 docs) | default 7.5k (6 docs) | default 4k (3 docs) "
-           "| Qwen 0.5B 32k (3 docs) | ms/token at 128k, H100 | H200 |", "|---|---|---|---|---|---|---|---|"]
+    docs = max(r["docs"] for r in cpu4k.values())
+    out = [f"| selector | default 2k, CPU (6 docs) | default 4k, CPU ({docs} doc{'s' if docs > 1 else ''}) "
+           "| default 4k (6 docs) | default 7.5k "
+           "(6 docs) | default 4k (3 docs) | Qwen 0.5B 32k (3 docs) | ms/token at 128k, H100 | H200 |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for label, policy, timed in selectors:
         cells = [f"{rows[c, policy]['top1'] / rows[c, 'full']['top1']:.2f}x" if (c, policy) in rows else "–"
                  for rows, c in runs]
@@ -74,7 +80,8 @@ def build() -> str:
     speed = {**latency("latency.json"), **latency("latency_heads.json")}
     return ("Default model, H100 bf16, six documents, the same device memory per row pair:\n\n" + per_context(heads)
             + "\n\nCopy top-1 against the full cache of the same run, and decode speed (Llama-3.1-8B shapes):\n\n"
-            + tried(summary("shortlist_cpu.json"), heads, summary("retrieval_default_h100.json"),
+            + tried(summary("shortlist_cpu.json"), summary("shortlist4k_cpu.json"), heads,
+                    summary("retrieval_default_h100.json"),
                     summary("accuracy_qwen05_h100.json"), speed,
                     {**latency("latency_h200.json"), **latency("latency_h200_channels.json")}))
 
