@@ -20,8 +20,8 @@ per layer) covers tailor, sparse and streaming at one context.
     python bench/accuracy.py --model meta-llama/Llama-3.1-8B-Instruct --device cuda --dtype bfloat16 \\
         --contexts 8192 32768 --docs my_long_document.txt
 
-Policies are written name[-bits][/selector[:shortlist]][@budget]: tailor-2/channels, kivi-1,
-tailor-2/shortlist:2, sparse@512, streaming@192. tailor takes its quantized layers from the model's plan in plans/ (online
+Policies are written name[-bits][/selector[:shortlist][:Nb]][@budget]: tailor-2/channels, kivi-1,
+tailor-2/shortlist:2, sparse@512, streaming@192, tailor-2/sketch:1b@432 (a 1-bit sketch). tailor takes its quantized layers from the model's plan in plans/ (online
 identification without one) and the bits from the spec.
 """
 import argparse
@@ -86,11 +86,11 @@ def parse_policy(spec: str, model=None) -> CacheConfig:
     same device token budget as a sparse layer with budget B; plain 'streaming' means streaming@192."""
     spec, _, budget = spec.partition("@")
     spec, _, select = spec.partition("/")
-    select, _, shortlist = select.partition(":")
+    select, *options = select.split(":")
     name, _, bits = spec.partition("-")
     knobs = {"select": select} if select else {}
-    if shortlist:
-        knobs["shortlist"] = int(shortlist)
+    for option in options:  # ":4" the shortlist's factor, ":1b" the sketch's bits
+        knobs["sketch_bits" if option.endswith("b") else "shortlist"] = int(option.rstrip("b"))
     if bits:
         knobs["bits"] = int(bits)
     if name in ("tailor", "sparse") and budget:

@@ -75,6 +75,10 @@ def test_policy_specs_and_budgets():
     s = parse_policy("streaming@192")
     assert s.sink + s.recent == 192                       # the same device tokens per layer as sparse@192
     assert parse_policy("kivi-1").bits == 1 and parse_policy("sparse").select == "sketch"
+    c = parse_policy("tailor-2/sketch-heads:1b@432")
+    assert (c.select, c.sketch_bits, c.shortlist, c.topk) == ("sketch-heads", 1, 4, 368)
+    c = parse_policy("tailor-2/shortlist:2:4b")
+    assert (c.shortlist, c.sketch_bits) == (2, 4)
     with pytest.raises(ValueError):
         parse_policy("quest")
 

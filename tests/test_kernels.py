@@ -107,7 +107,7 @@ def test_dense_attention_across_split_edges(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (True, 2), (True, 4)])
+@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (True, 1), (True, 2), (True, 4)])
 def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
     """Scores over the sketch as Selector.rank computes them on the dequantized store (the group's mean
     query, or each head's log-softmax and the largest), -inf outside the offloaded range; lengths across
