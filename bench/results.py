@@ -81,6 +81,8 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
     ("Can selection hide under the weight reads? H200", "overlap.md", "python bench/overlap.py", None,
      "One layer's selection kernels at 128k tokens alone, then after three MLP-sized GEMVs on the same stream and "
      "on a second stream, each replayed from a CUDA graph."),
+    ("Per-head sketch scoring, kernel variants, H200", "sketch_variants_h200.md", "python bench/sketch_variants.py",
+     None, "One layer at 131072 tokens, Llama-3.1-8B shapes (bench/NOTES.md, v9)."),
     ("Selecting from a shortlist fetched one layer early, CPU", "shortlist_cpu.md",
      "python bench/accuracy.py --contexts 2048 --docs prose code table stdlib reference ledger --policies full "
      "tailor-2 tailor-2/shortlist tailor-2/shortlist:2 tailor-2/sketch-predicted streaming --tasks repeat fidelity "
