@@ -49,12 +49,17 @@ GiB = 2 ** 30
 
 
 def policy(label: str) -> CacheConfig:
-    """A label of POLICIES, or one with another selector: "tailor-1/sketch-heads", "tailor-1/shortlist:2"."""
+    """A label of POLICIES, or one with another selector, its options and a budget: "tailor-1/sketch-heads",
+    "tailor-1/shortlist:2", "tailor-1/sketch:1b@448" (as bench/accuracy.py writes them)."""
     if label in POLICIES:
         return POLICIES[label]
+    label, _, budget = label.partition("@")
     base, _, select = label.partition("/")
-    select, _, shortlist = select.partition(":")
-    return replace(POLICIES[base], select=select, **({"shortlist": int(shortlist)} if shortlist else {}))
+    select, *options = select.split(":")
+    knobs = {"sketch_bits" if o.endswith("b") else "shortlist": int(o.rstrip("b")) for o in options}
+    if budget:
+        knobs["budget"] = int(budget)
+    return replace(POLICIES[base], **({"select": select} if select else {}), **knobs)
 
 
 def sync():
