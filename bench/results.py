@@ -83,6 +83,17 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "on a second stream, each replayed from a CUDA graph."),
     ("Per-head sketch scoring, kernel variants, H200", "sketch_variants_h200.md", "python bench/sketch_variants.py",
      None, "One layer at 131072 tokens, Llama-3.1-8B shapes (bench/NOTES.md, v9)."),
+    ("A 1-bit sketch, its freed memory spent on top-k, at 4k tokens, CPU", "onebit4k_cpu.md",
+     "python bench/accuracy.py --contexts 4096 --docs prose code table stdlib reference ledger --policies full "
+     "tailor-2/sketch:1b@256 tailor-2/sketch-heads:1b@256 --tasks repeat fidelity --next 128 --sweep-budgets",
+     "onebit4k_cpu.png", "Default model, fp32, six documents; budget 256 keeps tailor-2's device bytes in fp32 "
+     "(tailor-2, sketch-heads and the window of the same setting: shortlist4k_cpu.md)."),
+    ("A 1-bit sketch at 7.5k tokens, CPU", "onebit7k_cpu.md",
+     "python bench/accuracy.py --contexts 7680 --docs prose code table --policies full streaming tailor-2 "
+     "tailor-2/sketch-heads:1b@448 --tasks repeat fidelity --next 128 --sweep-budgets, then full "
+     "tailor-2/sketch:1b@312 tailor-2/sketch-heads:1b@312 tailor-2/sketch-heads; merged by --replot",
+     "onebit7k_cpu.png", "Default model, fp32, three documents; budget 312 keeps tailor-2's device bytes in fp32, "
+     "448 (bf16's) holds 22% more."),
     ("Selecting from a shortlist fetched one layer early, CPU", "shortlist_cpu.md",
      "python bench/accuracy.py --contexts 2048 --docs prose code table stdlib reference ledger --policies full "
      "tailor-2 tailor-2/shortlist tailor-2/shortlist:2 tailor-2/sketch-predicted streaming --tasks repeat fidelity "

@@ -3,11 +3,12 @@ full cache's copy accuracy at the same device memory, and what it costs per toke
 
     python bench/retrieval_table.py          # writes bench/results/retrieval_summary.md
 
-Inputs (bench/results/): shortlist_cpu.json and shortlist4k_cpu.json (default model, 2k and 4k, CPU),
-retrieval_heads_h100.json
+Inputs (bench/results/): shortlist_cpu.json, shortlist4k_cpu.json with onebit4k_cpu.json, and
+onebit7k_cpu.json (default model, 2k, 4k and 7.5k, CPU), retrieval_heads_h100.json
 (default model, six documents, 4k and 7.5k), retrieval_default_h100.json (default model, three documents, 4k),
 accuracy_qwen05_h100.json (Qwen2.5-Coder-0.5B at 32k), latency.json and latency_heads.json (Llama-3.1-8B
-shapes at 128k, H100), latency_h200.json and latency_h200_channels.json (the same on an H200).
+shapes at 128k, H100), latency_h200.json, latency_h200_channels.json and latency_h200_onebit.json (the same
+on an H200).
 """
 import json
 from pathlib import Path
@@ -44,9 +45,15 @@ def per_context(rows: dict) -> str:
     return "\n".join(out)
 
 
-def tried(cpu: dict, cpu4k: dict, heads: dict, three: dict, qwen: dict, h100: dict, h200: dict) -> str:
-    """One row per selector: copy top-1 / full at each measured setting, ms/token at 128k on each GPU."""
-    runs = [(cpu, 2048), (cpu4k, 4096), (heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
+def docs(rows: dict) -> str:
+    n = max(r["docs"] for r in rows.values())
+    return f"{n} doc{'s' if n > 1 else ''}"
+
+
+def tried(cpu: dict, cpu4k: dict, cpu7k: dict, heads: dict, three: dict, qwen: dict, h100: dict, h200: dict) -> str:
+    """One row per selector: copy top-1 / full at each measured setting, ms/token at 128k on each GPU. A
+    selector's policy may be a tuple: the first that a run has (a budget that follows the context)."""
+    runs = [(cpu, 2048), (cpu4k, 4096), (cpu7k, 7680), (heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
     selectors = [("`sketch` (default): 2-bit sketch, group-mean query", "tailor-2", "tailor-1"),
                  ("`sketch-heads`: each query head's softmax, the largest", "tailor-2/sketch-heads", "tailor-1/sketch-heads"),
                  ("`exact`: full-precision keys (a measurement)", "tailor-2/exact", None),
@@ -58,16 +65,22 @@ def tried(cpu: dict, cpu4k: dict, heads: dict, three: dict, qwen: dict, h100: di
                  ("`shortlist:2`: the same, 2 x 128 candidates", "tailor-2/shortlist:2", None),
                  ("`shortlist-heads`: the shortlist ranked per query head at both stages", "tailor-2/shortlist-heads",
                   None),
+                 ("`sketch:1b`: a 1-bit sketch, the freed memory spent on top-k (budget 256 at 4k, 312 at 7.5k in "
+                  "fp32; 448 in bf16)", ("tailor-2/sketch:1b@256", "tailor-2/sketch:1b@312"),
+                  "tailor-1/sketch:1b@448"),
+                 ("`sketch-heads:1b`: the same, ranked per query head",
+                  ("tailor-2/sketch-heads:1b@256", "tailor-2/sketch-heads:1b@312"), None),
                  ("`sketch`, 512 tokens instead of 192 (more device memory)", "tailor-2@512", None),
                  ("`channels`: the paper's, C channels read from the host", None, "sparse/channels")]
-    docs = max(r["docs"] for r in cpu4k.values())
-    out = [f"| selector | default 2k, CPU (6 docs) | default 4k, CPU ({docs} doc{'s' if docs > 1 else ''}) "
-           "| default 4k (6 docs) | default 7.5k "
-           "(6 docs) | default 4k (3 docs) | Qwen 0.5B 32k (3 docs) | ms/token at 128k, H100 | H200 |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for label, policy, timed in selectors:
-        cells = [f"{rows[c, policy]['top1'] / rows[c, 'full']['top1']:.2f}x" if (c, policy) in rows else "–"
-                 for rows, c in runs]
+    out = [f"| selector | default 2k, CPU ({docs(cpu)}) | default 4k, CPU ({docs(cpu4k)}) | default 7.5k, CPU "
+           f"({docs(cpu7k)}) | default 4k ({docs(heads)}) | default 7.5k ({docs(heads)}) | default 4k ({docs(three)}) "
+           f"| Qwen 0.5B 32k ({docs(qwen)}) | ms/token at 128k, H100 | H200 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, policies, timed in selectors:
+        cells = []
+        for rows, c in runs:
+            policy = next((p for p in (policies if isinstance(policies, tuple) else (policies,)) if (c, p) in rows), None)
+            cells.append("–" if policy is None else f"{rows[c, policy]['top1'] / rows[c, 'full']['top1']:.2f}x")
         for speed in (h100, h200):
             ms = speed.get((131072, timed), {}).get("ms_median")
             cells.append("–" if ms is None else f"{ms:.2f}")
@@ -80,10 +93,11 @@ def build() -> str:
     speed = {**latency("latency.json"), **latency("latency_heads.json")}
     return ("Default model, H100 bf16, six documents, the same device memory per row pair:\n\n" + per_context(heads)
             + "\n\nCopy top-1 against the full cache of the same run, and decode speed (Llama-3.1-8B shapes):\n\n"
-            + tried(summary("shortlist_cpu.json"), summary("shortlist4k_cpu.json"), heads,
-                    summary("retrieval_default_h100.json"),
+            + tried(summary("shortlist_cpu.json"), {**summary("shortlist4k_cpu.json"), **summary("onebit4k_cpu.json")},
+                    summary("onebit7k_cpu.json"), heads, summary("retrieval_default_h100.json"),
                     summary("accuracy_qwen05_h100.json"), speed,
-                    {**latency("latency_h200.json"), **latency("latency_h200_channels.json")}))
+                    {**latency("latency_h200_onebit.json"), **latency("latency_h200.json"),  # tailor-1: the 20-step run
+                     **latency("latency_h200_channels.json")}))
 
 
 def main():
