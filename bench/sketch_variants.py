@@ -9,7 +9,6 @@ Variants: codes unpacked by loading each word once per code (`bcast`) or by resh
 per-head dot products on tensor cores (`dot`, fp16 / tf32 / fp32) or as multiply-adds (`fma`); codes
 turned into floats through the mantissa (`magic`); the next group loaded ahead by hand (`prefetch`)
 or by Triton's software pipelining (`pipe=S` stages)."""
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import kernels as K  # noqa: E402
 from kvcache import QuantStore  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from kernel_speed import bench  # noqa: E402
 
 
 @triton.jit
@@ -51,23 +53,43 @@ def _unit16(x, BITS: tl.constexpr):
 
 
 @triton.jit
+def _raw_and_partials(score, t, hi, m, l, raw, raw_h, h, G, SINK: tl.constexpr, BG: tl.constexpr):
+    """A group's (GROUP, BG) per-head scores, -inf outside the offloaded range, into raw; the heads' running
+    max and sum of exponentials (m, l) updated with them."""
+    g = tl.arange(0, BG)
+    score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
+    tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
+    m_new = tl.maximum(m, tl.max(score, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
+
+
+@triton.jit
+def _mean_setup(q, res, r_h, r_t, pos_ptr, h, b, G, SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr,
+                NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    """The offloaded range's end, the quantized length, KV head h's mean query and the ring group's exact
+    scores (zero outside the program that holds it)."""
+    L = tl.load(pos_ptr) + 1
+    n_q = (L // GROUP) * GROUP
+    c = tl.arange(0, HD)
+    g = tl.arange(0, BG)
+    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32), 0) / G
+    t_r = n_q + tl.arange(0, GROUP)
+    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
+    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
+    return tl.maximum(SINK, L - RECENT), n_q, qm, tl.sum(kr.to(tl.float32) * qm[None, :], 1)
+
+
+@triton.jit
 def _mean_magic_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, scores, s_h,
                        pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
                        GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
     """kernels._sketch_scores_kernel with the codes turned into floats through the mantissa."""
     h, b = tl.program_id(0), tl.program_id(1)
-    L = tl.load(pos_ptr) + 1
-    hi = tl.maximum(SINK, L - RECENT)
-    n_q = (L // GROUP) * GROUP
+    hi, n_q, qm, ring = _mean_setup(q, res, r_h, r_t, pos_ptr, h, b, G, SINK, RECENT, GROUP, NB, BG, HD)
     W: tl.constexpr = 32 // BITS
     c = tl.arange(0, HD)
-    g = tl.arange(0, BG)
     i = tl.arange(0, GROUP)
-    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32), 0) / G
-    t_r = n_q + i
-    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
-    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
-    ring = tl.sum(kr.to(tl.float32) * qm[None, :], 1)
     shifts = tl.arange(0, W) * BITS
     for gi in tl.static_range(NB):
         grp = b * NB + gi
@@ -122,14 +144,27 @@ def _heads_fma_magic_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, r
             acc += f[:, :, None] * wj[None]
             bias += tl.sum(qj * mn[:, None] - wj, 0)
         score = tl.where(grp * GROUP == n_q, ring, tl.sum(acc, 1) + bias[None, :])
-        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
-        tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
-        m_new = tl.maximum(m, tl.max(score, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
-        m = m_new
+        m, l = _raw_and_partials(score, t, hi, m, l, raw, raw_h, h, G, SINK, BG)
     tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
     tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
+
+
+@triton.jit
+def _heads_setup(q, res, r_h, r_t, pos_ptr, sm_scale, h, b, G, SINK: tl.constexpr, RECENT: tl.constexpr,
+                 GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    """The offloaded range's end, the quantized length, the (HD, BG) scaled queries of KV head h and, in the
+    program that holds it, the ring group's exact scores."""
+    L = tl.load(pos_ptr) + 1
+    n_q = (L // GROUP) * GROUP
+    c = tl.arange(0, HD)
+    g = tl.arange(0, BG)
+    t_r = n_q + tl.arange(0, GROUP)
+    qh = tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
+    ring = tl.zeros((GROUP, BG), tl.float32)
+    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
+        kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=(t_r < L)[:, None], other=0.0)
+        ring = tl.dot(kr.to(tl.float32), qh, input_precision="ieee")
+    return tl.maximum(SINK, L - RECENT), n_q, qh, ring
 
 
 @triton.jit
@@ -140,18 +175,10 @@ def _heads_dot_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_
     """kernels._sketch_heads_kernel with each group's (GROUP, HD) codes against the (HD, BG) scaled queries
     as one tl.dot; the minimum adds a constant per head and group."""
     h, b = tl.program_id(0), tl.program_id(1)
-    L = tl.load(pos_ptr) + 1
-    hi = tl.maximum(SINK, L - RECENT)
-    n_q = (L // GROUP) * GROUP
+    hi, n_q, qh, ring = _heads_setup(q, res, r_h, r_t, pos_ptr, sm_scale, h, b, G, SINK, RECENT, GROUP, NB, BG, HD)
     c = tl.arange(0, HD)
     g = tl.arange(0, BG)
     i = tl.arange(0, GROUP)
-    qh = tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
-    t_r = n_q + i
-    ring = tl.zeros((GROUP, BG), tl.float32)
-    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
-        kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=(t_r < L)[:, None], other=0.0)
-        ring = tl.dot(kr.to(tl.float32), qh, input_precision="ieee")
     m = tl.full((BG,), float("-inf"), tl.float32)
     l = tl.zeros((BG,), tl.float32)
     for gi in tl.static_range(NB):
@@ -178,12 +205,7 @@ def _heads_dot_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_
         else:
             acc = tl.dot(code.to(tl.float32), qs, input_precision="ieee")
         score = tl.where(grp * GROUP == n_q, ring, acc + bias[None, :])
-        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
-        tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
-        m_new = tl.maximum(m, tl.max(score, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
-        m = m_new
+        m, l = _raw_and_partials(score, t, hi, m, l, raw, raw_h, h, G, SINK, BG)
     tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
     tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
 
@@ -193,17 +215,9 @@ def _mean_bcast_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r
                        pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
                        GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
     h, b = tl.program_id(0), tl.program_id(1)
-    L = tl.load(pos_ptr) + 1
-    hi = tl.maximum(SINK, L - RECENT)
-    n_q = (L // GROUP) * GROUP
+    hi, n_q, qm, ring = _mean_setup(q, res, r_h, r_t, pos_ptr, h, b, G, SINK, RECENT, GROUP, NB, BG, HD)
     c = tl.arange(0, HD)
-    g = tl.arange(0, BG)
     i = tl.arange(0, GROUP)
-    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32), 0) / G
-    t_r = n_q + i
-    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
-    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
-    ring = tl.sum(kr.to(tl.float32) * qm[None, :], 1)
     for gi in tl.static_range(NB):
         grp = b * NB + gi
         t = grp * GROUP + i
@@ -269,18 +283,6 @@ def mean_bcast(q, sketch, pos, scores, sink, recent, NB, num_warps):
     return scores
 
 
-def bench(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
-
-
 @triton.jit
 def _load_group(kc, h, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, grp, GROUP: tl.constexpr, BITS: tl.constexpr,
                 HD: tl.constexpr):
@@ -298,18 +300,10 @@ def _mean_pipe_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_
                       pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
                       GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr, PIPE: tl.constexpr):
     h, b = tl.program_id(0), tl.program_id(1)
-    L = tl.load(pos_ptr) + 1
-    hi = tl.maximum(SINK, L - RECENT)
-    n_q = (L // GROUP) * GROUP
+    hi, n_q, qm, ring = _mean_setup(q, res, r_h, r_t, pos_ptr, h, b, G, SINK, RECENT, GROUP, NB, BG, HD)
     W: tl.constexpr = 32 // BITS
     c = tl.arange(0, HD)
-    g = tl.arange(0, BG)
     i = tl.arange(0, GROUP)
-    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32), 0) / G
-    t_r = n_q + i
-    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
-    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
-    ring = tl.sum(kr.to(tl.float32) * qm[None, :], 1)
     if PIPE > 0:
         for gi in tl.range(0, NB, num_stages=PIPE):
             grp = b * NB + gi
@@ -339,18 +333,12 @@ def _heads_group(words, s, mn, qh, ring, grp, n_q, hi, m, l, raw, raw_h, h, G, S
                  BITS: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
     W: tl.constexpr = 32 // BITS
     c = tl.arange(0, HD)
-    g = tl.arange(0, BG)
     t = grp * GROUP + tl.arange(0, GROUP)
     code = (words >> ((c % W) * BITS)[None, :]) & ((1 << BITS) - 1)
     qs = qh * s[:, None]
     acc = tl.dot(code.to(tl.float16), qs.to(tl.float16))
     score = tl.where(grp * GROUP == n_q, ring, acc + tl.sum(qh * mn[:, None], 0)[None, :])
-    score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
-    tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
-    m_new = tl.maximum(m, tl.max(score, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
-    return m_new, l
+    return _raw_and_partials(score, t, hi, m, l, raw, raw_h, h, G, SINK, BG)
 
 
 @triton.jit
@@ -359,18 +347,8 @@ def _heads_pipe_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r
                        BITS: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr,
                        HD: tl.constexpr, PIPE: tl.constexpr):
     h, b = tl.program_id(0), tl.program_id(1)
-    L = tl.load(pos_ptr) + 1
-    hi = tl.maximum(SINK, L - RECENT)
-    n_q = (L // GROUP) * GROUP
-    c = tl.arange(0, HD)
+    hi, n_q, qh, ring = _heads_setup(q, res, r_h, r_t, pos_ptr, sm_scale, h, b, G, SINK, RECENT, GROUP, NB, BG, HD)
     g = tl.arange(0, BG)
-    i = tl.arange(0, GROUP)
-    qh = tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
-    t_r = n_q + i
-    ring = tl.zeros((GROUP, BG), tl.float32)
-    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
-        kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=(t_r < L)[:, None], other=0.0)
-        ring = tl.dot(kr.to(tl.float32), qh, input_precision="ieee")
     m = tl.full((BG,), float("-inf"), tl.float32)
     l = tl.zeros((BG,), tl.float32)
     if PIPE > 0:
@@ -444,7 +422,7 @@ def main():
         fn(out)
         err = (out.float() - ref.float())[live].abs().max().item()
         same = len(set(out[0].float().topk(128).indices.tolist()) & set(ref[0].float().topk(128).indices.tolist()))
-        rows.append((name, bench(lambda: fn(out)) if big else float("nan"), err, same))
+        rows.append((name, bench(lambda: fn(out), 30) if big else float("nan"), err, same))
 
     run("mean, v4 (kernels.sketch_scores)", lambda o: K.sketch_scores(q, sk, pos, o, 8, 56), ref_m)
     run("per head, v5 (kernels.sketch_scores)", lambda o: K.sketch_scores(q, sk, pos, o, 8, 56, h8), ref_h)
