@@ -81,16 +81,22 @@ def budget_knobs(budget: int, sink: int = 8) -> dict:
     return {"budget": budget, "sink": sink, "recent": max(1, min(56, budget - sink - budget // 2))}
 
 
+def selector_knobs(select: str) -> dict:
+    """'shortlist:2' -> {'select': 'shortlist', 'shortlist': 2}; 'sketch:1b' -> {..., 'sketch_bits': 1}."""
+    name, *options = select.split(":")
+    knobs = {"select": name} if name else {}
+    for option in options:  # ":4" the shortlist's factor, ":1b" the sketch's bits
+        knobs["sketch_bits" if option.endswith("b") else "shortlist"] = int(option.rstrip("b"))
+    return knobs
+
+
 def parse_policy(spec: str, model=None) -> CacheConfig:
     """'tailor-2/channels@512' -> CacheConfig. streaming@B keeps sink + a window of B - sink tokens, the
     same device token budget as a sparse layer with budget B; plain 'streaming' means streaming@192."""
     spec, _, budget = spec.partition("@")
     spec, _, select = spec.partition("/")
-    select, *options = select.split(":")
     name, _, bits = spec.partition("-")
-    knobs = {"select": select} if select else {}
-    for option in options:  # ":4" the shortlist's factor, ":1b" the sketch's bits
-        knobs["sketch_bits" if option.endswith("b") else "shortlist"] = int(option.rstrip("b"))
+    knobs = selector_knobs(select)
     if bits:
         knobs["bits"] = int(bits)
     if name in ("tailor", "sparse") and budget:

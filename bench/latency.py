@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from accuracy import selector_knobs  # noqa: E402
 from generate import Decoder  # noqa: E402
 from kvcache import CacheConfig, KVCache, plan_memory  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -55,11 +56,7 @@ def policy(label: str) -> CacheConfig:
         return POLICIES[label]
     label, _, budget = label.partition("@")
     base, _, select = label.partition("/")
-    select, *options = select.split(":")
-    knobs = {"sketch_bits" if o.endswith("b") else "shortlist": int(o.rstrip("b")) for o in options}
-    if budget:
-        knobs["budget"] = int(budget)
-    return replace(POLICIES[base], **({"select": select} if select else {}), **knobs)
+    return replace(POLICIES[base], **selector_knobs(select), **({"budget": int(budget)} if budget else {}))
 
 
 def sync():

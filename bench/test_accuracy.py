@@ -79,6 +79,10 @@ def test_policy_specs_and_budgets():
     assert (c.select, c.sketch_bits, c.shortlist, c.topk) == ("sketch-heads", 1, 4, 368)
     c = parse_policy("tailor-2/shortlist:2:4b")
     assert (c.shortlist, c.sketch_bits) == (2, 4)
+    from latency import policy                            # bench/latency.py's labels read the same options
+    c = policy("tailor-1/sketch-heads:1b@448")
+    assert (c.quant_layers, c.bits, c.select, c.sketch_bits, c.budget, c.topk) == ((0,), 1, "sketch-heads", 1, 448, 384)
+    assert policy("tailor-1/shortlist:2").shortlist == 2 and policy("sparse").select == "sketch"
     with pytest.raises(ValueError):
         parse_policy("quest")
 
