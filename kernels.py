@@ -343,11 +343,12 @@ def quant_attend(q: torch.Tensor, keys, values, pos: torch.Tensor, ws: Workspace
 # ------------------------------------------------------------------------------- sparse layers
 
 @triton.jit
-def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scale, G,
-                          SINK: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr,
+def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scale, G, TOPK,
+                          SINK: tl.constexpr, RECENT: tl.constexpr,
                           BN: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr, PREC: tl.constexpr):
     """Rows [0, SINK) sinks, [SINK, SINK + TOPK) retrieved (valid where their score > -inf),
-    [SINK + TOPK, SINK + TOPK + RECENT) the window ring: slot w holds the newest position = w mod RECENT."""
+    [SINK + TOPK, SINK + TOPK + RECENT) the window ring: slot w holds the newest position = w mod RECENT.
+    TOPK is a plain argument: layers with different budgets share one compiled kernel."""
     h = tl.program_id(0)
     L = tl.load(pos_ptr) + 1
     qb = _load_queries(q, h, G, BG, HD)
@@ -355,7 +356,7 @@ def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scal
     l = tl.zeros((BG,), tl.float32)
     acc = tl.zeros((BG, HD), tl.float32)
     c = tl.arange(0, HD)
-    S: tl.constexpr = SINK + TOPK + RECENT
+    S = SINK + TOPK + RECENT
     for t0 in range(0, S, BN):
         t = t0 + tl.arange(0, BN)
         w = t - SINK - TOPK
@@ -380,7 +381,7 @@ def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
     out = torch.empty_like(q)
     vals = vals if topk else q  # a window layer retrieves nothing; the pointer is never read
     _sparse_attend_kernel[(n_kv,)](q, k, v, k.stride(0), k.stride(1), vals, vals.stride(0), pos, out,
-                                   hd ** -0.5, G, SINK=sink, TOPK=topk, RECENT=recent, BN=64,
+                                   hd ** -0.5, G, topk, SINK=sink, RECENT=recent, BN=64,
                                    BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=_precision(q.dtype))
     return out
 

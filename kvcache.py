@@ -68,6 +68,8 @@ class CacheConfig:
     group: int = 64                       # g: tokens per key group, channels per value group
     residual: int = 128                   # R: full-precision window of a quant layer
     budget: int = 192                     # device-resident tokens of a sparse layer: sink + recent + top-k
+    layer_topk: tuple[int, ...] = ()      # top-k of each layer (read where it is offloaded) instead of the budget's,
+    #                                       e.g. a plan's split of the same total (layer_plans.split_topk); () = even
     sink: int = 8
     recent: int = 56
     select: str = "sketch"                # sparse selector: a name in SELECTORS
@@ -98,6 +100,8 @@ class CacheConfig:
         if self.policy in ("tailor", "sparse") and self.topk < 1:
             raise ConfigError("budget", f"budget {self.budget} leaves no room for retrieved tokens after sink "
                                         f"{self.sink} and recent {self.recent}; raise it above {self.sink + self.recent}")
+        if self.layer_topk and min(self.layer_topk) < 1:
+            raise ConfigError("layer_topk", f"every layer's top-k must be >= 1, got {list(self.layer_topk)}")
         if self.channels < 1:
             raise ConfigError("channels", f"channels must be >= 1, got {self.channels}")
         if self.shortlist < 1:
@@ -107,12 +111,22 @@ class CacheConfig:
     def topk(self) -> int:
         return self.budget - self.sink - self.recent
 
+    def topk_of(self, layer: int) -> int:
+        """The top-k of `layer` where it is offloaded."""
+        return self.layer_topk[layer] if self.layer_topk else self.topk
+
+    @property
+    def max_topk(self) -> int:
+        return max(self.layer_topk or (self.topk,))
+
     @property
     def online(self) -> bool:
         return self.policy == "tailor" and self.quant_layers is None and not self.layers
 
     def layer_kinds(self, n_layers: int) -> list[str | None]:
         """The strategy of each layer; None where it is decided online at the end of its prefill."""
+        if self.layer_topk and len(self.layer_topk) != n_layers:
+            raise ConfigError("layer_topk", f"layer_topk names {len(self.layer_topk)} layers; the model has {n_layers}")
         if self.layers:
             if len(self.layers) != n_layers or set(self.layers) - {"full", "quant", "sparse", "window"}:
                 raise ConfigError("layers", f"layers must name full|quant|sparse|window for each of {n_layers} layers")
@@ -1019,6 +1033,9 @@ class KVCache:
             raise ConfigError("group", f"group {cfg.group} must divide head_dim {a.head_dim}: values are quantized "
                                        f"in groups of `group` channels")
         offloads = any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0
+        if offloads and cfg.layer_topk and issubclass(SELECTORS[cfg.select], ShortlistSelector):
+            raise ConfigError("layer_topk", f"the {cfg.select!r} selector shares one candidate buffer across layers and "
+                                            f"takes one top-k for all: drop layer_topk (or the plan's split)")
         if kernels and offloads and not has_kernel_path(cfg.select):
             raise ConfigError("select", f"the {cfg.select!r} selector has no kernel path: decode on the PyTorch "
                                         f"path (kernels off)")
@@ -1035,7 +1052,7 @@ class KVCache:
         shortlists = offloads and issubclass(SELECTORS[cfg.select], ShortlistSelector)
         if kernels and offloads:
             unit = K.SKETCH_NB * cfg.group  # the sketch kernels score SKETCH_NB groups per program
-            width = -(-max(max_len, cfg.topk * (cfg.shortlist if shortlists else 1)) // unit) * unit
+            width = -(-max(max_len, cfg.max_topk * (cfg.shortlist if shortlists else 1)) // unit) * unit
             # half-precision scores for a half-precision model: they only rank tokens, and top-k over 16-bit
             # keys takes half the radix passes of float32
             self.scores = torch.empty(a.n_kv_heads, width, device=device,
@@ -1043,7 +1060,7 @@ class KVCache:
             if SELECTORS[cfg.select].per_head:
                 self.head_scratch = K.HeadScratch(a.n_heads, width, device, self.scores.dtype, unit)
         if shortlists:
-            self.shortlist = Shortlist(a.n_kv_heads, cfg.shortlist * cfg.topk, a.head_dim, a.dim, device, dtype,
+            self.shortlist = Shortlist(a.n_kv_heads, cfg.shortlist * cfg.max_topk, a.head_dim, a.dim, device, dtype,
                                        torch.float32 if self.scores is None else self.scores.dtype,
                                        stream=kernels and torch.device(device).type == "cuda")
         self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
@@ -1060,7 +1077,7 @@ class KVCache:
             return FullLayer(*self.shape, self.batch, self.device, self.dtype, self.n_heads, self.kernels)
         if kind == "quant":
             return QuantLayer(*self.shape, self.cfg, self.device, self.dtype, self.n_heads, self.kernels)
-        topk = self.cfg.topk if kind == "sparse" else 0
+        topk = self.cfg.topk_of(i) if kind == "sparse" else 0
         return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device, self.scores,
                            self.kernels, self.wq[i], self.inv_freq, self.head_scratch, self.shortlist)
 
@@ -1170,7 +1187,7 @@ class KVCache:
 
     def record_retrievals(self, first: int, steps: int) -> TraceRecorder:
         """From decode position `first` on, for `steps` steps, record what every offloaded layer retrieves."""
-        trace = TraceRecorder(len(self.layers), self.shape[0], max(self.cfg.topk, 1), first, steps, self.device)
+        trace = TraceRecorder(len(self.layers), self.shape[0], max(self.cfg.max_topk, 1), first, steps, self.device)
         for i, layer in enumerate(self.layers):
             if getattr(layer, "selector", None) is not None:
                 layer.trace, layer.index = trace, i

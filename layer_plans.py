@@ -70,6 +70,9 @@ def plan_problem(plan) -> str | None:
     ql = plan.get("quant_layers")
     if not isinstance(ql, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ql):
         return "field 'quant_layers' must be a list of layer numbers"
+    shares = [r["topk"] for r in plan["layers"] if "topk" in r]
+    if shares and not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in shares):
+        return "a layer's 'topk' must be a whole number >= 0"
     return None
 
 
@@ -88,6 +91,16 @@ def load_plan(path: Path, model) -> dict:
     if bad:
         raise ValueError(f"plan {path}: field 'quant_layers' names layers {bad}; the model has layers 0..{n - 1}")
     return plan
+
+
+def split_topk(plan: dict, topk: int) -> tuple[int, ...]:
+    """The plan's split of the retrieved tokens (profile_layers.split), scaled to `topk` per offloaded layer on
+    average: the same total as an even top-k, given where the plan finds attention needs it. () without a split."""
+    shares = [r.get("topk", 0) for r in plan["layers"]]
+    if not any(shares):
+        return ()
+    total, n = sum(shares), sum(k > 0 for k in shares)
+    return tuple(max(1, round(topk * n * k / total)) if k else topk for k in shares)
 
 
 def find_plan(model, plans_dir: Path = PLANS) -> Path | None:

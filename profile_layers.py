@@ -10,6 +10,11 @@ calibration text that is not used for the accuracy numbers:
           budget), every other layer full, decode teacher-forced over held-out tokens and record
           KL(full || that) and top-1 agreement; quant wins where its KL is the smaller.
 
+It also splits the offloaded layers' retrieved tokens between them (the same total as top-k on
+each): per layer, the attention mass that k retrieved tokens leave out (the tail, below), weighted
+by what that mass costs the layer (its direct KL per unit of tail at the plan's budget), tokens
+handed out 8 at a time where they remove the most.
+
     python profile_layers.py                          # default model, bundled calibration text
     python profile_layers.py --model DIR --calib a.txt b.txt --method proxy
 
@@ -38,18 +43,67 @@ DEFAULT_CALIB = sorted((ROOT / "examples" / "calibration").glob("*"))
 
 # -------------------------------------------------------------------------------- measuring
 
+SPLIT_STEP = 8  # the split hands out retrieved tokens in steps of 8, from top-k / 8 up to 4 x top-k a layer
+
+
+class TailMeter:
+    """Per layer, the attention mass a sparse layer leaves out when it retrieves k tokens, k = 0, 8, ..., kmax:
+    for the last `n_queries` queries of each prefill chunk, each KV head's attention (the mean over its group
+    of query heads) minus what the sinks and the window hold, minus its k largest offloaded weights (ranked
+    exactly: the best any selector can do). Same interface as kvcache.ProxyMeter."""
+
+    def __init__(self, n_layers, cfg: CacheConfig, n_queries=64):
+        self.sink, self.recent, self.n_queries = cfg.sink, cfg.recent, n_queries
+        self.grid = list(range(0, 4 * cfg.topk + 1, SPLIT_STEP))
+        self.sum = torch.zeros(n_layers, len(self.grid), dtype=torch.float64)
+        self.count = torch.zeros(n_layers, dtype=torch.float64)
+
+    def observe(self, layer, q, k):
+        """q: (1, H, T, hd) a chunk's queries; k: (1, n_kv, S, hd) every key up to the chunk's end."""
+        H, T, hd = q.shape[1:]
+        n_kv, S = k.shape[1:3]
+        n, G, dev = min(self.n_queries, T), H // n_kv, q.device
+        scores = (q[0, :, -n:].float().reshape(n_kv, G * n, hd) @ k[0].float().transpose(1, 2)).view(n_kv, G, n, S)
+        pos, keys = torch.arange(S - n, S, device=dev)[:, None], torch.arange(S, device=dev)
+        p = scores.mul(hd ** -0.5).masked_fill(keys > pos, float("-inf")).softmax(-1).mean(1)   # (n_kv, n, S)
+        offloaded = (keys >= self.sink) & (keys <= pos - self.recent)                             # (n, S)
+        held = (p * ~offloaded).sum(-1, keepdim=True)                                             # sinks + window
+        top = (p * offloaded).sort(-1, descending=True).values.cumsum(-1)
+        at = torch.tensor(self.grid[1:], device=dev).clamp(max=S) - 1
+        got = torch.cat([torch.zeros_like(held), top[..., at]], -1)                               # (n_kv, n, grid)
+        self.sum[layer] += (1 - held - got).clamp(min=0).sum((0, 1)).double().cpu() / n_kv
+        self.count[layer] += n
+
+    def tails(self) -> torch.Tensor:  # (n_layers, len(grid))
+        return self.sum / self.count.clamp(min=1)[:, None]
+
+
+def split_topk(tails: list[list[float]], weights: list[float], topk: int, step: int = SPLIT_STEP) -> list[int]:
+    """Top-k per layer, summing to topk x layers: tails[l][j] the mass layer l leaves out with j x step tokens
+    (falling, and flatter as j grows), weights[l] what a unit of it costs. Every layer starts at topk / 8; each
+    further step of tokens goes where it removes the most weighted tail (greedy, which is optimal for convex
+    tails)."""
+    k = [max(step, topk // 8 // step * step)] * len(tails)
+    for _ in range((topk * len(tails) - sum(k)) // step):
+        gain = [w * (t[j // step] - t[j // step + 1]) if j // step + 1 < len(t) else -1.0
+                for t, w, j in zip(tails, weights, k)]
+        k[max(range(len(k)), key=gain.__getitem__)] += step
+    return k
+
 @torch.inference_mode()
-def measure_proxy(model, docs: list[list[int]], cfg: CacheConfig, chunk: int, progress=None) -> torch.Tensor:
-    """The proxy per layer and head (n_layers, H), accumulated over every document's prefill."""
+def measure_proxy(model, docs: list[list[int]], cfg: CacheConfig, chunk: int, progress=None) -> tuple:
+    """The proxy per layer and head (n_layers, H) and the tails per layer (n_layers, grid) (TailMeter),
+    accumulated over every document's prefill."""
     a, dev, dtype = model.args, model.embed.weight.device, model.embed.weight.dtype
-    meter = ProxyMeter(a.n_layers, a.n_heads, cfg.alpha, cfg.proxy_queries)
+    proxy, tail = ProxyMeter(a.n_layers, a.n_heads, cfg.alpha, cfg.proxy_queries), TailMeter(a.n_layers, cfg)
     for doc in docs:
-        cache = KVCache(model, len(doc), device=dev, dtype=dtype)
-        cache.meter = meter
-        model.prefill(torch.tensor([doc], device=dev), cache, chunk)
+        for meter in (proxy, tail):
+            cache = KVCache(model, len(doc), device=dev, dtype=dtype)
+            cache.meter = meter
+            model.prefill(torch.tensor([doc], device=dev), cache, chunk)
         if progress:
             progress(1)
-    return meter.head_scores()
+    return proxy.head_scores(), tail.tails()
 
 
 @torch.inference_mode()
@@ -119,16 +173,17 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 # -------------------------------------------------------------------------------------- plan
 
-def make_plan(model, model_dir, sources, docs, cfg, method, heads, direct, chunk, heldout) -> dict:
+def make_plan(model, model_dir, sources, docs, cfg, method, heads, tails, direct, chunk, heldout) -> dict:
     proxy = heads.mean(1).tolist()
     layers = [{"layer": i, "proxy": round(proxy[i], 5), "proxy_heads": [round(x, 5) for x in heads[i].tolist()],
+               "tail": [round(x, 5) for x in tails[i].tolist()],
                **({k: round(v, 6) for k, v in direct[i].items()} if direct else {})} for i in range(len(proxy))]
     plan = {
         "tool": "profile_layers.py", "version": VERSION,
         "model": {"name": model_name(model_dir), "fingerprint": fingerprint(model)},
         "calibration": {"sources": [{"file": s.name, "tokens": len(d)} for s, d in zip(sources, docs)],
                         "tokens": sum(len(d) for d in docs)},
-        "parameters": {"alpha": cfg.alpha, "proxy_queries": cfg.proxy_queries, "prefill_chunk": chunk,
+        "parameters": {"alpha": cfg.alpha, "proxy_queries": cfg.proxy_queries, "prefill_chunk": chunk, "split_step": SPLIT_STEP,
                        "budget": cfg.budget, "sink": cfg.sink, "recent": cfg.recent, "select": cfg.select,
                        "heldout": heldout if direct else None,
                        "dtype": str(model.embed.weight.dtype).removeprefix("torch.")},
@@ -235,13 +290,13 @@ def main(argv=None):
           f"{', '.join(f'{f.name} ({len(d)} tok)' for f, d in zip(args.calib, docs))}", file=sys.stderr)
     from tqdm import tqdm
     with tqdm(total=len(docs), desc="proxy", unit="doc", file=sys.stderr) as bar:
-        heads = measure_proxy(model, docs, cfg, args.prefill_chunk, bar.update)
+        heads, tails = measure_proxy(model, docs, cfg, args.prefill_chunk, bar.update)
     direct = None
     if args.method == "direct":
         with tqdm(total=model.args.n_layers, desc="direct", unit="layer", file=sys.stderr,
                   bar_format="{l_bar}{bar}| {n:.1f}/{total} layers [{elapsed}<{remaining}]") as bar:
             direct = measure_direct(model, docs, cfg, args.heldout, args.prefill_chunk, bar.update)
-    plan = make_plan(model, model_dir, args.calib, docs, cfg, args.method, heads, direct, args.prefill_chunk,
+    plan = make_plan(model, model_dir, args.calib, docs, cfg, args.method, heads, tails, direct, args.prefill_chunk,
                      args.heldout)
     write(plan, args.out or PLANS / f"{plan['model']['name']}.json")
 
@@ -260,12 +315,28 @@ def redecide(plan: dict, cfg: CacheConfig, method: str) -> dict:
             r["direct_decision"] = "quant" if r[f"kl_quant{cfg.bits}"] < r["kl_sparse"] else "sparse"
         r["decision"] = r[f"{method}_decision"]
     plan["quant_layers"] = [r["layer"] for r in plan["layers"] if r["decision"] == "quant"]
+    split(plan)
     if "kl_sparse" in plan["layers"][0]:
         score = [math.log(r["kl_sparse"] + 1e-9) - math.log(r[f"kl_quant{cfg.bits}"] + 1e-9) for r in plan["layers"]]
         plan["proxy_vs_direct"] = {
             "spearman": round(spearman([r["proxy"] for r in plan["layers"]], score), 4),
             "decisions_agree": sum(r["proxy_decision"] == r["direct_decision"] for r in plan["layers"])}
     return plan
+
+
+def split(plan: dict):
+    """Each offloaded layer's share of the retrieved tokens (its "topk" at the plan's budget; 0 where quantized),
+    from its tail weighted by its direct KL per unit of tail (without direct measurements, the tail alone)."""
+    sparse = [r for r in plan["layers"] if r["decision"] == "sparse"]
+    if not sparse or "tail" not in sparse[0]:
+        return
+    par = plan["parameters"]
+    topk, step = par["budget"] - par["sink"] - par["recent"], par["split_step"]
+    at = min(topk // step, len(sparse[0]["tail"]) - 1)
+    weights = [max(r["kl_sparse"], 1e-6) / max(r["tail"][at], 1e-6) if "kl_sparse" in r else 1.0 for r in sparse]
+    shares = dict(zip((r["layer"] for r in sparse), split_topk([r["tail"] for r in sparse], weights, topk, step)))
+    for r in plan["layers"]:
+        r["topk"] = shares.get(r["layer"], 0)
 
 
 def write(plan: dict, out: Path):

@@ -95,6 +95,7 @@ def parse_policy(spec: str, model=None) -> CacheConfig:
     same device token budget as a sparse layer with budget B; plain 'streaming' means streaming@192."""
     spec, _, budget = spec.partition("@")
     spec, _, select = spec.partition("/")
+    spec, split = spec.removesuffix("+split"), spec.endswith("+split")  # tailor-2+split: the plan's top-k split
     name, _, bits = spec.partition("-")
     knobs = selector_knobs(select)
     if bits:
@@ -105,11 +106,15 @@ def parse_policy(spec: str, model=None) -> CacheConfig:
         b = int(budget or CacheConfig.budget)
         knobs.update(sink=CacheConfig.sink, recent=b - CacheConfig.sink, budget=b)  # no top-k
     if name == "tailor" and model is not None:
-        from layer_plans import find_plan, load_plan
+        from layer_plans import find_plan, load_plan, split_topk
         path = find_plan(model)
         if path is not None:
             plan = load_plan(path, model)
             knobs = {"quant_layers": tuple(plan["quant_layers"]), "bits": plan["parameters"]["bits"], **knobs}
+            if split:
+                knobs["layer_topk"] = split_topk(plan, CacheConfig(name, **knobs).topk)
+    if split and "layer_topk" not in knobs:
+        raise ValueError(f"{spec}+split needs tailor and a layer plan with a split for this model (profile_layers.py)")
     return CacheConfig(name, **knobs)
 
 

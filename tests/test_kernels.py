@@ -283,7 +283,9 @@ def tiny_model(device, dtype=torch.float32):
                                  CacheConfig("tailor", quant_layers=(0,), bits=1, budget=48, sink=4, recent=12),
                                  CacheConfig("sparse", budget=48, sink=4, recent=12, select="channels"),
                                  CacheConfig("tailor", quant_layers=(0,), budget=48, sink=4, recent=12, select="shortlist"),
-                                 CacheConfig("streaming", sink=4, recent=12)], ids=lambda c: c.policy + "-" + c.select)
+                                 CacheConfig("tailor", quant_layers=(0,), sink=4, recent=12, layer_topk=(1, 8, 56, 32)),
+                                 CacheConfig("streaming", sink=4, recent=12)],
+                         ids=lambda c: c.policy + "-" + c.select + ("-split" if c.layer_topk else ""))
 def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
     from generate import Decoder
     model = tiny_model(device)
@@ -387,13 +389,14 @@ def test_a_cuda_graph_records_its_retrievals_like_eager():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming", "sparse/sketch-heads",
-                                    "tailor/shortlist"])
+                                    "tailor/shortlist", "tailor+split"])
 def test_cuda_graph_decode_equals_eager_token_for_token(policy):
     from generate import Decoder
     model = tiny_model("cuda", torch.bfloat16)
     policy, _, select = policy.partition("/")
+    policy, split = policy.removesuffix("+split"), policy.endswith("+split")
     cfg = CacheConfig(policy, budget=48, sink=4, recent=12, **({"quant_layers": (0,)} if policy == "tailor" else {}),
-                      **({"select": select} if select else {}))
+                      **({"select": select} if select else {}), **({"layer_topk": (1, 8, 56, 32)} if split else {}))
     prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(2)).cuda()
     runs = []
     for graph in (False, True):

@@ -1,5 +1,6 @@
 """kvcache.py: quantization, every layer strategy against exact attention, boundaries, telemetry."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -360,8 +361,9 @@ def logits_through(model, cache, tokens, prompt, chunk=32):
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 @pytest.mark.parametrize("cfg", [CacheConfig("sparse", sink=4, recent=8, budget=4096),
                                  CacheConfig("tailor", quant_layers=(), sink=4, recent=8, budget=4096, select="channels"),
+                                 CacheConfig("sparse", sink=4, recent=8, budget=40, layer_topk=(200, 150, 4096)),
                                  CacheConfig("streaming", sink=4, recent=4096)], ids=["sparse-sketch", "sparse-channels",
-                                                                                    "streaming"])
+                                                                                    "sparse-split", "streaming"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_policies_with_room_for_everything_equal_full(H, n_kv, hd, cfg, device):
     model = tiny_model(H, n_kv, hd).to(device)
@@ -537,6 +539,26 @@ def test_telemetry_counts_the_tensors_held(policy):
     assert plan_memory(model, 200, cfg) == {**rep, "by_kind": {k: {**r, "h2d_bytes_per_step": 0.0}
                                                                 for k, r in rep["by_kind"].items()},
                                             "h2d_bytes_per_step": 0.0}
+
+
+def test_a_split_budget_gives_each_layer_its_own_top_k():
+    model = tiny_model(8, 2, 64, layers=4)
+    even = CacheConfig("tailor", quant_layers=(0,), sink=4, recent=8, budget=44)               # top-32 each
+    split = replace(even, layer_topk=(1, 8, 56, 32))                                           # the same 96 in all
+    caches = [KVCache(model, 200, c) for c in (even, split)]
+    assert [layer.att_k.shape[1] for layer in caches[1].layers[1:]] == [4 + 8 + 8, 4 + 56 + 8, 4 + 32 + 8]
+    tokens = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(2))
+    for cache in caches:
+        logits_through(model, cache, tokens, 120)
+    a, b = (c.memory_report() for c in caches)
+    assert a["device_bytes"] == b["device_bytes"] and a["h2d_bytes_per_step"] == b["h2d_bytes_per_step"]
+    assert plan_memory(model, 200, split)["device_bytes"] == b["device_bytes"]
+    with pytest.raises(ValueError, match="layer_topk names 3 layers; the model has 4"):
+        KVCache(model, 200, replace(even, layer_topk=(8, 8, 8)))
+    with pytest.raises(ValueError, match="top-k must be >= 1"):
+        replace(even, layer_topk=(8, 0, 8, 8))
+    with pytest.raises(ValueError, match="takes one top-k for all"):
+        KVCache(model, 200, replace(split, select="shortlist"))
 
 
 def test_bad_settings_are_refused():

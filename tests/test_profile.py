@@ -36,6 +36,53 @@ def test_proxy_on_known_attention():
     assert (uniform > tau, onehot > tau) == (True, False)  # quantize the first, offload the second
 
 
+def brute_tails(q, k, sink, recent, grid, n):
+    """TailMeter by loops: per query and KV head, the group's attention, what is offloaded, its top-k."""
+    H, S, n_kv = q.shape[1], k.shape[2], k.shape[1]
+    G, total = H // n_kv, torch.zeros(len(grid), dtype=torch.float64)
+    for p in range(S - n, S):
+        for h in range(n_kv):
+            w = torch.stack([(q[0, h * G + g, p - S + q.shape[2]] @ k[0, h, :p + 1].T / 8).softmax(-1) for g in range(G)]).mean(0)
+            off = w[sink:max(sink, p + 1 - recent)].double().sort(descending=True).values
+            for j, kk in enumerate(grid):
+                total[j] += off[kk:].sum()
+    return total / (n * n_kv)
+
+
+def test_tail_meter_equals_the_loops_and_falls_with_k():
+    H, n_kv, hd, S = 4, 2, 64, 70
+    cfg = CacheConfig("sparse", sink=4, recent=8, budget=4 + 8 + 16)
+    meter = pl.TailMeter(1, cfg, n_queries=10)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, H, 30, hd, generator=g), torch.randn(1, n_kv, S, hd, generator=g) * 2
+    meter.observe(0, q, k)
+    tails = meter.tails()[0]
+    assert meter.grid == list(range(0, 65, 8))
+    torch.testing.assert_close(tails, brute_tails(q, k, 4, 8, meter.grid, 10), atol=1e-6, rtol=0)
+    assert tails[0] > 0.5 and (tails[:-1] >= tails[1:]).all() and tails[-1] < 1e-6  # 64 cover the <= 58 offloaded
+
+
+def test_split_is_the_best_allocation_of_the_total():
+    import itertools
+    g = torch.Generator().manual_seed(1)
+    # 4 layers, falling convex tails (sorted weights' remainders), random costs; topk 32 -> 8 each + 12 steps of 8
+    tails = [(torch.rand(16, generator=g) ** 3).sort(descending=True).values for _ in range(4)]
+    tails = [(t.sum() - torch.cat([torch.zeros(1), t.cumsum(0)])).tolist() for t in tails]
+    weights = torch.rand(4, generator=g).tolist()
+    got = pl.split_topk(tails, weights, topk=32)
+    assert sum(got) == 4 * 32 and min(got) >= 8 and all(k % 8 == 0 for k in got)
+    cost = lambda ks: sum(w * t[k // 8] for t, w, k in zip(tails, weights, ks))  # noqa: E731
+    best = min(cost([8 + 8 * a for a in c]) for c in itertools.product(range(13), repeat=4) if sum(c) == 12)
+    assert cost(got) == pytest.approx(best) and cost(got) < cost([32] * 4)
+
+
+def test_a_plans_split_scales_to_any_budget():
+    plan = {"layers": [{"topk": 0}, {"topk": 64}, {"topk": 192}, {"topk": 128}]}
+    assert lp.split_topk(plan, 128) == (128, 64, 192, 128)   # layer 0 is quantized: its entry is not read
+    assert lp.split_topk(plan, 64) == (64, 32, 96, 64)
+    assert lp.split_topk({"layers": [{"topk": 0}, {}]}, 128) == ()
+
+
 def test_spearman():
     assert pl.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert pl.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -64,8 +111,11 @@ def test_plan_round_trips_and_is_refused_for_another_model(tmp_path):
     direct = [{"kl_quant1": 0.01 * (i + 1), "kl_quant2": 0.001, "kl_sparse": 0.02, "top1_quant1": 0.9,
                "top1_quant2": 0.95, "top1_sparse": 0.9} for i in range(3)]
     src = tmp_path / "calib.txt"
-    plan = pl.make_plan(model, tmp_path, [src], [[1] * 10], cfg, "direct", heads, direct, 2048, 64)
+    tails = torch.linspace(1, 0, 65)[None] ** 2 * torch.tensor([[0.5], [0.4], [0.1]])  # a layer's tail per 8 tokens
+    plan = pl.make_plan(model, tmp_path, [src], [[1] * 10], cfg, "direct", heads, tails, direct, 2048, 64)
     assert plan["quant_layers"] == [0] and [r["decision"] for r in plan["layers"]] == ["quant", "sparse", "sparse"]
+    split = [r["topk"] for r in plan["layers"]]  # same KL per layer, layer 1's tail 4x layer 2's: same weighted tail
+    assert split[0] == 0 and sum(split) == 2 * cfg.topk and split[1] == split[2]
     two_bit = pl.redecide(plan, CacheConfig("tailor", bits=2), "direct")  # 2-bit KL 0.001 < sparse 0.02 everywhere
     assert two_bit["quant_layers"] == [0, 1, 2] and two_bit["parameters"]["bits"] == 2
     with pytest.raises(ValueError, match="no direct measurement at 4 bits"):
@@ -106,7 +156,7 @@ def test_online_equals_offline_proxy_and_shipped_plan(default_dir, default_model
         doc = tok.encode(path.read_text(), add_special_tokens=False)[:2048]
         cache = KVCache(default_model, len(doc) + 1, CacheConfig("tailor"))
         default_model.prefill(torch.tensor([doc]), cache, chunk_size=512)
-        offline = pl.measure_proxy(default_model, [doc], CacheConfig("tailor"), chunk=512).mean(1)
+        offline = pl.measure_proxy(default_model, [doc], CacheConfig("tailor"), chunk=512)[0].mean(1)
         torch.testing.assert_close(torch.tensor(cache.decisions()["proxy"]), offline.float(), atol=1e-4, rtol=0)
         results[path.name] = cache.decisions()
     shipped = lp.load_plan(lp.find_plan(default_model), default_model)
