@@ -612,7 +612,9 @@ def describe(cfg: CacheConfig, n_layers: int) -> str:
         parts.append(f"quant {cfg.bits}-bit g={cfg.group} R={cfg.residual} on layers "
                      f"{','.join(str(i) for i, k in enumerate(kinds) if k == 'quant') if len(set(kinds)) > 1 else 'all'}")
     if "sparse" in kinds:
-        parts.append(f"offload {kinds.count('sparse')} layers: sink {cfg.sink} + recent {cfg.recent} + top-{cfg.topk} "
+        ks = [cfg.topk_of(i) for i, kind in enumerate(kinds) if kind == "sparse"]
+        topk = f"{min(ks)}..{max(ks)} (split by layer, {sum(ks)} in all)" if len(set(ks)) > 1 else ks[0]
+        parts.append(f"offload {kinds.count('sparse')} layers: sink {cfg.sink} + recent {cfg.recent} + top-{topk} "
                      f"by {cfg.select}" + {"channels": f" (C={cfg.channels})", "sketch": f" ({cfg.sketch_bits}-bit)",
                                    "shortlist": f" ({cfg.shortlist}x top-k candidates)"}.get(cfg.select, ""))
     if "window" in kinds:

@@ -203,7 +203,7 @@ def table(plan: dict) -> str:
         if has_direct:
             line += (f"{r['kl_quant1']:>8.4f} {r['kl_quant2']:>8.4f} {r['kl_sparse']:>9.4f} "
                      f"{r[f'top1_quant{bits}']:>8.3f} {r['top1_sparse']:>8.3f} ")
-        rows.append(line + r["decision"])
+        rows.append(line + r["decision"] + (f" top-{r['topk']}" if r.get("topk") else ""))
     rows.append(f"quantized layers: {plan['quant_layers']}")
     if "proxy_vs_direct" in plan:
         p = plan["proxy_vs_direct"]
@@ -219,9 +219,10 @@ def plot(plan: dict, path: Path):
     layers = plan["layers"]
     n = len(layers)
     x = list(range(n))
-    has_direct = "kl_sparse" in layers[0]
-    fig, axes = plt.subplots(1 + has_direct + 1, 1, figsize=(max(8, n * 0.32), 9 if has_direct else 6),
-                             gridspec_kw={"height_ratios": [2] + ([2] if has_direct else []) + [1.6]}, sharex=True)
+    has_direct, has_split = "kl_sparse" in layers[0], any(r.get("topk") for r in layers)
+    fig, axes = plt.subplots(2 + has_direct + has_split, 1, sharex=True,
+                             figsize=(max(8, n * 0.32), 6 + 3 * has_direct + 2 * has_split),
+                             gridspec_kw={"height_ratios": [2] + [2] * has_direct + [1.4] * has_split + [1.6]})
     ax = axes[0]
     colors = ["tab:orange" if r["decision"] == "quant" else "tab:blue" for r in layers]
     ax.bar(x, [r["proxy"] for r in layers], color=colors)
@@ -237,6 +238,14 @@ def plot(plan: dict, path: Path):
             ax.plot(x, [max(r[key], 1e-6) for r in layers], style, ms=4, label=label)
         ax.set_yscale("log")
         ax.set_ylabel("KL(full || layer compressed)")
+        ax.legend(loc="upper right", fontsize=8)
+    if has_split:
+        ax = axes[-2]
+        par = plan["parameters"]
+        even = par["budget"] - par["sink"] - par["recent"]
+        ax.bar(x, [r.get("topk", 0) for r in layers], color="tab:blue")
+        ax.axhline(even, color="k", ls="--", lw=1, label=f"even: top-{even}")
+        ax.set_ylabel("retrieved tokens")
         ax.legend(loc="upper right", fontsize=8)
     ax = axes[-1]
     heads = torch.tensor([r["proxy_heads"] for r in layers]).T

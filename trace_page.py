@@ -54,7 +54,7 @@ def page_data(tokens: list[str], kinds: list[str], cfg, positions: torch.Tensor,
     for i, kind in enumerate(kinds):
         describe = {"quant": f"quantized to {cfg.bits} bits", "full": "full cache",
                     "window": f"sinks {cfg.sink} + recent {cfg.recent} only",
-                    "sparse": f"offloaded: sinks {cfg.sink} + recent {cfg.recent} + top-{cfg.topk} by {cfg.select}"}[kind]
+                    "sparse": f"offloaded: sinks {cfg.sink} + recent {cfg.recent} + top-{cfg.topk_of(i)} by {cfg.select}"}[kind]
         row = {"kind": kind, "describe": describe, "counts": None}
         if kind == "sparse":
             p = pos[:, i].flatten()
