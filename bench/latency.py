@@ -51,12 +51,25 @@ GiB = 2 ** 30
 
 def policy(label: str) -> CacheConfig:
     """A label of POLICIES, or one with another selector, its options and a budget: "tailor-1/sketch-heads",
-    "tailor-1/shortlist:2", "tailor-1/sketch:1b@448" (as bench/accuracy.py writes them)."""
+    "tailor-1/shortlist:2", "tailor-1/sketch:1b@448" (as bench/accuracy.py writes them); "tailor-1+split": the
+    top-k split by layer like the default model's plan (split_like_the_default_plan)."""
     if label in POLICIES:
         return POLICIES[label]
     label, _, budget = label.partition("@")
     base, _, select = label.partition("/")
-    return replace(POLICIES[base], **selector_knobs(select), **({"budget": int(budget)} if budget else {}))
+    base, split = base.removesuffix("+split"), base.endswith("+split")
+    cfg = replace(POLICIES[base], **selector_knobs(select), **({"budget": int(budget)} if budget else {}))
+    return replace(cfg, layer_topk=split_like_the_default_plan(LLAMA31_8B.n_layers, cfg.topk)) if split else cfg
+
+
+def split_like_the_default_plan(n_layers: int, topk: int) -> tuple[int, ...]:
+    """The shipped plan's split of the default model's retrieved tokens, stretched over n_layers by depth and
+    scaled to topk on average: a split as uneven as a real one (the speed depends on the spread of the top-k,
+    not on which layer gets which)."""
+    from layer_plans import PLANS, read_plan, split_topk
+    shares = [r.get("topk", 0) for r in read_plan(PLANS / "SmolLM2-135M-Instruct.Q4_1.json")["layers"]]
+    stretched = [shares[round(i * (len(shares) - 1) / (n_layers - 1))] for i in range(n_layers)]
+    return split_topk({"layers": [{"topk": k} for k in stretched]}, topk)
 
 
 def sync():

@@ -83,8 +83,12 @@ def test_policy_specs_and_budgets():
     c = policy("tailor-1/sketch-heads:1b@448")
     assert (c.quant_layers, c.bits, c.select, c.sketch_bits, c.budget, c.topk) == ((0,), 1, "sketch-heads", 1, 448, 384)
     assert policy("tailor-1/shortlist:2").shortlist == 2 and policy("sparse").select == "sketch"
+    split = policy("tailor-1+split/sketch@320").layer_topk  # as uneven as the default plan's, the same 31 x 256
+    assert len(split) == 32 and abs(sum(split[1:]) - 31 * 256) <= 31 and max(split) > 3 * min(split[1:])
     with pytest.raises(ValueError):
         parse_policy("quest")
+    with pytest.raises(ValueError, match="needs tailor and a layer plan"):
+        parse_policy("sparse+split")
 
 
 def topk_of(budget):
@@ -94,6 +98,10 @@ def topk_of(budget):
 def test_tailor_takes_its_layers_from_the_plan(default_model):
     c = parse_policy("tailor-1", default_model)
     assert c.quant_layers == (0,) and c.bits == 1          # the shipped plan's layers, the spec's bits
+    assert c.layer_topk == ()                              # an even top-k; +split: the plan's split of the same total
+    s = parse_policy("tailor-2+split@256", default_model)
+    assert s.quant_layers == (0,) and s.topk == 192 and len(set(s.layer_topk)) > 5
+    assert abs(sum(s.layer_topk[1:]) - 29 * 192) <= 29
 
 
 def test_summary_gives_mean_and_spread_over_documents():
