@@ -54,8 +54,8 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "device bytes as tailor-2."),
     ("Retrieval: what each selector keeps of the full cache, and its speed", "retrieval_summary.md",
      "python bench/retrieval_table.py", None,
-     "Put together from retrieval_heads_h100.json, retrieval_default_h100.json, accuracy_qwen05_h100.json, "
-     "latency.json and latency_heads.json. Recovered: (policy - streaming) / (full - streaming), copy top-1."),
+     "Put together from the accuracy and latency runs its docstring names (bench/retrieval_table.py). Recovered: "
+     "(policy - streaming) / (full - streaming), copy top-1."),
     ("What per-head selection costs at 128k tokens, H100", "latency_heads.md",
      "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1/sketch-heads --steps 20 --warmup 3 "
      "--out bench/results/latency_heads", None,
@@ -94,6 +94,33 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "tailor-2/sketch:1b@312 tailor-2/sketch-heads:1b@312 tailor-2/sketch-heads; merged by --replot",
      "onebit7k_cpu.png", "Default model, fp32, three documents; budget 312 keeps tailor-2's device bytes in fp32, "
      "448 (bf16's) holds 22% more."),
+    ("The oracle at 4k tokens: full-precision keys at the same budget, CPU", "oracle4k_cpu.md",
+     "python bench/accuracy.py --contexts 4096 --docs prose code table stdlib reference ledger --policies full "
+     "tailor-2/exact tailor-2/exact-heads --tasks repeat fidelity --next 128 --sweep-budgets --out "
+     "bench/results/oracle4k_cpu", "oracle4k_cpu.png",
+     "Default model, fp32, six documents. /exact ranks every offloaded key in full precision (a measurement: the "
+     "device bytes leave out the keys it reads from the host), -heads per query head; tailor-2 and the window of "
+     "the same setting: shortlist4k_cpu.md."),
+    ("The oracle at 7.5k tokens, CPU", "oracle7k_cpu.md",
+     "python bench/accuracy.py --contexts 7680 --docs prose code table --policies full tailor-2/exact "
+     "tailor-2/exact-heads --tasks repeat fidelity --next 128 --sweep-budgets --out bench/results/oracle7k_cpu",
+     "oracle7k_cpu.png", "Default model, fp32, three documents; tailor-2 and the window: onebit7k_cpu.md."),
+    ("Top-k split by layer (the plan's), at 4k tokens, CPU", "split4k_cpu.md",
+     "python bench/accuracy.py --contexts 4096 --docs prose code table stdlib reference ledger --policies "
+     "tailor-2+split tailor-2+split/sketch-heads --tasks repeat fidelity --next 128 --sweep-budgets --out "
+     "bench/results/split4k_cpu", "split4k_cpu.png",
+     "Default model, fp32, six documents. +split: each offloaded layer's top-k from the shipped plan "
+     "(profile_layers.py: the attention tail on the calibration text, weighted by the layer's direct KL), the same "
+     "total and device bytes as tailor-2's 128 on each; the full cache and tailor-2: shortlist4k_cpu.md."),
+    ("Top-k split by layer at 7.5k tokens, CPU", "split7k_cpu.md",
+     "python bench/accuracy.py --contexts 7680 --docs prose code table --policies tailor-2+split "
+     "tailor-2+split/sketch-heads --tasks repeat fidelity --next 128 --sweep-budgets --out bench/results/split7k_cpu",
+     "split7k_cpu.png", "Default model, fp32, three documents; the full cache and tailor-2: onebit7k_cpu.md."),
+    ("A top-k split by layer at 128k tokens, H200", "latency_h200_split.md",
+     "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1+split --steps 20 --warmup 3 --out "
+     "bench/results/latency_h200_split", "latency_h200_split.png",
+     "tailor-1+split: the top-k of each of the 31 offloaded layers shaped like the default model's plan "
+     "(bench/latency.py split_like_the_default_plan), the same total as 128 on each."),
     ("Selecting from a shortlist fetched one layer early, CPU", "shortlist_cpu.md",
      "python bench/accuracy.py --contexts 2048 --docs prose code table stdlib reference ledger --policies full "
      "tailor-2 tailor-2/shortlist tailor-2/shortlist:2 tailor-2/sketch-predicted streaming --tasks repeat fidelity "

@@ -3,12 +3,13 @@ full cache's copy accuracy at the same device memory, and what it costs per toke
 
     python bench/retrieval_table.py          # writes bench/results/retrieval_summary.md
 
-Inputs (bench/results/): shortlist_cpu.json, shortlist4k_cpu.json with onebit4k_cpu.json, and
-onebit7k_cpu.json (default model, 2k, 4k and 7.5k, CPU), retrieval_heads_h100.json
+Inputs (bench/results/): shortlist_cpu.json, shortlist4k_cpu.json with onebit4k_cpu.json, oracle4k_cpu.json
+and split4k_cpu.json, and onebit7k_cpu.json with oracle7k_cpu.json and split7k_cpu.json (default model, 2k,
+4k and 7.5k, CPU), retrieval_heads_h100.json
 (default model, six documents, 4k and 7.5k), retrieval_default_h100.json (default model, three documents, 4k),
 accuracy_qwen05_h100.json (Qwen2.5-Coder-0.5B at 32k), latency.json and latency_heads.json (Llama-3.1-8B
-shapes at 128k, H100), latency_h200.json, latency_h200_channels.json and latency_h200_onebit.json (the same
-on an H200).
+shapes at 128k, H100), latency_h200.json, latency_h200_channels.json, latency_h200_onebit.json and
+latency_h200_split.json (the same on an H200).
 """
 import json
 from pathlib import Path
@@ -56,6 +57,8 @@ def tried(cpu: dict, cpu4k: dict, cpu7k: dict, heads: dict, three: dict, qwen: d
     runs = [(cpu, 2048), (cpu4k, 4096), (cpu7k, 7680), (heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
     selectors = [("`sketch` (default): 2-bit sketch, group-mean query", "tailor-2", "tailor-1"),
                  ("`sketch-heads`: each query head's softmax, the largest", "tailor-2/sketch-heads", "tailor-1/sketch-heads"),
+                 ("`sketch`, top-k split by layer (the plan's, same total)", "tailor-2+split", "tailor-1+split"),
+                 ("`sketch-heads`, top-k split by layer", "tailor-2+split/sketch-heads", None),
                  ("`exact`: full-precision keys (a measurement)", "tailor-2/exact", None),
                  ("`exact-heads`: the same, per query head (a measurement)", "tailor-2/exact-heads", None),
                  ("`sketch-next`: a token scores as its predecessor", "tailor-2/sketch-next", None),
@@ -88,15 +91,25 @@ def tried(cpu: dict, cpu4k: dict, cpu7k: dict, heads: dict, three: dict, qwen: d
     return "\n".join(out)
 
 
+def merged(*names: str) -> dict:
+    """Summary rows of several runs with the same settings (their full and streaming rows are the same)."""
+    return {k: r for name in names for k, r in summary(name).items()}
+
+
 def build() -> str:
     heads = summary("retrieval_heads_h100.json")
+    cpu4k = merged("shortlist4k_cpu.json", "onebit4k_cpu.json", "oracle4k_cpu.json", "split4k_cpu.json")
+    cpu7k = merged("onebit7k_cpu.json", "oracle7k_cpu.json", "split7k_cpu.json")
     speed = {**latency("latency.json"), **latency("latency_heads.json")}
     return ("Default model, H100 bf16, six documents, the same device memory per row pair:\n\n" + per_context(heads)
+            + f"\n\nDefault model, CPU fp32, {docs(cpu4k)} at 4k and {docs(cpu7k)} at 7.5k (`tailor-2` and its variants at "
+              "the same device memory, 1-bit rows with their memory-matched budgets):\n\n"
+            + per_context({**cpu4k, **cpu7k})
             + "\n\nCopy top-1 against the full cache of the same run, and decode speed (Llama-3.1-8B shapes):\n\n"
-            + tried(summary("shortlist_cpu.json"), {**summary("shortlist4k_cpu.json"), **summary("onebit4k_cpu.json")},
-                    summary("onebit7k_cpu.json"), heads, summary("retrieval_default_h100.json"),
+            + tried(summary("shortlist_cpu.json"), cpu4k, cpu7k, heads, summary("retrieval_default_h100.json"),
                     summary("accuracy_qwen05_h100.json"), speed,
-                    {**latency("latency_h200_onebit.json"), **latency("latency_h200.json"),  # tailor-1: the 20-step run
+                    {**latency("latency_h200_split.json"), **latency("latency_h200_onebit.json"),
+                     **latency("latency_h200.json"),  # tailor-1: the 20-step run of latency_h200.json
                      **latency("latency_h200_channels.json")}))
 
 
