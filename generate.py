@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import is_converted, resolve_model
-from kvcache import (POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, has_kernel_path, kernels_available,
-                     plan_memory)
+from kvcache import (POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, ShortlistSelector, has_kernel_path,
+                     kernels_available, plan_memory)
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -292,7 +292,7 @@ def layer_list(s):
 
 
 # which --cache policies each cache flag applies to: given for another policy, it is refused, not ignored
-CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "bits": ("tailor", "kivi"),
+CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "topk_split": ("tailor",), "bits": ("tailor", "kivi"),
                "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"), "budget": ("tailor", "sparse"),
                "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"), "sketch_bits": ("tailor", "sparse"),
                "shortlist": ("tailor", "sparse"),
@@ -300,7 +300,7 @@ CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "bits": ("tailo
 
 
 def cache_config(args) -> CacheConfig:
-    given = {k: getattr(args, k) for k in CACHE_FLAGS if k != "plan" and getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in CACHE_FLAGS if k not in ("plan", "topk_split") and getattr(args, k) is not None}
     return CacheConfig(policy=args.cache, **given)
 
 
@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant-layers", type=layer_list,
                    help="tailor: comma-separated layer ids to quantize (default: from the model's plan, else online)")
     c.add_argument("--plan", help="tailor: a plan file from profile_layers.py (default: the plans/ entry for this model)")
+    c.add_argument("--topk-split", choices=["plan", "even"],
+                   help="tailor: each offloaded layer's top-k, the plan's split of the same total (profile_layers.py) or "
+                        "the same on every layer (default: the plan's where it has one)")
     c.add_argument("--bits", type=int, help="tailor, kivi: quantized layers' bits, 1, 2, 4 or 8 (default: tailor the "
                                             "plan's, else 1; kivi 2)")
     c.add_argument("--group", type=int, help=f"tailor, kivi: quantization group size g (default: {d.group})")
@@ -484,7 +487,8 @@ def run(args, report: dict) -> int:
     ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
     stop_ids = set(tok.eos_ids)
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
-    cfg, plan_info = tailor_layers(cache_config(args), args.plan, model, bits_given=args.bits is not None)
+    cfg, plan_info = tailor_layers(cache_config(args), args.plan, model, bits_given=args.bits is not None,
+                                   split=args.topk_split)
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
         f"on {device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
         f"cache {describe(cfg, model.args.n_layers)}")
@@ -573,33 +577,47 @@ def stats_line(stats: dict, n_prompt: int, n_out: int, threads: int | None) -> s
             (f" after a first step of {1e3 * stats['first_step_s']:.0f} ms" if stats["first_step_s"] else ""))
 
 
-def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False) -> tuple[CacheConfig, dict | None]:
+def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False, split=None) -> tuple[CacheConfig, dict | None]:
     """Which layers tailor quantizes: --quant-layers, else the plan (--plan, or found by fingerprint),
     else decided online during the prefill. A plan's decisions hold for its bit width, which is
-    used unless --bits says otherwise."""
+    used unless --bits says otherwise. The plan's split of the retrieved tokens between the offloaded
+    layers comes with its decisions (split None or "plan"; "even": top-k on every layer)."""
     from dataclasses import replace
 
-    from layer_plans import PLANS, find_plan, load_plan
+    from layer_plans import PLANS, find_plan, load_plan, split_topk
     if cfg.policy != "tailor":
         if plan_path:
             raise UsageError("--plan applies to --cache tailor only")
         return cfg, None
+    if split == "plan" and cfg.quant_layers is not None:
+        raise UsageError("--topk-split plan splits the plan's offloaded layers; drop --quant-layers or the split")
     if cfg.quant_layers is not None:
         return cfg, {"source": "--quant-layers", "quant_layers": list(cfg.quant_layers)}
     path = Path(plan_path) if plan_path else find_plan(model)
     if plan_path and not path.is_file():
         raise UsageError(f"plan file {path} does not exist")
     if path is None:
+        if split == "plan":
+            raise UsageError(f"--topk-split plan: no layer plan for this model in {PLANS}; make one with: "
+                             f"python profile_layers.py --model <model>")
         log(f"no layer plan for this model in {PLANS}: deciding online from the prompt's prefill "
             f"(mass outside the top {cfg.alpha:.0%} keys > {cfg.tau} -> quantize); "
             f"make one with: python profile_layers.py --model <model>")
         return cfg, None
     plan = load_plan(path, model)
     bits = cfg.bits if bits_given else plan["parameters"]["bits"]
+    layer_topk = () if split == "even" else split_topk(plan, cfg.topk)
+    if split == "plan" and not layer_topk:
+        raise UsageError(f"plan {path} has no top-k split (made before profile_layers.py measured the tails); "
+                         f"make a new one, or use --topk-split even")
+    if split is None and issubclass(SELECTORS[cfg.select], ShortlistSelector):
+        layer_topk = ()  # its candidate buffer serves every layer with one top-k
     log(f"layer plan {path}: quantize layers {plan['quant_layers']} to {plan['parameters']['bits']} bits "
-        f"({plan['parameters'].get('method', 'unknown')} method)" + (f"; running them at --bits {bits}" if bits != plan["parameters"]["bits"] else ""))
-    return (replace(cfg, quant_layers=tuple(plan["quant_layers"]), bits=bits),
-            {"source": str(path), "quant_layers": plan["quant_layers"], "bits": plan["parameters"]["bits"]})
+        f"({plan['parameters'].get('method', 'unknown')} method)" + (f"; running them at --bits {bits}" if bits != plan["parameters"]["bits"] else "")
+        + ("; the offloaded layers' top-k split by the plan" if layer_topk else ""))
+    return (replace(cfg, quant_layers=tuple(plan["quant_layers"]), bits=bits, layer_topk=layer_topk),
+            {"source": str(path), "quant_layers": plan["quant_layers"], "bits": plan["parameters"]["bits"],
+             "layer_topk": list(layer_topk)})
 
 
 def describe(cfg: CacheConfig, n_layers: int) -> str:

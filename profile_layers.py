@@ -78,12 +78,13 @@ class TailMeter:
         return self.sum / self.count.clamp(min=1)[:, None]
 
 
-def split_topk(tails: list[list[float]], weights: list[float], topk: int, step: int = SPLIT_STEP) -> list[int]:
+def split_topk(tails: list[list[float]], weights: list[float], topk: int, step: int = SPLIT_STEP,
+               floor: int | None = None) -> list[int]:
     """Top-k per layer, summing to topk x layers: tails[l][j] the mass layer l leaves out with j x step tokens
-    (falling, and flatter as j grows), weights[l] what a unit of it costs. Every layer starts at topk / 8; each
-    further step of tokens goes where it removes the most weighted tail (greedy, which is optimal for convex
-    tails)."""
-    k = [max(step, topk // 8 // step * step)] * len(tails)
+    (falling, and flatter as j grows), weights[l] what a unit of it costs. Every layer starts at `floor` (default
+    topk / 8); each further step of tokens goes where it removes the most weighted tail (greedy, which is optimal
+    for convex tails)."""
+    k = [max(step, (topk // 8 if floor is None else floor) // step * step)] * len(tails)
     for _ in range((topk * len(tails) - sum(k)) // step):
         gain = [w * (t[j // step] - t[j // step + 1]) if j // step + 1 < len(t) else -1.0
                 for t, w, j in zip(tails, weights, k)]
@@ -173,7 +174,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 # -------------------------------------------------------------------------------------- plan
 
-def make_plan(model, model_dir, sources, docs, cfg, method, heads, tails, direct, chunk, heldout) -> dict:
+def make_plan(model, model_dir, sources, docs, cfg, method, heads, tails, direct, chunk, heldout,
+              split_floor=None) -> dict:
     proxy = heads.mean(1).tolist()
     layers = [{"layer": i, "proxy": round(proxy[i], 5), "proxy_heads": [round(x, 5) for x in heads[i].tolist()],
                "tail": [round(x, 5) for x in tails[i].tolist()],
@@ -184,6 +186,7 @@ def make_plan(model, model_dir, sources, docs, cfg, method, heads, tails, direct
         "calibration": {"sources": [{"file": s.name, "tokens": len(d)} for s, d in zip(sources, docs)],
                         "tokens": sum(len(d) for d in docs)},
         "parameters": {"alpha": cfg.alpha, "proxy_queries": cfg.proxy_queries, "prefill_chunk": chunk, "split_step": SPLIT_STEP,
+                       **({"split_floor": split_floor} if split_floor is not None else {}),
                        "budget": cfg.budget, "sink": cfg.sink, "recent": cfg.recent, "select": cfg.select,
                        "heldout": heldout if direct else None,
                        "dtype": str(model.embed.weight.dtype).removeprefix("torch.")},
@@ -273,6 +276,8 @@ def main(argv=None):
     p.add_argument("--recent", type=int, default=d.recent)
     p.add_argument("--select", choices=list(SELECTORS), default=d.select)
     p.add_argument("--heldout", type=int, default=64, help="direct: tokens decoded at the end of each document")
+    p.add_argument("--split-floor", type=int, help="the fewest retrieved tokens the split leaves a layer "
+                                                   "(default: top-k / 8)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -286,7 +291,10 @@ def main(argv=None):
     if missing:
         p.error(f"calibration files not found: {', '.join(missing)}")
     if args.from_plan:
-        plan = redecide(read_plan(args.from_plan), cfg, args.method)
+        plan = read_plan(args.from_plan)
+        if args.split_floor is not None:
+            plan["parameters"]["split_floor"] = args.split_floor
+        plan = redecide(plan, cfg, args.method)
         return write(plan, args.out or args.from_plan)
     model_dir = resolve_model(args.model)
     tok = Tokenizer(model_dir)
@@ -306,7 +314,7 @@ def main(argv=None):
                   bar_format="{l_bar}{bar}| {n:.1f}/{total} layers [{elapsed}<{remaining}]") as bar:
             direct = measure_direct(model, docs, cfg, args.heldout, args.prefill_chunk, bar.update)
     plan = make_plan(model, model_dir, args.calib, docs, cfg, args.method, heads, tails, direct, args.prefill_chunk,
-                     args.heldout)
+                     args.heldout, args.split_floor)
     write(plan, args.out or PLANS / f"{plan['model']['name']}.json")
 
 
@@ -343,7 +351,8 @@ def split(plan: dict):
     topk, step = par["budget"] - par["sink"] - par["recent"], par["split_step"]
     at = min(topk // step, len(sparse[0]["tail"]) - 1)
     weights = [max(r["kl_sparse"], 1e-6) / max(r["tail"][at], 1e-6) if "kl_sparse" in r else 1.0 for r in sparse]
-    shares = dict(zip((r["layer"] for r in sparse), split_topk([r["tail"] for r in sparse], weights, topk, step)))
+    shares = dict(zip((r["layer"] for r in sparse), split_topk([r["tail"] for r in sparse], weights, topk, step,
+                                                               par.get("split_floor"))))
     for r in plan["layers"]:
         r["topk"] = shares.get(r["layer"], 0)
 

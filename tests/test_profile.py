@@ -74,6 +74,8 @@ def test_split_is_the_best_allocation_of_the_total():
     cost = lambda ks: sum(w * t[k // 8] for t, w, k in zip(tails, weights, ks))  # noqa: E731
     best = min(cost([8 + 8 * a for a in c]) for c in itertools.product(range(13), repeat=4) if sum(c) == 12)
     assert cost(got) == pytest.approx(best) and cost(got) < cost([32] * 4)
+    floored = pl.split_topk(tails, weights, topk=32, floor=24)
+    assert sum(floored) == 4 * 32 and min(floored) == 24 and cost(got) <= cost(floored) <= cost([32] * 4)
 
 
 def test_a_plans_split_scales_to_any_budget():
@@ -182,8 +184,20 @@ def test_generate_uses_the_shipped_plan_and_refuses_a_foreign_one(tmp_path):
     shipped = lp.find_plan(pl.load_model(pl.resolve_model(None)))
     bits = json.loads(shipped.read_text())["parameters"]["bits"]
     assert f"layer plan {shipped}: quantize layers" in r.stderr and f"to {bits} bits" in r.stderr
-    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "4", "--bits", "4")
-    assert r.returncode == 0 and "running them at --bits 4" in r.stderr
+    split = lp.split_topk(json.loads(shipped.read_text()), CacheConfig().topk)       # the plan's split is the default
+    assert "top-k split by the plan" in r.stderr and f"top-{min(split[1:])}..{max(split)} (split by layer" in r.stderr
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "4", "--bits", "4",
+            "--topk-split", "even")
+    assert r.returncode == 0 and "running them at --bits 4" in r.stderr and "top-128 by sketch" in r.stderr
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--quant-layers", "0", "--topk-split", "plan")
+    assert r.returncode == 2 and "drop --quant-layers or the split" in r.stderr
+    unsplit = json.loads(shipped.read_text())
+    for row in unsplit["layers"]:
+        row.pop("topk")
+    (tmp_path / "unsplit.json").write_text(json.dumps(unsplit))
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--plan", str(tmp_path / "unsplit.json"),
+            "--topk-split", "plan")
+    assert r.returncode == 2 and "has no top-k split" in r.stderr
     foreign = json.loads(shipped.read_text())
     foreign["model"] = {"name": "some-other-model", "fingerprint": "0123456789abcdef"}
     (tmp_path / "other.json").write_text(json.dumps(foreign))
