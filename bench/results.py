@@ -116,6 +116,17 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "python bench/accuracy.py --contexts 7680 --docs prose code table --policies tailor-2+split "
      "tailor-2+split/sketch-heads --tasks repeat fidelity --next 128 --sweep-budgets --out bench/results/split7k_cpu",
      "split7k_cpu.png", "Default model, fp32, three documents; the full cache and tailor-2: onebit7k_cpu.md."),
+    ("Top-k split by layer on two texts outside the accuracy set, CPU", "split_tuning_cpu.md",
+     "cat GPL-3 GFDL-1.3 > tune_prose.txt; cat dataclasses.py functools.py > tune_code.txt; python bench/accuracy.py "
+     "--contexts 4096 7680 --docs tune_prose.txt tune_code.txt --policies full tailor-2 "
+     "tailor-2+split streaming --tasks repeat fidelity --next 128 --sweep-budgets", "split_tuning_cpu.png",
+     "The texts the split was judged on before the accuracy set: tune_prose = /usr/share/common-licenses/GPL-3 "
+     "followed by GFDL-1.3 (Debian), tune_code = the standard library's dataclasses.py followed by functools.py "
+     "(Python 3.11.7), each file's text joined as written (cat)."),
+    ("The same with a floor of 64 tokens a layer, CPU", "split_tuning_floor64_cpu.md",
+     "python profile_layers.py --from-plan plans/SmolLM2-135M-Instruct.Q4_1.json --bits 2 --split-floor 64 (in "
+     "place of the shipped plan), then the accuracy command above with --policies tailor-2+split",
+     "split_tuning_floor64_cpu.png", "Each layer keeps at least 64 of its own instead of 16; not shipped (no better)."),
     ("A top-k split by layer at 128k tokens, H200", "latency_h200_split.md",
      "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1+split --steps 20 --warmup 3 --out "
      "bench/results/latency_h200_split", "latency_h200_split.png",

@@ -55,9 +55,10 @@ def tried(cpu: dict, cpu4k: dict, cpu7k: dict, heads: dict, three: dict, qwen: d
     """One row per selector: copy top-1 / full at each measured setting, ms/token at 128k on each GPU. A
     selector's policy may be a tuple: the first that a run has (a budget that follows the context)."""
     runs = [(cpu, 2048), (cpu4k, 4096), (cpu7k, 7680), (heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
-    selectors = [("`sketch` (default): 2-bit sketch, group-mean query", "tailor-2", "tailor-1"),
+    selectors = [("`sketch`: 2-bit sketch, group-mean query, the same top-k on every layer", "tailor-2", "tailor-1"),
                  ("`sketch-heads`: each query head's softmax, the largest", "tailor-2/sketch-heads", "tailor-1/sketch-heads"),
-                 ("`sketch`, top-k split by layer (the plan's, same total)", "tailor-2+split", "tailor-1+split"),
+                 ("`sketch`, top-k split by layer as the plan says, the same total (default)", "tailor-2+split",
+                  "tailor-1+split"),
                  ("`sketch-heads`, top-k split by layer", "tailor-2+split/sketch-heads", None),
                  ("`exact`: full-precision keys (a measurement)", "tailor-2/exact", None),
                  ("`exact-heads`: the same, per query head (a measurement)", "tailor-2/exact-heads", None),
