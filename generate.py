@@ -343,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant-layers", type=layer_list,
                    help="tailor: comma-separated layer ids to quantize (default: from the model's plan, else online)")
     c.add_argument("--plan", help="tailor: a plan file from profile_layers.py (default: the plans/ entry for this model)")
-    c.add_argument("--topk-split", choices=["plan", "even"],
-                   help="tailor: each offloaded layer's top-k, the plan's split of the same total (profile_layers.py) or "
-                        "the same on every layer (default: the plan's where it has one)")
+    c.add_argument("--topk-split", choices=["even", "plan"],
+                   help="tailor: each offloaded layer's top-k, the same on every layer, or the plan's split of the same "
+                        "total (profile_layers.py; better at 4k, worse at 7.5k on the default model) (default: even)")
     c.add_argument("--bits", type=int, help="tailor, kivi: quantized layers' bits, 1, 2, 4 or 8 (default: tailor the "
                                             "plan's, else 1; kivi 2)")
     c.add_argument("--group", type=int, help=f"tailor, kivi: quantization group size g (default: {d.group})")
@@ -580,8 +580,8 @@ def stats_line(stats: dict, n_prompt: int, n_out: int, threads: int | None) -> s
 def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False, split=None) -> tuple[CacheConfig, dict | None]:
     """Which layers tailor quantizes: --quant-layers, else the plan (--plan, or found by fingerprint),
     else decided online during the prefill. A plan's decisions hold for its bit width, which is
-    used unless --bits says otherwise. The plan's split of the retrieved tokens between the offloaded
-    layers comes with its decisions (split None or "plan"; "even": top-k on every layer)."""
+    used unless --bits says otherwise. With split "plan", the offloaded layers' top-k is the plan's split
+    of the same total (layer_plans.split_topk); else the same on every layer."""
     from dataclasses import replace
 
     from layer_plans import PLANS, find_plan, load_plan, split_topk
@@ -606,12 +606,13 @@ def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False, split=No
         return cfg, None
     plan = load_plan(path, model)
     bits = cfg.bits if bits_given else plan["parameters"]["bits"]
-    layer_topk = () if split == "even" else split_topk(plan, cfg.topk)
+    layer_topk = split_topk(plan, cfg.topk) if split == "plan" else ()
+    if layer_topk and issubclass(SELECTORS[cfg.select], ShortlistSelector):
+        raise UsageError(f"--topk-split plan: the {cfg.select!r} selector shares one candidate buffer across layers "
+                         f"and takes one top-k for all; choose another --select or drop --topk-split")
     if split == "plan" and not layer_topk:
         raise UsageError(f"plan {path} has no top-k split (made before profile_layers.py measured the tails); "
-                         f"make a new one, or use --topk-split even")
-    if split is None and issubclass(SELECTORS[cfg.select], ShortlistSelector):
-        layer_topk = ()  # its candidate buffer serves every layer with one top-k
+                         f"make a new one, or drop --topk-split")
     log(f"layer plan {path}: quantize layers {plan['quant_layers']} to {plan['parameters']['bits']} bits "
         f"({plan['parameters'].get('method', 'unknown')} method)" + (f"; running them at --bits {bits}" if bits != plan["parameters"]["bits"] else "")
         + ("; the offloaded layers' top-k split by the plan" if layer_topk else ""))

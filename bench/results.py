@@ -127,6 +127,11 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "python profile_layers.py --from-plan plans/SmolLM2-135M-Instruct.Q4_1.json --bits 2 --split-floor 64 (in "
      "place of the shipped plan), then the accuracy command above with --policies tailor-2+split",
      "split_tuning_floor64_cpu.png", "Each layer keeps at least 64 of its own instead of 16; not shipped (no better)."),
+    ("Top-k split by layer on the kernel path, H200", "split_h200.md",
+     "python bench/accuracy.py --device cuda --dtype bfloat16 --contexts 4096 7680 --docs prose code table stdlib "
+     "reference ledger --policies full tailor-2 tailor-2+split tailor-2+split/sketch-heads streaming --tasks repeat "
+     "fidelity --next 128 --sweep-budgets --out bench/results/split_h200", "split_h200.png",
+     "Default model, bf16, six documents, decode on the kernel path in a CUDA graph (4 minutes)."),
     ("A top-k split by layer at 128k tokens, H200", "latency_h200_split.md",
      "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1+split --steps 20 --warmup 3 --out "
      "bench/results/latency_h200_split", "latency_h200_split.png",

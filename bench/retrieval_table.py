@@ -5,7 +5,7 @@ full cache's copy accuracy at the same device memory, and what it costs per toke
 
 Inputs (bench/results/): shortlist_cpu.json, shortlist4k_cpu.json with onebit4k_cpu.json, oracle4k_cpu.json
 and split4k_cpu.json, and onebit7k_cpu.json with oracle7k_cpu.json and split7k_cpu.json (default model, 2k,
-4k and 7.5k, CPU), retrieval_heads_h100.json
+4k and 7.5k, CPU), split_h200.json (the split on an H200, six documents at 4k and 7.5k), retrieval_heads_h100.json
 (default model, six documents, 4k and 7.5k), retrieval_default_h100.json (default model, three documents, 4k),
 accuracy_qwen05_h100.json (Qwen2.5-Coder-0.5B at 32k), latency.json and latency_heads.json (Llama-3.1-8B
 shapes at 128k, H100), latency_h200.json, latency_h200_channels.json, latency_h200_onebit.json and
@@ -55,10 +55,10 @@ def tried(cpu: dict, cpu4k: dict, cpu7k: dict, heads: dict, three: dict, qwen: d
     """One row per selector: copy top-1 / full at each measured setting, ms/token at 128k on each GPU. A
     selector's policy may be a tuple: the first that a run has (a budget that follows the context)."""
     runs = [(cpu, 2048), (cpu4k, 4096), (cpu7k, 7680), (heads, 4096), (heads, 7680), (three, 4096), (qwen, 32768)]
-    selectors = [("`sketch`: 2-bit sketch, group-mean query, the same top-k on every layer", "tailor-2", "tailor-1"),
+    selectors = [("`sketch` (default): 2-bit sketch, group-mean query, the same top-k on every layer", "tailor-2",
+                  "tailor-1"),
                  ("`sketch-heads`: each query head's softmax, the largest", "tailor-2/sketch-heads", "tailor-1/sketch-heads"),
-                 ("`sketch`, top-k split by layer as the plan says, the same total (default)", "tailor-2+split",
-                  "tailor-1+split"),
+                 ("`sketch`, top-k split by layer as the plan says, the same total", "tailor-2+split", "tailor-1+split"),
                  ("`sketch-heads`, top-k split by layer", "tailor-2+split/sketch-heads", None),
                  ("`exact`: full-precision keys (a measurement)", "tailor-2/exact", None),
                  ("`exact-heads`: the same, per query head (a measurement)", "tailor-2/exact-heads", None),
@@ -106,6 +106,8 @@ def build() -> str:
             + f"\n\nDefault model, CPU fp32, {docs(cpu4k)} at 4k and {docs(cpu7k)} at 7.5k (`tailor-2` and its variants at "
               "the same device memory, 1-bit rows with their memory-matched budgets):\n\n"
             + per_context({**cpu4k, **cpu7k})
+            + "\n\nThe top-k split on the kernel path, default model, H200 bf16, six documents at 4k and 7.5k:\n\n"
+            + per_context(summary("split_h200.json"))
             + "\n\nCopy top-1 against the full cache of the same run, and decode speed (Llama-3.1-8B shapes):\n\n"
             + tried(summary("shortlist_cpu.json"), cpu4k, cpu7k, heads, summary("retrieval_default_h100.json"),
                     summary("accuracy_qwen05_h100.json"), speed,

@@ -184,11 +184,14 @@ def test_generate_uses_the_shipped_plan_and_refuses_a_foreign_one(tmp_path):
     shipped = lp.find_plan(pl.load_model(pl.resolve_model(None)))
     bits = json.loads(shipped.read_text())["parameters"]["bits"]
     assert f"layer plan {shipped}: quantize layers" in r.stderr and f"to {bits} bits" in r.stderr
-    split = lp.split_topk(json.loads(shipped.read_text()), CacheConfig().topk)       # the plan's split is the default
-    assert "top-k split by the plan" in r.stderr and f"top-{min(split[1:])}..{max(split)} (split by layer" in r.stderr
+    assert "top-128 by sketch" in r.stderr and "split" not in r.stderr                # an even top-k by default
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "4", "--bits", "4",
-            "--topk-split", "even")
-    assert r.returncode == 0 and "running them at --bits 4" in r.stderr and "top-128 by sketch" in r.stderr
+            "--topk-split", "plan")
+    split = lp.split_topk(json.loads(shipped.read_text()), CacheConfig().topk)
+    assert r.returncode == 0 and "running them at --bits 4" in r.stderr and "top-k split by the plan" in r.stderr
+    assert f"top-{min(split[1:])}..{max(split)} (split by layer" in r.stderr
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--select", "shortlist", "--topk-split", "plan")
+    assert r.returncode == 2 and "takes one top-k for all; choose another --select" in r.stderr
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--quant-layers", "0", "--topk-split", "plan")
     assert r.returncode == 2 and "drop --quant-layers or the split" in r.stderr
     unsplit = json.loads(shipped.read_text())
