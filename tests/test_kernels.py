@@ -280,10 +280,10 @@ def tiny_model(device, dtype=torch.float32):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", [CacheConfig("full"), CacheConfig("kivi", bits=2, residual=64),
-                                 CacheConfig("tailor", quant_layers=(0,), bits=1, budget=48, sink=4, recent=12),
+                                 CacheConfig("tailor", quant_layers=(0,), bits=1, sink=4, recent=12,
+                                             layer_topk=(1, 8, 56, 32)),  # each offloaded layer its own top-k
                                  CacheConfig("sparse", budget=48, sink=4, recent=12, select="channels"),
                                  CacheConfig("tailor", quant_layers=(0,), budget=48, sink=4, recent=12, select="shortlist"),
-                                 CacheConfig("tailor", quant_layers=(0,), sink=4, recent=12, layer_topk=(1, 8, 56, 32)),
                                  CacheConfig("streaming", sink=4, recent=12)],
                          ids=lambda c: c.policy + "-" + c.select + ("-split" if c.layer_topk else ""))
 def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
