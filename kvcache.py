@@ -1060,7 +1060,7 @@ class KVCache:
             if SELECTORS[cfg.select].per_head:
                 self.head_scratch = K.HeadScratch(a.n_heads, width, device, self.scores.dtype, unit)
         if shortlists:
-            self.shortlist = Shortlist(a.n_kv_heads, cfg.shortlist * cfg.max_topk, a.head_dim, a.dim, device, dtype,
+            self.shortlist = Shortlist(a.n_kv_heads, cfg.shortlist * cfg.topk, a.head_dim, a.dim, device, dtype,
                                        torch.float32 if self.scores is None else self.scores.dtype,
                                        stream=kernels and torch.device(device).type == "cuda")
         self.copy_stream = None  # prompt K/V of sparse layers go to pinned host memory on this stream
