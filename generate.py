@@ -5,20 +5,21 @@ Generated text streams to stdout; everything else (model, device, progress, stat
 import argparse
 import codecs
 import json
+import math
 import os
 import platform
 import re
 import resource
 import sys
 import time
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from checkpoint import is_converted, resolve_model
-from kvcache import (POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, ShortlistSelector, has_kernel_path,
-                     kernels_available, plan_memory)
+from kvcache import POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, kernels_available
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -99,7 +100,7 @@ def fit_to_context(ids: list[int], context: int, max_new_tokens: int, truncate: 
 
 # ----------------------------------------------------------------------------------- caching
 
-def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype, chunk: int = PREFILL_CHUNK,
+def make_cache(cfg: CacheConfig, model, max_len: int, *, device, dtype, chunk: int = PREFILL_CHUNK,
                kernels: bool = False) -> KVCache:
     """Build the KV cache, refusing up front (with the numbers) when device or host cannot hold it."""
     a = model.args
@@ -123,6 +124,22 @@ def make_cache(cfg: CacheConfig, model, max_len: int, device, dtype, chunk: int 
     return KVCache(model, max_len, cfg, device=device, dtype=dtype, kernels=kernels)
 
 
+def plan_memory(model, max_len: int, cfg: CacheConfig, *, batch: int = 1, dtype=torch.float32, kernels=False) -> dict:
+    """The memory report of a cache that is never allocated: built on the meta device.
+
+    With online identification the kinds are not known yet: the plan takes, per field, the larger
+    of "every layer quantized" and "every layer offloaded"."""
+    def report(c):
+        return KVCache(model, max_len, c, batch=batch, device="meta", dtype=dtype, host_device="meta",
+                       kernels=kernels).memory_report()
+    if not cfg.online:
+        return report(cfg)
+    n = model.args.n_layers
+    a, b = (report(replace(cfg, layers=(kind,) * n)) for kind in ("quant", "sparse"))
+    return {**b, **{k: max(a[k], b[k]) for k in ("device_bytes", "host_bytes", "full_cache_bytes", "prefill_stage_bytes")},
+            "policy": cfg.policy, "by_kind": {**a["by_kind"], **b["by_kind"]}}
+
+
 def free_memory(device) -> int:
     """Bytes that can still be allocated on `device` (GPU: the driver's count; CPU: MemAvailable)."""
     if torch.device(device).type == "cuda":
@@ -135,14 +152,34 @@ def free_memory(device) -> int:
 
 # ---------------------------------------------------------------------------------- sampling
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    """logits (vocab,) -> token id. temperature 0 is greedy; top_p keeps the smallest nucleus >= top_p."""
-    if temperature == 0:
+@dataclass
+class Sampling:
+    """How each next token is chosen from the logits; the flags of the same names set it."""
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0                # nucleus: the smallest set of tokens of this mass
+    seed: int = 0
+    repetition_penalty: float = 1.0   # > 1: a token among the last repeat_last_n is less likely again
+    repeat_last_n: int = 64           # the tokens it looks back over (llama.cpp's); -1: all of them (HF's)
+
+
+def sample(logits: torch.Tensor, s: Sampling, history: list[int], generator) -> int:
+    """logits (vocab,) -> token id, history the ids so far (prompt and generated).
+
+    The repetition penalty (as in HF transformers and llama.cpp) divides a positive logit of a token seen
+    in the window by the penalty and multiplies a negative one by it; then temperature 0 is greedy, and
+    top_p keeps the smallest nucleus of that mass."""
+    if s.repetition_penalty != 1.0 and s.repeat_last_n != 0 and history:
+        seen = torch.tensor(sorted(set(history if s.repeat_last_n < 0 else history[-s.repeat_last_n:])),
+                            device=logits.device)
+        logits = logits.float().clone()  # the caller's logits may be a CUDA graph's static output
+        x = logits[seen]
+        logits[seen] = torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty)
+    if s.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    if s.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(0) - sorted_p >= top_p  # mass before this token already reaches top_p
+        outside = sorted_p.cumsum(0) - sorted_p >= s.top_p  # mass before this token already reaches top_p
         sorted_p[outside] = 0
         return int(order[torch.multinomial(sorted_p, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -208,22 +245,25 @@ class Decoder:
 
 
 @torch.inference_mode()
-def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
-             seed=0, on_token=None, progress=None, chunk_size=PREFILL_CHUNK, check_cache=None, cuda_graph=None,
-             record=False):
+def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_ids=frozenset(),
+             sampling: Sampling | None = None, on_token=None, progress=None, chunk_size: int = PREFILL_CHUNK,
+             check_cache=None, cuda_graph: bool | None = None, record: bool = False):
     """Prefill the prompt, then decode up to max_new_tokens. Returns (new ids, stats dict).
 
+    stop_ids: ids that end generation (not emitted); on_token(id) sees each new id; progress(fraction of
+    a layer) follows the prefill.
     check_cache: a full cache run alongside on the same tokens; each step's logits are compared
     (stats["check"]) and its time is left out of the timings.
     cuda_graph: see Decoder (default: on for a cache on the kernel path on CUDA).
-    record: keep what the offloaded layers retrieve at each step (stats["trace"], a kvcache.TraceRecorder;
+    record: keep what the offloaded layers retrieve at each step (stats["trace"], a trace_page.TraceRecorder;
     stats["steps"] decode steps).
     A KeyboardInterrupt stops generation and returns what was made so far (stats["interrupted"]).
     """
     device = model.embed.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out, steps = [], []
+    sampling = sampling or Sampling()  # greedy
+    gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    out, steps, history = [], [], list(prompt_ids)  # history: what the repetition penalty looks back over
     stats = {"prompt_tokens": len(prompt_ids), "interrupted": False, "prefilled": False, "prefill_s": 0.0,
              "first_step_s": 0.0, "decode_s": 0.0}
     prompt = torch.tensor([prompt_ids], device=device)
@@ -242,17 +282,19 @@ def generate(model, cache, prompt_ids: list[int], max_new_tokens: int, stop_ids,
         ref = model.prefill(prompt, check_cache, chunk_size) if check_cache is not None else None
         stats["prefilled"], stats["steps"] = True, 0
         if record:
-            stats["trace"] = cache.record_retrievals(len(prompt_ids), max_new_tokens)
+            from trace_page import TraceRecorder
+            stats["trace"] = TraceRecorder.of(cache, len(prompt_ids), max_new_tokens)
         decoder = Decoder(model, cache, cuda_graph)
         stats["cuda_graph"] = decoder.cuda_graph
         pos = len(prompt_ids)
         for _ in range(max_new_tokens):
             if ref is not None:
                 steps.append(compare(ref[0], logits[0]))
-            tok = sample(logits[0], temperature, top_p, gen)
+            tok = sample(logits[0], sampling, history, gen)
             if tok in stop_ids:
                 break
             out.append(tok)
+            history.append(tok)
             if on_token:
                 on_token(tok)
             if len(out) == max_new_tokens:
@@ -294,8 +336,7 @@ def layer_list(s):
 # which --cache policies each cache flag applies to: given for another policy, it is refused, not ignored
 CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "topk_split": ("tailor",), "bits": ("tailor", "kivi"),
                "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"), "budget": ("tailor", "sparse"),
-               "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"), "sketch_bits": ("tailor", "sparse"),
-               "shortlist": ("tailor", "sparse"),
+               "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"),
                "sink": ("tailor", "sparse", "streaming"), "recent": ("tailor", "sparse", "streaming")}
 
 
@@ -328,9 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every byte of a converted GGUF's cache entry against its manifest (default: sizes "
                         "and sampled blocks)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation stops earlier at an EOS token")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens of this mass")
-    p.add_argument("--seed", type=int, default=0, help="of the sampler")
+    d = Sampling()
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling: the smallest set of tokens of this mass")
+    p.add_argument("--seed", type=int, default=d.seed, help="of the sampler")
+    p.add_argument("--repetition-penalty", "--repeat-penalty", type=float,
+                   help="> 1 makes tokens among the last --repeat-last-n less likely again: a positive logit is "
+                        "divided by it, a negative one multiplied, as in HF transformers and llama.cpp (default: the "
+                        f"model's generation_config.json, else {d.repetition_penalty}, off)")
+    p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
+                   help="tokens the repetition penalty looks back over, prompt included (llama.cpp's default); -1: all "
+                        "of them, as HF transformers does; 0: none")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--threads", type=positive_int,
@@ -356,15 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sink", type=int, help=f"tailor, sparse, streaming: first tokens kept (default: {d.sink})")
     c.add_argument("--recent", type=int, help=f"tailor, sparse, streaming: newest tokens kept (default: {d.recent})")
     c.add_argument("--select", choices=list(SELECTORS),
-                   help=f"tailor, sparse: top-k selector: sketch, a low-bit key sketch on the device; channels, the paper's "
-                        f"C channels; sketch-heads, the sketch ranked per query head; sketch-next, the sketch with each hit's "
-                        f"successor; sketch-predicted, the sketch against the query predicted one layer early; shortlist, "
-                        f"candidates fetched one layer early with that query, ranked on their exact keys with the step's "
-                        f"own (shortlist-heads: per query head); exact and exact-heads, every offloaded key in full precision (for measurement) (default: {d.select})")
+                   help=f"tailor, sparse: top-k selector: sketch, a {d.sketch_bits}-bit copy of every key on the device, "
+                        f"against each KV head's mean query; sketch-heads, the same ranked per query head; channels, the "
+                        f"paper's C channels of a query predicted one layer early (default: {d.select})")
     c.add_argument("--channels", type=int, help=f"tailor, sparse: C for --select channels (default: {d.channels})")
-    c.add_argument("--sketch-bits", type=int, help=f"tailor, sparse: bits of --select sketch (default: {d.sketch_bits})")
-    c.add_argument("--shortlist", type=int,
-                   help=f"tailor, sparse: candidates per retrieved token of --select shortlist (default: {d.shortlist})")
     c.add_argument("--check", action="store_true",
                    help="run a full cache alongside; print top-1 agreement and KL(full || policy) per step")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction,
@@ -391,10 +435,14 @@ def parse_args(argv=None):
         cache_config(args)
     except ConfigError as e:  # CacheConfig names its fields; the command line knows them as flags
         p.error(f"--{e.field.replace('_', '-')}: {e}")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # false for nan too
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty is not None and not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        p.error(f"--repetition-penalty must be a finite number > 0 (1 is off), got {args.repetition_penalty}")
+    if args.repeat_last_n < -1:
+        p.error(f"--repeat-last-n must be -1 (all tokens), 0 (none) or a count, got {args.repeat_last_n}")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     try:
@@ -486,6 +534,7 @@ def run(args, report: dict) -> int:
     ctx = model.args.max_seq_len
     ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
     stop_ids = set(tok.eos_ids)
+    sampling = sampling_of(args, model_dir)
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
     cfg, plan_info = tailor_layers(cache_config(args), args.plan, model, bits_given=args.bits is not None,
                                    split=args.topk_split)
@@ -497,7 +546,7 @@ def run(args, report: dict) -> int:
     if args.kernels is None and kernels and not kernels_available(device):
         kernels = False  # a CUDA torch without Triton: the PyTorch path
         log("Triton is not installed: decoding on the PyTorch path (pip install 'triton>=3.6,<3.9' for the kernels)")
-    if args.kernels is None and kernels and cfg.policy in ("tailor", "sparse") and not has_kernel_path(cfg.select):
+    if args.kernels is None and kernels and cfg.policy in ("tailor", "sparse") and not SELECTORS[cfg.select].has_kernel_path():
         kernels = False
         log(f"the {cfg.select} selector has no kernel path: decoding on the PyTorch path")
     if kernels and not kernels_available(device):
@@ -506,9 +555,11 @@ def run(args, report: dict) -> int:
         raise UsageError("--cuda-graph needs a CUDA device and the kernel path (drop --no-kernels)")
     report.update(model=str(model_dir), kernels=kernels, prompt_tokens=len(ids), stage="allocating the cache",
                   policy={"cache": args.cache, **vars(cfg), "prefill_chunk": args.prefill_chunk, "layer_plan": plan_info},
-                  sampling={"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "chat": chat})
-    cache = make_cache(cfg, model, len(ids) + max_new, device, dtype, args.prefill_chunk, kernels)
-    check = make_cache(CacheConfig(), model, len(ids) + max_new, device, dtype, args.prefill_chunk) if args.check else None
+                  sampling={**vars(sampling), "chat": chat})
+    cache = make_cache(cfg, model, len(ids) + max_new, device=device, dtype=dtype, chunk=args.prefill_chunk,
+                       kernels=kernels)
+    check = make_cache(CacheConfig(), model, len(ids) + max_new, device=device, dtype=dtype,
+                       chunk=args.prefill_chunk) if args.check else None
 
     from tqdm import tqdm
     bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
@@ -521,9 +572,10 @@ def run(args, report: dict) -> int:
         sys.stdout.flush()
 
     report["stage"] = "generating"
-    out, stats = generate(model, cache, ids, max_new, stop_ids, args.temperature, args.top_p, args.seed,
-                          on_token, lambda f: bar.update(min(f, bar.total - bar.n)), args.prefill_chunk, check,
-                          args.cuda_graph, record=bool(args.trace))  # (fractions of a layer add up to a hair over it)
+    out, stats = generate(model, cache, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
+                          on_token=on_token, progress=lambda f: bar.update(min(f, bar.total - bar.n)),
+                          chunk_size=args.prefill_chunk, check_cache=check, cuda_graph=args.cuda_graph,
+                          record=bool(args.trace))  # (fractions of a layer add up to a hair over it)
     bar.close()
     sys.stdout.write("\n")
     log(stats_line(stats, len(ids), len(out), threads if not on_cuda else None) +
@@ -555,6 +607,23 @@ def run(args, report: dict) -> int:
     return 130 if stats["interrupted"] else 0
 
 
+def sampling_of(args, model_dir: Path) -> Sampling:
+    """The sampling flags; a repetition penalty not given comes from the model's generation_config.json."""
+    penalty = args.repetition_penalty
+    config = model_dir / "generation_config.json"
+    if penalty is None and config.is_file():
+        try:
+            penalty = json.loads(config.read_text()).get("repetition_penalty")
+        except (ValueError, AttributeError):
+            raise UsageError(f"{config} is not a JSON object; fix or remove it") from None
+        if penalty is not None:
+            if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
+                raise UsageError(f"{config}: repetition_penalty must be a number > 0, got {penalty!r}")
+            log(f"repetition penalty {penalty} from the model's generation_config.json (--repetition-penalty 1: off)")
+    return Sampling(args.temperature, args.top_p, args.seed, float(penalty or Sampling.repetition_penalty),
+                    args.repeat_last_n)
+
+
 def write_trace(path: str, tok, ids: list[int], cache, stats: dict, mem: dict, title: str):
     """generate.py --trace: the page of trace_page.py, from the recorder read back once, here."""
     import trace_page
@@ -577,13 +646,11 @@ def stats_line(stats: dict, n_prompt: int, n_out: int, threads: int | None) -> s
             (f" after a first step of {1e3 * stats['first_step_s']:.0f} ms" if stats["first_step_s"] else ""))
 
 
-def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False, split=None) -> tuple[CacheConfig, dict | None]:
+def tailor_layers(cfg: CacheConfig, plan_path, model, *, bits_given=False, split=None) -> tuple[CacheConfig, dict | None]:
     """Which layers tailor quantizes: --quant-layers, else the plan (--plan, or found by fingerprint),
     else decided online during the prefill. A plan's decisions hold for its bit width, which is
     used unless --bits says otherwise. With split "plan", the offloaded layers' top-k is the plan's split
     of the same total (layer_plans.split_topk); else the same on every layer."""
-    from dataclasses import replace
-
     from layer_plans import PLANS, find_plan, load_plan, split_topk
     if cfg.policy != "tailor":
         if plan_path:
@@ -607,9 +674,6 @@ def tailor_layers(cfg: CacheConfig, plan_path, model, bits_given=False, split=No
     plan = load_plan(path, model)
     bits = cfg.bits if bits_given else plan["parameters"]["bits"]
     layer_topk = split_topk(plan, cfg.topk) if split == "plan" else ()
-    if layer_topk and issubclass(SELECTORS[cfg.select], ShortlistSelector):
-        raise UsageError(f"--topk-split plan: the {cfg.select!r} selector shares one candidate buffer across layers "
-                         f"and takes one top-k for all; choose another --select or drop --topk-split")
     if split == "plan" and not layer_topk:
         raise UsageError(f"plan {path} has no top-k split (made before profile_layers.py measured the tails); "
                          f"make a new one, or drop --topk-split")
@@ -634,8 +698,7 @@ def describe(cfg: CacheConfig, n_layers: int) -> str:
         ks = [cfg.topk_of(i) for i, kind in enumerate(kinds) if kind == "sparse"]
         topk = f"{min(ks)}..{max(ks)} (split by layer, {sum(ks)} in all)" if len(set(ks)) > 1 else ks[0]
         parts.append(f"offload {kinds.count('sparse')} layers: sink {cfg.sink} + recent {cfg.recent} + top-{topk} "
-                     f"by {cfg.select}" + {"channels": f" (C={cfg.channels})", "sketch": f" ({cfg.sketch_bits}-bit)",
-                                   "shortlist": f" ({cfg.shortlist}x top-k candidates)"}.get(cfg.select, ""))
+                     f"by {cfg.select}" + SELECTORS[cfg.select].describe(cfg))
     if "window" in kinds:
         parts.append(f"sink {cfg.sink} + recent {cfg.recent} only")
     return f"{cfg.policy}" + (f" [{'; '.join(parts)}]" if parts else "")

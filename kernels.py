@@ -9,7 +9,6 @@
   sparse_attend attention over a sparse layer's device tokens [sinks | retrieved | window]
   sketch_scores q . dequant(sketch) for every offloaded token (the GPU-resident selector), against
                 the group's mean query or each query head (then the largest log-softmax)
-  shortlist_scores  q . K of the shortlist selector's candidates, their exact keys on the device
   channel_scores q . K on C channels of every offloaded key, read from a channel-major copy in pinned host
                 memory (channel_append writes each step's key into it)
   topk          the k largest scores of each row (a radix select), for the selection
@@ -127,7 +126,7 @@ def _check_store(store):
 
 
 def quantize(store, x: torch.Tensor, first_group: int):
-    """Bulk: quantize x (n_kv, n, hd), n a multiple of the group size, into `store` (a kvcache.QuantStore)
+    """Bulk: quantize x (n_kv, n, hd), n a multiple of the group size, into `store` (a quant.QuantStore)
     as groups first_group, first_group + 1, ... Reference: QuantStore._quantize_into."""
     _check_store(store)
     n_kv, n, hd = x.shape
@@ -306,7 +305,7 @@ def _combine(q, ws, n_splits):
 
 def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ws: Workspace, split: int):
     """q (H, hd) of the token at device position pos over k, v (n_kv, >= pos + 1, hd) rows 0..pos.
-    Reference: kvcache.attention over the first pos + 1 rows."""
+    Reference: model.attention over the first pos + 1 rows."""
     n_kv, S, hd = k.shape
     _check_q(q, n_kv, hd)
     _check(k.stride() == v.stride() and k.stride(-1) == 1, "k and v must share a layout with contiguous channels")
@@ -319,8 +318,8 @@ def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.T
 
 
 def quant_attend(q: torch.Tensor, keys, values, pos: torch.Tensor, ws: Workspace, split: int):
-    """q (H, hd) over a quantized layer (kvcache.QuantStore keys per channel, values per token) holding
-    positions 0..pos. Reference: kvcache.attention over keys.dequantize(), values.dequantize()."""
+    """q (H, hd) over a quantized layer (quant.QuantStore keys per channel, values per token) holding
+    positions 0..pos. Reference: model.attention over keys.dequantize(), values.dequantize()."""
     n_kv, R, hd = keys.res.shape
     _check_q(q, n_kv, hd)
     _check_store(keys)
@@ -525,7 +524,7 @@ class HeadScratch:
 def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None, NB: int = SKETCH_NB,
                   num_warps: int = 8):
     """Scores (n_kv, width) of every offloaded position [sink, pos + 1 - recent), -inf elsewhere, from a
-    token-major, per-channel kvcache.QuantStore sketch whose residual is one group. heads=None: against the
+    token-major, per-channel quant.QuantStore sketch whose residual is one group. heads=None: against the
     group's mean query; else each query head's log-softmax over the offloaded positions, the largest of
     the group's heads. Reference: kvcache.Selector.rank over the dequantized sketch."""
     n_kv, R, hd = sketch.res.shape
@@ -552,34 +551,6 @@ def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScr
                                       scores.stride(0), G, BLOCK=block, BP=min(triton.next_power_of_2(n_parts), 256),
                                       BG=BG)
     return scores
-
-
-@triton.jit
-def _shortlist_scores_kernel(q, k, k_h, k_m, vals, out, M, G, BM: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
-    h, b = tl.program_id(0), tl.program_id(1)
-    g = tl.arange(0, BG)
-    c = tl.arange(0, HD)
-    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
-                0) / G                                                               # the group's mean query
-    j = b * BM + tl.arange(0, BM)
-    inside = j < M
-    kr = tl.load(k + h * k_h + j[:, None] * k_m + c[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-    live = tl.load(vals + h * M + j, mask=inside, other=float("-inf")) > float("-inf")
-    tl.store(out + h * M + j, tl.where(live, tl.sum(kr * qm[None, :], 1), float("-inf")), mask=inside)
-
-
-def shortlist_scores(q, k, vals, out, BM: int = 64):
-    """out[h, j] = k[h, j] . the mean query of KV head h's group, for the candidates whose vals[h, j] > -inf,
-    -inf elsewhere: the shortlist selector ranking its candidates on their exact keys k (n_kv, M, hd) on the
-    device. vals, out: (n_kv, M). Reference: kvcache.Selector.rank."""
-    n_kv, M, hd = k.shape
-    _check_q(q, n_kv, hd)
-    _check(k.stride(-1) == 1 and pow2(hd), f"k: (n_kv, M, hd), rows contiguous, hd a power of two, got {hd}")
-    _check(vals.shape == out.shape == (n_kv, M) and vals.is_contiguous() and out.is_contiguous(), "vals, out: (n_kv, M)")
-    G = q.shape[0] // n_kv
-    _shortlist_scores_kernel[(n_kv, triton.cdiv(M, BM))](q, k, k.stride(0), k.stride(1), vals, out, M, G, BM=BM,
-                                                         BG=triton.next_power_of_2(G), HD=hd)
-    return out
 
 
 @triton.jit

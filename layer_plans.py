@@ -113,3 +113,38 @@ def find_plan(model, plans_dir: Path = PLANS) -> Path | None:
         except ValueError:
             continue
     return None
+
+
+class ProxyMeter:
+    """The paper's identification proxy, per layer and head: for the last `n_queries` queries of
+    each prefill chunk, the attention mass outside that query's top `alpha` fraction of keys.
+    A high value means attention is spread out (quantization-friendly), a low one that a few
+    tokens dominate (sparsity-friendly)."""
+
+    def __init__(self, n_layers, n_heads, alpha=0.05, n_queries=32):
+        self.alpha, self.n_queries = alpha, n_queries
+        self.sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.count = torch.zeros(n_layers, dtype=torch.float64)
+
+    def observe(self, layer, q, k):
+        """q: (1, H, T, hd) a chunk's queries; k: (1, n_kv, S, hd) every key up to the chunk's end."""
+        H, T, hd = q.shape[1:]
+        n_kv, S = k.shape[1:3]
+        n = min(self.n_queries, T)
+        qg = q[0, :, -n:].float().reshape(n_kv, H // n_kv * n, hd)                # (n_kv, G*n, hd)
+        scores = (qg @ k[0].float().transpose(1, 2)).view(H, n, S) * hd ** -0.5  # (H, n, S)
+        pos = torch.arange(S - n, S, device=q.device)
+        scores.masked_fill_(torch.arange(S, device=q.device) > pos[:, None], float("-inf"))
+        p = scores.softmax(-1)
+        k_top = torch.ceil(self.alpha * (pos + 1)).long()                          # (n,) per query
+        top = p.topk(int(k_top.max()), dim=-1).values.cumsum(-1)                   # (H, n, k_max)
+        inside = top.gather(-1, (k_top - 1).expand(H, n)[..., None])[..., 0]       # (H, n)
+        self.sum = self.sum.to(q.device)  # accumulate where the attention is: no sync per chunk
+        self.sum[layer] += (1 - inside).sum(1).double()
+        self.count[layer] += n
+
+    def head_scores(self) -> torch.Tensor:  # (n_layers, H)
+        return self.sum.cpu() / self.count.clamp(min=1)[:, None]
+
+    def layer_scores(self) -> torch.Tensor:  # (n_layers,)
+        return self.head_scores().mean(1)

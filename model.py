@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 PREFILL_CHUNK = 2048  # prompt tokens per prefill step; bounds attention memory to chunk x context
@@ -106,6 +107,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -------------------------------------------------------------------------------------- blocks
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of T queries over S >= T keys, the queries being the last T positions.
+
+    q: (B, H, T, hd); k, v: (B, n_kv, S, hd). GQA is handled without repeating K/V.
+    Prefill (T > 1) uses SDPA with a lower-right causal mask (flash/memory-efficient kernels
+    on CUDA, a tiled kernel on CPU); decode (T == 1) folds the query group into one matmul
+    and takes the softmax in fp32. The result has q's dtype.
+    """
+    B, H, T, hd = q.shape
+    n_kv = k.shape[1]
+    if T > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, k.shape[2]),
+                                              enable_gqa=H != n_kv)
+    qg = q.view(B, n_kv, H // n_kv, hd).to(k.dtype)                      # (B, n_kv, G, hd)
+    scores = (qg @ k.transpose(-1, -2)).float() * hd ** -0.5              # (B, n_kv, G, S)
+    out = scores.softmax(-1).to(v.dtype) @ v                             # (B, n_kv, G, hd)
+    return out.view(B, H, 1, hd).to(q.dtype)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

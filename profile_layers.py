@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import resolve_model
-from kvcache import SELECTORS, CacheConfig, KVCache, ProxyMeter
-from layer_plans import PLANS, fingerprint, model_name, read_plan, save_plan
+from kvcache import SELECTORS, CacheConfig, KVCache
+from layer_plans import PLANS, ProxyMeter, fingerprint, model_name, read_plan, save_plan
 from model import PREFILL_CHUNK, load_model
 from tokenizer import Tokenizer
 
@@ -50,7 +50,7 @@ class TailMeter:
     """Per layer, the attention mass a sparse layer leaves out when it retrieves k tokens, k = 0, 8, ..., kmax:
     for the last `n_queries` queries of each prefill chunk, each KV head's attention (the mean over its group
     of query heads) minus what the sinks and the window hold, minus its k largest offloaded weights (ranked
-    exactly: the best any selector can do). Same interface as kvcache.ProxyMeter."""
+    exactly: the best any selector can do). Same interface as layer_plans.ProxyMeter."""
 
     def __init__(self, n_layers, cfg: CacheConfig, n_queries=64):
         self.sink, self.recent, self.n_queries = cfg.sink, cfg.recent, n_queries

@@ -10,6 +10,34 @@ import json
 
 import torch
 
+class TraceRecorder:
+    """What the offloaded layers retrieved at each decode step, for generate.py --trace.
+
+    positions (steps, n_layers, n_kv, topk): the offloaded positions each layer fetched per KV head at
+    decode step i (position first + i), -1 where nothing was. It is preallocated on the device and
+    written inside the step (index_copy_ at the step's own position: no host sync, so a CUDA graph
+    records too); read it back once, at the end. A cache without a recorder records nothing.
+    """
+
+    def __init__(self, n_layers: int, n_kv: int, topk: int, first: int, steps: int, device):
+        self.first = first
+        self.positions = torch.full((steps, n_layers, n_kv, topk), -1, dtype=torch.int32, device=device)
+
+    @classmethod
+    def of(cls, cache, first: int, steps: int) -> "TraceRecorder":
+        """A recorder of what every offloaded layer of `cache` retrieves from decode position `first` on."""
+        trace = cls(len(cache.layers), cache.shape[0], max(cache.cfg.max_topk, 1), first, steps, cache.device)
+        cache.record(trace)
+        return trace
+
+    def record(self, layer: int, idx: torch.Tensor, pos):
+        """idx (n_kv, <= topk) positions fetched by `layer` at decode position pos (an int or a device tensor)."""
+        row = torch.full_like(self.positions[0, layer], -1)
+        row[:, :idx.shape[1]] = idx
+        step = (pos - self.first) if torch.is_tensor(pos) else torch.tensor(pos - self.first, device=row.device)
+        self.positions[:, layer].index_copy_(0, step.view(1).clamp(0, self.positions.shape[0] - 1), row[None])
+
+
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 70em; color: #222; }
 h1 { font-size: 1.3em; } .meta { color: #555; } table { border-collapse: collapse; margin: .6em 0; }
@@ -47,7 +75,7 @@ show(Math.max(0, data.layers.findIndex(x => x.counts)));
 
 def page_data(tokens: list[str], kinds: list[str], cfg, positions: torch.Tensor, steps: int, memory: dict,
               title: str) -> dict:
-    """The page's data. positions (steps, n_layers, n_kv, topk) from a kvcache.TraceRecorder, -1 = none."""
+    """The page's data. positions (steps, n_layers, n_kv, topk) from a TraceRecorder, -1 = none."""
     n = len(tokens)
     pos = positions[:steps].long().cpu()
     layers = []

@@ -20,9 +20,10 @@ per layer) covers tailor, sparse and streaming at one context.
     python bench/accuracy.py --model meta-llama/Llama-3.1-8B-Instruct --device cuda --dtype bfloat16 \\
         --contexts 8192 32768 --docs my_long_document.txt
 
-Policies are written name[-bits][/selector[:shortlist][:Nb]][@budget]: tailor-2/channels, kivi-1,
-tailor-2/shortlist:2, sparse@512, streaming@192, tailor-2/sketch:1b@432 (a 1-bit sketch). tailor takes its quantized layers from the model's plan in plans/ (online
-identification without one) and the bits from the spec.
+Policies are written name[-bits][+split][/selector[:N][:Nb]][@budget]: tailor-2/channels, kivi-1,
+sparse@512, streaming@192, tailor-2/sketch:1b@432 (a 1-bit sketch), tailor-2/shortlist:2 (the option a
+selector declares; research/ registers the selectors kept for measurement). tailor takes its quantized
+layers from the model's plan in plans/ (online identification without one) and the bits from the spec.
 """
 import argparse
 import json
@@ -42,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import resolve_model  # noqa: E402
 from generate import Decoder, compare  # noqa: E402
-from kvcache import CacheConfig, KVCache, has_kernel_path  # noqa: E402
+import research  # noqa: E402,F401  (registers the research selectors: every spec of the results files runs)
+from kvcache import SELECTORS, CacheConfig, KVCache  # noqa: E402
 from model import load_model  # noqa: E402
 from plots import try_plot  # noqa: E402
 from results import publish  # noqa: E402
@@ -82,11 +84,18 @@ def budget_knobs(budget: int, sink: int = 8) -> dict:
 
 
 def selector_knobs(select: str) -> dict:
-    """'shortlist:2' -> {'select': 'shortlist', 'shortlist': 2}; 'sketch:1b' -> {..., 'sketch_bits': 1}."""
+    """'shortlist:2' -> {'select': 'shortlist', 'select_options': {'shortlist': 2}}; 'sketch:1b' -> {...,
+    'sketch_bits': 1}. ':Nb' is the sketch's bits, ':N' the selector's own option (the one it declares)."""
     name, *options = select.split(":")
     knobs = {"select": name} if name else {}
-    for option in options:  # ":4" the shortlist's factor, ":1b" the sketch's bits
-        knobs["sketch_bits" if option.endswith("b") else "shortlist"] = int(option.rstrip("b"))
+    for option in options:
+        if option.endswith("b"):
+            knobs["sketch_bits"] = int(option[:-1])
+            continue
+        declared = list(SELECTORS[name or CacheConfig.select].options)
+        if len(declared) != 1:
+            raise ValueError(f"selector {name!r} takes no ':{option}' (its options: {declared or 'none'})")
+        knobs["select_options"] = {declared[0]: int(option)}
     return knobs
 
 
@@ -176,7 +185,7 @@ def passkey_found(answer: str, key: int) -> bool:
 
 class Prefilled:
     """A prompt prefilled once, through a full cache: its K/V per layer and last logits. Prefill attention
-    is exact in every policy, so each policy's cache loads these (KVCache.load_prompt) instead of
+    is exact in every policy, so each policy's cache loads these (load_into) instead of
     prefilling again: one prefill per prompt, not one per policy (bench/test_accuracy.py checks that
     the logits that follow are the same bits)."""
 
@@ -189,6 +198,16 @@ class Prefilled:
         self.keys = [layer.k for layer in cache.layers]      # (1, n_kv, len(prompt), hd) each
         self.values = [layer.v for layer in cache.layers]
 
+    def load_into(self, cache: KVCache):
+        """Give every layer of `cache` the prompt's K/V, as its own prefill would have (prefill attention is
+        exact in every policy). Online identification measures the prefill's queries: it prefills itself."""
+        if cache.meter is not None:
+            raise ValueError("online identification measures the prefill's queries: prefill through the model")
+        for layer, k, v in zip(cache.layers, self.keys, self.values, strict=True):
+            layer.load(k, v, 0)
+        cache.length = len(self.ids)
+        cache.end_prefill()
+
 
 @torch.inference_mode()
 def decode(model, cfg: CacheConfig, prompt: list[int] | Prefilled, n: int, choose) -> dict:
@@ -197,10 +216,10 @@ def decode(model, cfg: CacheConfig, prompt: list[int] | Prefilled, n: int, choos
     memory report. On CUDA the decode steps run on the kernel path, replayed from a CUDA graph."""
     dev, dtype = model.embed.weight.device, model.embed.weight.dtype
     ids = prompt.ids if isinstance(prompt, Prefilled) else prompt
-    kernels = dev.type == "cuda" and has_kernel_path(cfg.select)  # the PyTorch path for measurement-only selectors
+    kernels = dev.type == "cuda" and SELECTORS[cfg.select].has_kernel_path()  # the PyTorch path for the others
     cache = KVCache(model, len(ids) + n, cfg, device=dev, dtype=dtype, kernels=kernels)
     if isinstance(prompt, Prefilled) and not cfg.online:
-        cache.load_prompt(prompt.keys, prompt.values)
+        prompt.load_into(cache)
         logits = prompt.logits
     else:
         logits = model.prefill(torch.tensor([ids], device=dev), cache)[0]

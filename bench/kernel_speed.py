@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels as K  # noqa: E402
-from kvcache import QuantStore, attention  # noqa: E402
+from kvcache import attention  # noqa: E402
+from quant import QuantStore  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from latency import measure_bandwidth  # noqa: E402

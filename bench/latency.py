@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accuracy import selector_knobs  # noqa: E402
-from generate import Decoder  # noqa: E402
-from kvcache import CacheConfig, KVCache, plan_memory  # noqa: E402
+from generate import Decoder, plan_memory  # noqa: E402
+from kvcache import CacheConfig, KVCache  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from plots import try_plot  # noqa: E402
 from results import publish  # noqa: E402

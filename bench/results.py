@@ -53,8 +53,8 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "tailor-2/sketch-heads ranks the sketch per query head (kernels.sketch_scores with a HeadScratch) at the same "
      "device bytes as tailor-2."),
     ("Retrieval: what each selector keeps of the full cache, and its speed", "retrieval_summary.md",
-     "python bench/retrieval_table.py", None,
-     "Put together from the accuracy and latency runs its docstring names (bench/retrieval_table.py). Recovered: "
+     "python research/retrieval_table.py", None,
+     "Put together from the accuracy and latency runs its docstring names (research/retrieval_table.py). Recovered: "
      "(policy - streaming) / (full - streaming), copy top-1."),
     ("What per-head selection costs at 128k tokens, H100", "latency_heads.md",
      "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1/sketch-heads --steps 20 --warmup 3 "
@@ -78,10 +78,10 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
     ("Where a decode step's time goes, H200", "profile_tailor_128k_h200.md",
      "python bench/latency.py --profile --contexts 131072 --policies tailor-1", None,
      "tailor-1 at 128k tokens on the H200, eager kernel path under torch.profiler, per kernel name."),
-    ("Can selection hide under the weight reads? H200", "overlap.md", "python bench/overlap.py", None,
+    ("Can selection hide under the weight reads? H200", "overlap.md", "python research/overlap.py", None,
      "One layer's selection kernels at 128k tokens alone, then after three MLP-sized GEMVs on the same stream and "
      "on a second stream, each replayed from a CUDA graph."),
-    ("Per-head sketch scoring, kernel variants, H200", "sketch_variants_h200.md", "python bench/sketch_variants.py",
+    ("Per-head sketch scoring, kernel variants, H200", "sketch_variants_h200.md", "python research/sketch_variants.py",
      None, "One layer at 131072 tokens, Llama-3.1-8B shapes (bench/NOTES.md, v9)."),
     ("A 1-bit sketch, its freed memory spent on top-k, at 4k tokens, CPU", "onebit4k_cpu.md",
      "python bench/accuracy.py --contexts 4096 --docs prose code table stdlib reference ledger --policies full "

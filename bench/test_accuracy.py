@@ -76,13 +76,15 @@ def test_policy_specs_and_budgets():
     assert s.sink + s.recent == 192                       # the same device tokens per layer as sparse@192
     assert parse_policy("kivi-1").bits == 1 and parse_policy("sparse").select == "sketch"
     c = parse_policy("tailor-2/sketch-heads:1b@432")
-    assert (c.select, c.sketch_bits, c.shortlist, c.topk) == ("sketch-heads", 1, 4, 368)
-    c = parse_policy("tailor-2/shortlist:2:4b")
-    assert (c.shortlist, c.sketch_bits) == (2, 4)
+    assert (c.select, c.sketch_bits, c.select_options, c.topk) == ("sketch-heads", 1, {}, 368)
+    c = parse_policy("tailor-2/shortlist:2:4b")                # ':N' is the option the selector declares
+    assert (c.select_options, c.sketch_bits) == ({"shortlist": 2}, 4)
+    with pytest.raises(ValueError, match="takes no ':2'"):
+        parse_policy("tailor-2/sketch:2")
     from latency import policy                            # bench/latency.py's labels read the same options
     c = policy("tailor-1/sketch-heads:1b@448")
     assert (c.quant_layers, c.bits, c.select, c.sketch_bits, c.budget, c.topk) == ((0,), 1, "sketch-heads", 1, 448, 384)
-    assert policy("tailor-1/shortlist:2").shortlist == 2 and policy("sparse").select == "sketch"
+    assert policy("tailor-1/shortlist:2").select_options == {"shortlist": 2} and policy("sparse").select == "sketch"
     split = policy("tailor-1+split/sketch@320").layer_topk  # as uneven as the default plan's, the same 31 x 256
     assert len(split) == 32 and abs(sum(split[1:]) - 31 * 256) <= 31 and max(split) > 3 * min(split[1:])
     with pytest.raises(ValueError):
@@ -129,7 +131,7 @@ def test_full_cache_beats_a_tiny_window_on_a_tiny_model(tiny_llama_dir):
 
 @pytest.mark.parametrize("spec", ["full", "tailor-2", "kivi-1", "sparse@24", "sparse/channels@24", "streaming@16"])
 def test_a_prompt_prefilled_once_decodes_as_if_each_policy_prefilled_it(tmp_path_factory, spec):
-    """Prefilled + KVCache.load_prompt: every policy's logits after loading the shared prefill are the same
+    """Prefilled.load_into: every policy's logits after loading the shared prefill are the same
     bits as after its own prefill (prefill attention is exact in every policy), over decode steps that
     quantize groups and retrieve from the host."""
     from dataclasses import replace
@@ -150,7 +152,7 @@ def test_a_prompt_prefilled_once_decodes_as_if_each_policy_prefilled_it(tmp_path
     (own, mem_own), (loaded, mem_loaded) = logits_of(prefix), logits_of(shared)
     assert torch.equal(own, loaded) and mem_own == mem_loaded
     with pytest.raises(ValueError, match="online identification"):
-        KVCache(model, 300, replace(cfg, policy="tailor", quant_layers=None)).load_prompt(shared.keys, shared.values)
+        shared.load_into(KVCache(model, 300, replace(cfg, policy="tailor", quant_layers=None)))
 
 
 def test_run_doc_prefills_each_prompt_once(tiny_llama_dir, monkeypatch):

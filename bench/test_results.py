@@ -20,7 +20,7 @@ def test_publishing_a_table_rebuilds_results_md_only_for_its_own_files(tmp_path,
 
 
 def test_the_retrieval_summary_is_built_from_the_runs_json():
-    """The README's retrieval tables: bench/retrieval_table.py over the committed JSON, nothing typed."""
-    import retrieval_table
+    """research/README.md's retrieval tables: research/retrieval_table.py over the committed JSON, nothing typed."""
+    from research import retrieval_table
     assert (ROOT / "bench" / "results" / "retrieval_summary.md").read_text() == retrieval_table.build() + "\n"
     assert "| 4096 | tailor-2/sketch-heads | 0.885 | 1.02x | 105% | 0.019 | 13.00 |" in retrieval_table.build()

@@ -21,7 +21,7 @@ from tokenizer import StreamDecoder, Tokenizer
 def greedy(model, tok, text, n=30):
     ids = tok.encode_chat([{"role": "user", "content": text}])
     cache = KVCache(model, len(ids) + n)
-    out, _ = generate(model, cache, ids, n, set(tok.eos_ids))
+    out, _ = generate(model, cache, ids, max_new_tokens=n, stop_ids=set(tok.eos_ids))
     return tok.decode(out)
 
 

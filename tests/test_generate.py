@@ -50,7 +50,7 @@ def test_cli_document_from_stdin_with_question():
     (["--prompt-file", "/no/such/doc.txt"], "prompt file /no/such/doc.txt does not exist"),
     (["--prompt", "   \n"], "the prompt is empty"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "must be a positive integer"),
-    (["--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--prompt", "hi", "--cache", "magic"], "invalid choice: 'magic'"),
     (["--prompt", "hi", "--model", "/no/such/model"], "no such file or directory"),
@@ -170,13 +170,47 @@ def test_fit_to_context():
 def test_sampling():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
-    assert generate.sample(logits, 0.0, 1.0, g) == 1
-    assert {generate.sample(logits, 1.0, 0.5, g) for _ in range(50)} == {1}  # nucleus of one token
-    draws = {generate.sample(logits, 1.0, 0.9, g) for _ in range(200)}
+    S = generate.Sampling
+    assert generate.sample(logits, S(), [], g) == 1
+    assert {generate.sample(logits, S(1.0, 0.5), [], g) for _ in range(50)} == {1}  # nucleus of one token
+    draws = {generate.sample(logits, S(1.0, 0.9), [], g) for _ in range(200)}
     assert draws == {1, 2}  # the -3.0 and 0.0 tokens are outside the 0.9 nucleus
-    seeded = [[generate.sample(logits, 2.0, 1.0, gen) for _ in range(20)]
+    seeded = [[generate.sample(logits, S(2.0), [], gen) for _ in range(20)]
               for gen in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))]
     assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1  # same seed, same draws
+
+
+def test_repetition_penalty_divides_positive_logits_and_multiplies_negative_ones():
+    """HF's and llama.cpp's rule, over the last repeat_last_n ids (-1: all, 0: none): 5.0 / 1.2 = 4.17 falls
+    below 4.9; a negative logit moves away from zero (-3 * 2 = -6 < -5); the caller's logits are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0, -5.0])
+    before = logits.clone()
+    S = generate.Sampling
+    assert generate.sample(logits, S(repetition_penalty=1.2), [3, 1], g) == 2
+    assert generate.sample(logits, S(repetition_penalty=1.2, repeat_last_n=1), [1, 3], g) == 1  # 1 left the window
+    assert generate.sample(logits, S(repetition_penalty=1.2, repeat_last_n=-1), [1] + [3] * 99, g) == 2
+    assert generate.sample(logits, S(repetition_penalty=1.2, repeat_last_n=0), [1], g) == 1
+    low = torch.tensor([-3.0, -5.0])
+    assert generate.sample(low, S(repetition_penalty=2.0), [0], g) == 1            # -6 < -5
+    assert torch.equal(logits, before)
+
+
+def test_the_model_generation_config_sets_the_repetition_penalty(tmp_path, capsys):
+    args = generate.parse_args(["--prompt", "x"])
+    assert generate.sampling_of(args, tmp_path).repetition_penalty == 1.0                  # no file: off
+    (tmp_path / "generation_config.json").write_text('{"repetition_penalty": 1.05, "temperature": 0.7}')
+    s = generate.sampling_of(args, tmp_path)
+    assert (s.repetition_penalty, s.temperature) == (1.05, 0.0) and "generation_config.json" in capsys.readouterr().err
+    given = generate.parse_args(["--prompt", "x", "--repeat-penalty", "1.3"])              # llama.cpp's spelling
+    assert generate.sampling_of(given, tmp_path).repetition_penalty == 1.3
+    (tmp_path / "generation_config.json").write_text('{"repetition_penalty": "high"}')
+    with pytest.raises(generate.UsageError, match="repetition_penalty must be a number > 0"):
+        generate.sampling_of(args, tmp_path)
+    for bad in (["--repetition-penalty", "0"], ["--repetition-penalty", "nan"], ["--temperature", "nan"],
+                ["--repeat-last-n", "-2"], ["--top-p", "nan"]):
+        with pytest.raises(SystemExit):
+            generate.parse_args(["--prompt", "x", *bad])
 
 
 def test_check_compares_in_the_direction_full_to_policy():
@@ -201,7 +235,8 @@ def test_interrupt_keeps_what_was_generated(default_dir, default_model):
             raise KeyboardInterrupt
 
     cache = KVCache(default_model, len(ids) + 40)
-    out, stats = generate.generate(default_model, cache, ids, 40, set(tok.eos_ids), on_token=on_token)
+    out, stats = generate.generate(default_model, cache, ids, max_new_tokens=40, stop_ids=set(tok.eos_ids),
+                                    on_token=on_token)
     assert stats["interrupted"] and out == seen and len(out) == 5
 
 
@@ -209,6 +244,6 @@ def test_memory_refusal_before_allocating(default_model, monkeypatch):
     monkeypatch.setattr(generate, "free_memory", lambda device: 600 << 20)
     with pytest.raises(generate.UsageError, match=r"full KV cache for 8192 positions needs 0.67 GiB of host memory "
                                                   r"\(cache 0.35 \+ prefill 0.00 \+ working 0.32\) but only 0.59 GiB"):
-        generate.make_cache(CacheConfig(), default_model, 8192, "cpu", torch.float32)
+        generate.make_cache(CacheConfig(), default_model, 8192, device="cpu", dtype=torch.float32)
     # the same budget holds a shorter one (on a CPU an offloaded layer's host store is the same memory)
-    assert isinstance(generate.make_cache(CacheConfig("tailor"), default_model, 2048, "cpu", torch.float32), KVCache)
+    assert isinstance(generate.make_cache(CacheConfig("tailor"), default_model, 2048, device="cpu", dtype=torch.float32), KVCache)

@@ -4,8 +4,11 @@ import pytest
 import torch
 
 import kernels as K
-from kvcache import CacheConfig, KVCache, QuantStore, SparseLayer, attention
+import research  # noqa: F401  (registers the research selectors)
+from research import kernels as RK
+from kvcache import SELECTORS, CacheConfig, KVCache, SparseLayer, attention
 from model import ModelArgs, Transformer
+from quant import QuantStore
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # on CPU only under TRITON_INTERPRET=1
 DTYPES = [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
@@ -115,7 +118,7 @@ def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
     from types import SimpleNamespace
     from kvcache import Selector
     n_kv, G, hd, g, sink, recent, width = 2, 3, 64, 32, 4, 8, 256
-    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), None, None, None)
+    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), CacheConfig(), None, None)
     rank.per_head = per_head
     x = rand(n_kv, width, hd, seed=bits, device=device)
     scores = torch.empty(n_kv, width, device=device)
@@ -140,12 +143,12 @@ def test_shortlist_scores_equal_the_selector_ranking(device, M):
     from types import SimpleNamespace
     from kvcache import Selector
     n_kv, G, hd = 2, 3, 64
-    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), None, None, None)
+    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), CacheConfig(), None, None)
     k = rand(M, n_kv, hd, seed=M, device=device).transpose(0, 1)           # (n_kv, M, hd), not contiguous
     vals = rand(n_kv, M, seed=M + 1, device=device)
     vals[:, ::3] = float("-inf")
     q = rand(n_kv * G, hd, seed=M + 2, device=device)
-    out = K.shortlist_scores(q, k, vals, torch.empty(n_kv, M, device=device))
+    out = RK.shortlist_scores(q, k, vals, torch.empty(n_kv, M, device=device))
     ref = rank.rank(k.float(), q).masked_fill(vals == float("-inf"), float("-inf"))
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(out == float("-inf"), vals == float("-inf"))
@@ -187,12 +190,15 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     input the layer before would have seen) at odd steps, at the step itself at even ones."""
     from test_kvcache import identity_prediction
     H, n_kv, hd = 6, 2, 64
-    cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8, shortlist=3)
-    scores = torch.empty(n_kv, 512, device=device)  # the sketch kernel scores 8 groups per program
+    cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8,
+                      select_options={"shortlist": 3} if select == "shortlist" else {})
     wq, inv_freq = (x.to(device) for x in identity_prediction(H, hd))
-    kw = dict(scores=scores, wq=wq, inv_freq=inv_freq)
-    ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", **kw)  # same layout
+    kw = dict(wq=wq, inv_freq=inv_freq)
     ker = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", kernels=True, **kw)
+    own = SELECTORS[select].shared(cfg, max_len=400, n_kv=n_kv, hd=hd, n_heads=None, dim=None, device=device,
+                                   dtype=torch.float32, kernels=False)  # the shortlist's buffers of its own
+    ref = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", shared={**own, "scores":
+                      ker.shared["scores"]}, **kw)  # the score buffer's width sizes the sketch: the same layout
     k = rand(1, n_kv, prompt + steps, hd, seed=5, device=device)
     v = rand(1, n_kv, prompt + steps, hd, seed=6, device=device)
     ref.load(k[:, :, :prompt], v[:, :, :prompt], 0)
@@ -225,8 +231,7 @@ def test_needles_at_the_edges_of_the_offloaded_range_are_retrieved(device, selec
     needles = [sink, 50, 51, prompt - recent]
     q, k, v = (x.to(device) for x in plant_needles(H, n_kv, hd, prompt + 1, needles))
     cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select)
-    scores = torch.empty(n_kv, 512, device=device)
-    layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, device, torch.float32, "cpu", scores=scores, kernels=True)
+    layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, device, torch.float32, "cpu", kernels=True)
     layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
     layer.step(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], torch.tensor(prompt, device=device))
     layer.advance(prompt + 1)
@@ -345,8 +350,8 @@ def test_half_precision_scores_retrieve_the_needles(select):
     needles = [sink, 300, 301, prompt - recent]
     q, k, v = (x.cuda().bfloat16() for x in plant_needles(H, n_kv, hd, prompt + 1, needles))
     cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select)
-    scores = torch.empty(n_kv, 1024, device="cuda", dtype=torch.float16)
-    layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cuda", torch.bfloat16, "cpu", scores=scores, kernels=True)
+    layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cuda", torch.bfloat16, "cpu", kernels=True)
+    assert layer.shared["scores"].dtype == torch.float16  # half-precision scores for a half-precision model
     layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
     layer.step(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], torch.tensor(prompt, device="cuda"))
     torch.cuda.synchronize()
@@ -356,13 +361,14 @@ def test_half_precision_scores_retrieve_the_needles(select):
 def traced_decode(model, device, dtype, kernels, cuda_graph, steps=20):
     """Prefill 150 tokens into a tailor cache, then decode `steps` fixed tokens recording the retrievals."""
     from generate import Decoder
+    from trace_page import TraceRecorder
     cfg = CacheConfig("tailor", quant_layers=(0,), budget=48, sink=4, recent=12)
     cache = KVCache(model, 150 + steps, cfg, device=device, dtype=dtype, kernels=kernels)
     prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(3)).to(device)
     tokens = torch.randint(0, 97, (steps,), generator=torch.Generator().manual_seed(4)).tolist()
     with torch.inference_mode():
         model.prefill(prompt, cache, chunk_size=64)
-        trace = cache.record_retrievals(150, steps)
+        trace = TraceRecorder.of(cache, 150, steps)
         dec = Decoder(model, cache, cuda_graph=cuda_graph)
         for i, tok in enumerate(tokens):
             dec.step(tok, 150 + i)
@@ -425,9 +431,9 @@ def test_the_shortlist_fetched_on_its_own_stream_equals_the_serial_step_bit_for_
     runs = []
     for stream, graph in ((False, False), (True, False), (True, True)):
         cache = KVCache(model, 300, cfg, device="cuda", dtype=torch.bfloat16, kernels=True)
-        assert cache.shortlist.stream is not None
+        assert cache.shared["shortlist"].stream is not None
         if not stream:
-            cache.shortlist.stream = None
+            cache.shared["shortlist"].stream = None
         dec = Decoder(model, cache, cuda_graph=graph)
         with torch.inference_mode():
             logits, outs = model.prefill(prompt, cache, chunk_size=64)[0], []
@@ -477,7 +483,7 @@ def test_default_model_greedy_on_the_kernel_path_equals_the_pytorch_path(default
     outs = []
     for kernels in (False, True):
         cache = KVCache(model, len(ids) + 10, cfg, device=DEVICES[0], kernels=kernels)
-        out, _ = generate(model, cache, ids, 10, set(tok.eos_ids))
+        out, _ = generate(model, cache, ids, max_new_tokens=10, stop_ids=set(tok.eos_ids))
         outs.append(out)
     assert outs[0] == outs[1]
     if policy == "full":

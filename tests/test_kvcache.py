@@ -6,9 +6,11 @@ import pytest
 import torch
 from conftest import ROOT
 
-from kvcache import (CacheConfig, ConfigError, KVCache, PrefillStage, QuantLayer, QuantStore, Selector, SparseLayer, attention,
-                     nbytes, pack, plan_memory, quantize, unpack)
+import research  # noqa: F401  (registers the research selectors, measured here too)
+from generate import plan_memory
+from kvcache import (CacheConfig, ConfigError, KVCache, PrefillStage, QuantLayer, Selector, SparseLayer, attention, nbytes)
 from model import ModelArgs, Transformer
+from quant import QuantStore, pack, quantize, unpack
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -492,7 +494,7 @@ def test_the_shortlist_is_fetched_with_the_predicted_query_and_ranked_with_the_s
     got = {}
     for select in ("sketch", "sketch-predicted", "shortlist"):
         cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select, sketch_bits=8,
-                          shortlist=2)
+                          select_options={"shortlist": 2} if select == "shortlist" else {})
         layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, device, torch.float32, "cpu", wq=wq.to(device),
                             inv_freq=inv_freq.to(device))
         layer.load(k[:, :, :prompt].to(device), v[:, :, :prompt].to(device), 0)
@@ -574,6 +576,29 @@ def test_bad_settings_are_refused():
         KVCache(tiny_model(4, 4, 16), 10, CacheConfig("kivi"))
     with pytest.raises(ValueError, match="batch of 1"):
         KVCache(tiny_model(4, 4, 64), 10, CacheConfig("kivi"), batch=2)
+    with pytest.raises(ConfigError, match="channels 65 exceeds the model's head_dim 64"):  # not silently C = 64
+        KVCache(tiny_model(4, 4, 64), 10, CacheConfig("sparse", select="channels", channels=65))
+    with pytest.raises(ConfigError, match="'sketch' selector has no option shortlist; its options: none"):
+        CacheConfig("sparse", select_options={"shortlist": 2})
+    with pytest.raises(ConfigError, match="shortlist must be an integer >= 1"):
+        KVCache(tiny_model(4, 4, 64), 10, CacheConfig("sparse", select="shortlist", select_options={"shortlist": 0}))
+
+
+def test_the_core_registers_the_method_and_research_the_rest():
+    """kvcache alone holds the method's selectors; `import research` adds the ones kept for measurement, and
+    the cache serves them through the Selector hooks alone (its source names none of them)."""
+    import subprocess
+    import sys
+    code = "import kvcache; a = list(kvcache.SELECTORS); import research; print(a, list(kvcache.SELECTORS))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    core, everything = (eval(part + "]") for part in out.strip()[:-1].split("] "))
+    assert core == ["sketch", "channels", "sketch-heads"]
+    assert everything == core + ["sketch-next", "sketch-predicted", "exact", "exact-heads", "shortlist",
+                                 "shortlist-heads"]
+    from research import selectors
+    core_source = "".join((ROOT / f).read_text() for f in ("kvcache.py", "generate.py", "kernels.py"))
+    own = [name for name, obj in vars(selectors).items() if getattr(obj, "__module__", None) == selectors.__name__]
+    assert "ShortlistSelector" in own and not [name for name in own if name in core_source]
 
 
 # ------------------------------------------------------------------------- default model, recall
@@ -664,7 +689,7 @@ def test_the_trace_records_what_each_offloaded_layer_retrieved(monkeypatch, tmp_
     prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     cfg = CacheConfig("tailor", quant_layers=(0,), sink=4, recent=8, budget=4 + 8 + 6)
     cache = KVCache(model, 60 + 12, cfg)
-    out, stats = generate.generate(model, cache, prompt, 12, set(), record=True)
+    out, stats = generate.generate(model, cache, prompt, max_new_tokens=12, record=True)
     pos = stats["trace"].positions
     assert stats["steps"] == 11 and pos.shape == (12, 3, 2, 6)
     assert (pos[:, 0] == -1).all() and (pos[11:] == -1).all()   # the quantized layer, the unused last row
@@ -697,7 +722,8 @@ def test_headwise_ranking_keeps_a_key_that_one_head_of_the_group_wants():
     got = {}
     for select in ("exact", "exact-heads", "sketch-heads", "shortlist", "shortlist-heads"):
         cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select,
-                          sketch_bits=8, shortlist=1)  # the per-head ranking on a sketch close to the keys
+                          sketch_bits=8,
+                          select_options={"shortlist": 1} if "shortlist" in select else {})  # the per-head ranking on a sketch close to the keys
         layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
         layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
         layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)

@@ -87,7 +87,7 @@ def test_qwen2_greedy_ids_match_transformers(tmp_path, cache):
     theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 150:]
     cfg = CacheConfig(cache, budget=512, sink=4, recent=8)
     kv = KVCache(model, 170, cfg)
-    ours, _ = generate(model, kv, prompt[0].tolist(), 20, set())
+    ours, _ = generate(model, kv, prompt[0].tolist(), max_new_tokens=20)
     assert ours == theirs.tolist()
 
 

@@ -11,7 +11,8 @@ from conftest import ROOT
 
 import layer_plans as lp
 import profile_layers as pl
-from kvcache import CacheConfig, KVCache, ProxyMeter
+from kvcache import CacheConfig, KVCache
+from layer_plans import ProxyMeter
 from model import ModelArgs, Transformer
 
 
@@ -190,8 +191,8 @@ def test_generate_uses_the_shipped_plan_and_refuses_a_foreign_one(tmp_path):
     split = lp.split_topk(json.loads(shipped.read_text()), CacheConfig().topk)
     assert r.returncode == 0 and "running them at --bits 4" in r.stderr and "top-k split by the plan" in r.stderr
     assert f"top-{min(split[1:])}..{max(split)} (split by layer" in r.stderr
-    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--select", "shortlist", "--topk-split", "plan")
-    assert r.returncode == 2 and "takes one top-k for all; choose another --select" in r.stderr
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--select", "shortlist")  # research/ only
+    assert r.returncode == 2 and "invalid choice: 'shortlist'" in r.stderr
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--quant-layers", "0", "--topk-split", "plan")
     assert r.returncode == 2 and "drop --quant-layers or the split" in r.stderr
     unsplit = json.loads(shipped.read_text())

@@ -2,7 +2,7 @@
 shapes, bf16), each alone, then after three MLP-sized GEMVs on the same stream (serial) and on a second stream
 forked beside them (concurrent), every variant replayed from a CUDA graph.
 
-    python bench/overlap.py            # writes bench/results/overlap.md
+    python research/overlap.py            # writes bench/results/overlap.md
 
 If the concurrent time is near max(GEMVs, selection), a second stream hides selection (the shortlist
 selector's design); if it is near their sum, the GEMVs hold the SMs the selection kernels need.
@@ -15,9 +15,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # results
 
 import kernels as K  # noqa: E402
-from kvcache import QuantStore  # noqa: E402
+from quant import QuantStore  # noqa: E402
 from results import publish  # noqa: E402
 
 

@@ -3,7 +3,7 @@ kernels in kernels.py (bench/NOTES.md, v9): each checked against them on the sam
 At Llama-3.1-8B shapes and 128k tokens on a GPU; on a CPU (TRITON_INTERPRET=1) at small shapes, as a
 check of the variants only.
 
-    python bench/sketch_variants.py
+    python research/sketch_variants.py
 
 Variants: codes unpacked by loading each word once per code (`bcast`) or by reshaping (`reshape`);
 per-head dot products on tensor cores (`dot`, fp16 / tf32 / fp32) or as multiply-adds (`fma`); codes
@@ -19,9 +19,9 @@ import triton.language as tl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import kernels as K  # noqa: E402
-from kvcache import QuantStore  # noqa: E402
+from quant import QuantStore  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench"))  # kernel_speed
 from kernel_speed import bench  # noqa: E402
 
 

@@ -1,7 +1,7 @@
-"""The retrieval comparison of the README from the benchmarks' own JSON: what each selector keeps of the
+"""The retrieval comparison of research/README.md from the benchmarks' own JSON: what each selector keeps of the
 full cache's copy accuracy at the same device memory, and what it costs per token at 128k.
 
-    python bench/retrieval_table.py          # writes bench/results/retrieval_summary.md
+    python research/retrieval_table.py          # writes bench/results/retrieval_summary.md
 
 Inputs (bench/results/): shortlist_cpu.json, shortlist4k_cpu.json with onebit4k_cpu.json, oracle4k_cpu.json
 and split4k_cpu.json, and onebit7k_cpu.json with oracle7k_cpu.json and split7k_cpu.json (default model, 2k,
@@ -12,11 +12,14 @@ shapes at 128k, H100), latency_h200.json, latency_h200_channels.json, latency_h2
 latency_h200_split.json (the same on an H200).
 """
 import json
+import sys
 from pathlib import Path
 
-from results import publish
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from results import publish  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = ROOT / "bench" / "results"
 
 
 def summary(name: str) -> dict:

@@ -1,0 +1,219 @@
+"""Selectors that measure, or that lost their experiment (research/README.md has the numbers).
+
+Importing this module registers them into kvcache.SELECTORS, beside the core's; the benchmarks and the
+tests import it (`import research`), generate.py does not. Each is written against the hooks of
+kvcache.Selector only: the shortlist needs a buffer every layer shares and a second CUDA stream, and
+declares both there (shared, shared_tensors, check), so the cache holds no code of its own for it.
+
+  sketch-next        the sketch, where a token also scores as high as the token before it
+  sketch-predicted   the sketch, ranked with this layer's query predicted one layer early
+  exact, exact-heads every offloaded key in full precision (the oracle of a single-token top-k)
+  shortlist, shortlist-heads  candidates fetched one layer early, re-ranked on their exact keys
+"""
+from contextlib import nullcontext
+
+import torch
+
+import kvcache
+from kvcache import ConfigError, Selector, SketchSelector
+
+try:
+    import kernels as K
+    from research import kernels as RK
+except ImportError:  # no Triton: the PyTorch path only
+    K = RK = None
+
+
+class NeighbourSketchSelector(SketchSelector):
+    """The sketch, where a token also scores as high as the token before it: the top-k then takes the
+    successor of a strong hit (the next token of a passage being read or copied) in place of a weaker
+    token elsewhere, within the same budget. PyTorch path only."""
+    step_scores = Selector.step_scores
+
+    def scores(self, q, lo, hi):
+        s = super().scores(q, lo, hi)
+        return torch.cat([s[:, :1], torch.maximum(s[:, 1:], s[:, :-1])], dim=1)
+
+
+class PredictedSketchSelector(SketchSelector):
+    """The sketch, ranked against this layer's query predicted one layer early (Selector.predicted, as the
+    channel selector predicts it): its selection need not wait for the layer's own query, so it could run
+    while the layer before reads its weights. For measuring what the prediction costs; PyTorch path only."""
+    predicts_query = True
+    step_scores = Selector.step_scores
+
+    def scores(self, q, lo, hi):
+        return super().scores(self.predicted(q), lo, hi)
+
+
+class ExactSelector(Selector):
+    """For measurement, not a method (the oracle): every offloaded key in full precision, from the host
+    store, ranked as the sketch ranks them (the group's mean query). What it loses against the full cache
+    is what the budget and single-token selection lose; the sketch's further loss is its ranking."""
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        self.host_k = layer.host_k
+
+    def scores(self, q, lo, hi):
+        keys = self.host_k[lo:hi].to(q.device).float().transpose(0, 1)        # (n_kv, n_off, hd)
+        return self.rank(keys, q)
+
+    def h2d_bytes(self, n_off):
+        return n_off * self.n_kv * self.hd * self.host_k.element_size()
+
+
+class HeadwiseExactSelector(ExactSelector):
+    """The oracle ranked by each query head on its own (Selector.rank, per_head)."""
+    per_head = True
+
+
+class Shortlist:
+    """The candidates a shortlist selector fetched for one layer's step: positions (n_kv, M), their sketch
+    scores (-inf: no candidate) and their K/V rows (n_kv, M, hd), on the device. One serves every layer, the
+    next layer's being fetched after this one has read its own. With the kernels on CUDA the fetch runs on
+    its own `stream`, from a copy `x` of the previous layer's normalised input."""
+
+    def __init__(self, n_kv, M, hd, dim, device, dtype, score_dtype, stream=False):
+        self.pos = torch.zeros(n_kv, M, dtype=torch.long, device=device)
+        self.vals = torch.full((n_kv, M), float("-inf"), dtype=score_dtype, device=device)
+        self.exact = torch.empty_like(self.vals)   # the candidates ranked with the step's own query
+        self.k = torch.zeros(n_kv, M, hd, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.x = torch.zeros(1, 1, dim, dtype=dtype, device=device) if stream else None
+        self.before = torch.zeros((), dtype=torch.long, device=device)  # the device position of the step before
+        self.stream = torch.cuda.Stream(device) if stream else None
+
+    def tensors(self):
+        return [self.k, self.v]
+
+
+class ShortlistSelector(SketchSelector):
+    """Selection moved off the layer's critical path. One layer early, with the query predicted from the
+    previous layer's input (Selector.predicted), the sketch picks M = shortlist x top-k candidates among the
+    step's offloaded positions and their K/V rows are fetched to the device; at the layer's own step only the
+    candidates are ranked, on their exact keys with the step's own query, and the top-k kept. On CUDA the
+    early part runs on a stream of its own while the layer before reads its weights (a CUDA graph captures
+    the fork and the join). A layer with no layer before it fetches at its own step, with its own query."""
+    predicts_query = True
+    options = {"shortlist": 4}  # candidates fetched per retrieved token
+
+    @classmethod
+    def check(cls, cfg, head_dim, kernels):
+        super().check(cfg, head_dim, kernels)
+        n = cfg.select_options.get("shortlist", cls.options["shortlist"])
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError("select_options", f"shortlist must be an integer >= 1 (candidates per retrieved "
+                                                f"token), got {n!r}")
+        if cfg.layer_topk:
+            raise ConfigError("layer_topk", f"the {cfg.select!r} selector shares one candidate buffer across layers "
+                                            f"and takes one top-k for all: drop layer_topk (or the plan's split)")
+
+    @classmethod
+    def score_width(cls, cfg, max_len):
+        return max(max_len, cfg.topk * cfg.select_options.get("shortlist", cls.options["shortlist"]))
+
+    @classmethod
+    def shared(cls, cfg, *, max_len, n_kv, hd, n_heads, dim, device, dtype, kernels):
+        shared = super().shared(cfg, max_len=max_len, n_kv=n_kv, hd=hd, n_heads=n_heads, dim=dim, device=device,
+                                dtype=dtype, kernels=kernels)
+        M = cfg.select_options.get("shortlist", cls.options["shortlist"]) * cfg.topk
+        score_dtype = shared["scores"].dtype if "scores" in shared else torch.float32
+        stream = kernels and dim is not None and torch.device(device).type == "cuda"
+        shared["shortlist"] = Shortlist(n_kv, M, hd, dim, device, dtype, score_dtype, stream=stream)
+        return shared
+
+    @classmethod
+    def shared_tensors(cls, shared):
+        return shared["shortlist"].tensors()
+
+    @classmethod
+    def describe(cls, cfg):
+        return f" ({cfg.select_options.get('shortlist', cls.options['shortlist'])}x top-k candidates)"
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        self.sink, self.recent, self.topk = layer.sink, layer.recent, layer.topk
+        self.M = self.opts["shortlist"] * layer.topk
+        self.shortlist = layer.shared["shortlist"]
+        self.ahead = None  # the step the shortlist was fetched for early (its position; True on the kernel path)
+
+    def see_previous_input(self, x, pos):
+        """The early part, for the step at position pos: this step's token has not reached the layer yet."""
+        lst = self.shortlist
+        if not self.layer.kernels:
+            super().see_previous_input(x, pos)
+            self._fetch(self.qhat, self.sink, max(self.sink, pos + 1 - self.recent))
+            self.ahead = pos
+            return
+        side = nullcontext()
+        if lst.stream is not None:  # fork: the layer before goes on with its MLP while this runs
+            x = lst.x.copy_(x)  # a buffer of the fork's own: the allocator may reuse x's memory meanwhile
+            lst.stream.wait_stream(torch.cuda.current_stream(x.device))
+            side = torch.cuda.stream(lst.stream)
+        with side:  # the sketch holds the positions before pos: score them as the step before, window one shorter
+            super().see_previous_input(x, pos)
+            torch.sub(pos, 1, out=lst.before)
+            self._step_fetch(self.qhat, lst.before, self.recent - 1)
+        self.ahead = True
+
+    def _fetch(self, q, lo, hi):
+        """PyTorch path: the top-M of the sketch against q over positions [lo, hi), rows and all."""
+        lst = self.shortlist
+        lst.vals.fill_(float("-inf"))
+        m = min(self.M, hi - lo)
+        if m > 0:
+            vals, idx = self.rank(self.store.dequantize()[:, lo:hi], q).topk(m, dim=-1)
+            lst.vals[:, :m], lst.pos[:, :m] = vals, idx + lo
+            rows, heads = lst.pos[:, :m].cpu(), torch.arange(self.n_kv)[:, None]
+            lst.k[:, :m] = self.layer.host_k[rows, heads].to(lst.k.device)
+            lst.v[:, :m] = self.layer.host_v[rows, heads].to(lst.v.device)
+
+    def _step_fetch(self, q, pos, recent):
+        """Kernel path: the same, over the offloaded positions of a step at device position pos."""
+        lst, L, scores = self.shortlist, self.layer, self.layer.shared["scores"]
+        K.sketch_scores(q, self.store, pos, scores, self.sink, recent)
+        K.topk(scores, self.M, out=(lst.vals, lst.pos))
+        K.gather_rows(lst.pos, lst.vals, L.host_k, L.host_v, lst.k, lst.v)
+
+    def scores(self, q, lo, hi):
+        if self.ahead != hi - 1 + self.recent:  # not fetched early for this step
+            self._fetch(q, lo, hi)
+        self.ahead = None
+        lst = self.shortlist
+        m = int((lst.vals[0] > float("-inf")).sum())  # the PyTorch path fills the first m slots
+        out = torch.full((self.n_kv, hi - lo), float("-inf"), device=q.device)
+        out.scatter_(1, lst.pos[:, :m] - lo, self.rank(lst.k[:, :m].float(), q))  # (n_kv, m) candidates ranked
+        return out
+
+    def step_select(self, q, pos):
+        lst, L = self.shortlist, self.layer
+        if self.ahead is None:
+            self._step_fetch(q, pos, self.recent)
+        elif lst.stream is not None:  # join
+            torch.cuda.current_stream(q.device).wait_stream(lst.stream)
+        self.ahead = None
+        RK.shortlist_scores(q, lst.k, lst.vals, lst.exact)
+        vals, j = lst.exact.topk(self.topk, dim=-1, sorted=False)
+        K.gather_rows(j, vals, lst.k.transpose(0, 1), lst.v.transpose(0, 1), L.sel_k, L.sel_v)
+        return vals, lst.pos.gather(1, j)
+
+    def tensors(self):
+        return self.store.tensors()  # the shared Shortlist is counted once, by the cache (shared_tensors)
+
+    def h2d_bytes(self, n_off):  # the candidates' rows beyond the top-k the layer counts as gathered
+        return 2 * self.n_kv * (min(self.M, n_off) - min(self.topk, n_off)) * self.hd * self.layer.host_k.element_size()
+
+
+class HeadwiseShortlistSelector(ShortlistSelector):
+    """The shortlist ranked per query head at both stages (Selector.rank, per_head): the predicted queries'
+    softmax over the sketch picks the candidates, the step's own queries' softmax over their exact keys the
+    top-k, the largest over the group's heads each time. PyTorch path only."""
+    per_head = True
+    step_scores = Selector.step_scores
+
+
+RESEARCH_SELECTORS = {"sketch-next": NeighbourSketchSelector, "sketch-predicted": PredictedSketchSelector,
+                      "exact": ExactSelector, "exact-heads": HeadwiseExactSelector, "shortlist": ShortlistSelector,
+                      "shortlist-heads": HeadwiseShortlistSelector}
+kvcache.SELECTORS.update(RESEARCH_SELECTORS)
