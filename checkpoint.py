@@ -215,14 +215,16 @@ def entry_problem(out: Path, source_fingerprint: str, verify: bool = False) -> s
             return f"{name} is missing"
         if path.stat().st_size != rec["bytes"]:
             return f"{name} has {path.stat().st_size:,} bytes, its manifest says {rec['bytes']:,}"
+        if path.stat().st_mtime_ns != rec.get("mtime_ns"):  # any write after the conversion, wherever it fell
+            return f"{name} was modified after its conversion"
         if sampled_hash(path) != rec["sampled_sha256"] or (verify and file_hash(path) != rec["sha256"]):
             return f"{name} does not hold the bytes its manifest names"
     return None
 
 
 def write_manifest(tmp: Path, gguf_path: Path, source_fingerprint: str):
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_hash(p), "sampled_sha256": sampled_hash(p)}
-             for p in sorted(tmp.iterdir())}
+    files = {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_hash(p),
+                      "sampled_sha256": sampled_hash(p)} for p in sorted(tmp.iterdir())}
     manifest = {"converter_version": CONVERTER_VERSION, "files": files,
                 "source": {"name": gguf_path.name, "bytes": gguf_path.stat().st_size, "fingerprint": source_fingerprint}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -30,11 +31,28 @@ class UsageError(Exception):
     """Bad input from the user: printed as one clear message, exit status 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, systemd and schedulers send), raised wherever the program is and handled as
+    Ctrl-C is: the text so far kept, the stats line and the report written; exit status 143."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+class NonFiniteLogits(ValueError):
+    """The model's logits hold NaN or inf: no token can be chosen from them (damaged weights, or overflow)."""
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ prompt
+
+MAX_PROMPT_BYTES = 64 << 20  # far more text than any supported context holds (~1M tokens is ~4-8 MiB)
+CHARS_PER_TOKEN = 32  # more than a BPE token ever spans, in practice: a longer prompt cannot fit the context
+
 
 def read_prompt(args) -> str:
     """The prompt text: --prompt, or --prompt-file (a path, or '-' for stdin) decoded one way for both."""
@@ -42,15 +60,19 @@ def read_prompt(args) -> str:
         text = args.prompt
     else:
         if args.prompt_file == "-":
-            data, name = sys.stdin.buffer.read(), "stdin"
+            data, name = read_bounded(sys.stdin.buffer, "stdin", args.encoding), "stdin"
         else:
             path, name = Path(args.prompt_file), f"prompt file {args.prompt_file}"
             if path.is_dir():
                 raise UsageError(f"{name} is a directory; pass a text file")
             if not path.exists():
                 raise UsageError(f"{name} does not exist")
+            if path.is_file() and path.stat().st_size > MAX_PROMPT_BYTES:
+                raise UsageError(f"{name} has {path.stat().st_size / 2**20:,.0f} MiB, more than any context holds "
+                                 f"(the limit is {MAX_PROMPT_BYTES >> 20} MiB); pass the part you need (head -c, tail -c)")
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as f:  # a FIFO or a device such as /dev/zero: read in bounded chunks
+                    data = read_bounded(f, name, args.encoding)
             except OSError as e:
                 raise UsageError(f"{name} cannot be read: {e.strerror}") from None
         text = decode_text(data, name, args.encoding, args.errors)
@@ -59,6 +81,23 @@ def read_prompt(args) -> str:
     if not text.strip():
         raise UsageError("the prompt is empty" + (f" ({args.prompt_file} has no text)" if args.prompt_file else ""))
     return text
+
+
+def read_bounded(f, name: str, encoding: str) -> bytes:
+    """All of f, refusing binary data (a NUL byte, in an encoding without them) and more than MAX_PROMPT_BYTES
+    as they arrive: an endless stream (/dev/zero, a FIFO that never closes) is refused, not read forever."""
+    nul_ok = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+    chunks, n = [], 0
+    while chunk := f.read(1 << 20):
+        if not nul_ok and b"\x00" in chunk:
+            raise UsageError(f"{name} looks like a binary file (NUL byte at offset {n + chunk.index(0)}); "
+                             f"pass a text file")
+        chunks.append(chunk)
+        n += len(chunk)
+        if n > MAX_PROMPT_BYTES:
+            raise UsageError(f"{name} goes on past {MAX_PROMPT_BYTES >> 20} MiB, more than any context holds; "
+                             f"pass the part you need (head -c, tail -c)")
+    return b"".join(chunks)
 
 
 def decode_text(data: bytes, name: str, encoding: str, errors: str) -> str:
@@ -159,7 +198,7 @@ class Sampling:
     top_p: float = 1.0                # nucleus: the smallest set of tokens of this mass
     seed: int = 0
     repetition_penalty: float = 1.0   # > 1: a token among the last repeat_last_n is less likely again
-    repeat_last_n: int = 64           # the tokens it looks back over (llama.cpp's); -1: all of them (HF's)
+    repeat_last_n: int = -1           # the tokens it looks back over: -1 all of them (HF's); llama.cpp's is 64
 
 
 def sample(logits: torch.Tensor, s: Sampling, history: list[int], generator) -> int:
@@ -288,6 +327,8 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
         stats["cuda_graph"] = decoder.cuda_graph
         pos = len(prompt_ids)
         for _ in range(max_new_tokens):
+            if not bool(torch.isfinite(logits[0]).all()):  # both paths: the prefill's logits and each step's
+                raise NonFiniteLogits(f"the logits for position {pos} are not finite (NaN or inf)")
             if ref is not None:
                 steps.append(compare(ref[0], logits[0]))
             tok = sample(logits[0], sampling, history, gen)
@@ -305,8 +346,8 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
             if check_cache is not None:
                 ref = model(torch.tensor([[tok]], device=device), check_cache, pos)[:, -1]
             pos += 1
-    except KeyboardInterrupt:
-        stats["interrupted"] = True
+    except KeyboardInterrupt as e:
+        stats["interrupted"], stats["signal"] = True, "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
     n = max(len(out) - 2, 0)  # forward passes after the prefill and the first decode step
     stats["decode_ms_per_token"] = 1e3 * stats["decode_s"] / n if n else None
     stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"] if stats["prefilled"] else None
@@ -378,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "divided by it, a negative one multiplied, as in HF transformers and llama.cpp (default: the "
                         f"model's generation_config.json, else {d.repetition_penalty}, off)")
     p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
-                   help="tokens the repetition penalty looks back over, prompt included (llama.cpp's default); -1: all "
-                        "of them, as HF transformers does; 0: none")
+                   help="tokens the repetition penalty looks back over, prompt included: -1 all of them, as HF "
+                        "transformers does (and a generation_config.json means); llama.cpp's default is 64; 0: none")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--threads", type=positive_int,
@@ -418,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=positive_int, default=PREFILL_CHUNK, help="prompt tokens per prefill step")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction,
                    help="wrap the prompt in the model's chat template (default: on when it has one)")
+    p.add_argument("--special-tokens", action="store_true",
+                   help="let special-token text in the prompt (e.g. '<|im_end|>') become control tokens; by default "
+                        "the document and question are plain text and only the chat template's markup is special")
     p.add_argument("--truncate", choices=["none", "middle"], default="none",
                    help="what to do with a prompt longer than the context")
     p.add_argument("--report", help="write a JSON run report to this path (default: none)")
@@ -530,8 +574,15 @@ def run(args, report: dict) -> int:
                   stage="loading the model")
     model_dir, tok, model = load(args, device, dtype)
     chat = args.chat if args.chat is not None else bool(tok.chat_template)
-    ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
     ctx = model.args.max_seq_len
+    if len(text) > CHARS_PER_TOKEN * ctx:  # far more than the context: no need to tokenize it all to know
+        if args.truncate == "none":
+            raise UsageError(f"the prompt has {len(text):,} characters, far more than the model's {ctx:,}-token "
+                             f"context holds; shorten it or pass --truncate middle")
+        keep = CHARS_PER_TOKEN * ctx // 2
+        text = text[:keep] + text[-keep:]  # the middle goes anyway: fit_to_context cuts the rest by tokens
+    ids = (tok.encode_chat([{"role": "user", "content": text}], special_text=args.special_tokens) if chat
+           else tok.encode(text, special_text=args.special_tokens))
     ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
     stop_ids = set(tok.eos_ids)
     sampling = sampling_of(args, model_dir)
@@ -572,10 +623,15 @@ def run(args, report: dict) -> int:
         sys.stdout.flush()
 
     report["stage"] = "generating"
-    out, stats = generate(model, cache, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
-                          on_token=on_token, progress=lambda f: bar.update(min(f, bar.total - bar.n)),
-                          chunk_size=args.prefill_chunk, check_cache=check, cuda_graph=args.cuda_graph,
-                          record=bool(args.trace))  # (fractions of a layer add up to a hair over it)
+    try:
+        out, stats = generate(model, cache, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
+                              on_token=on_token, progress=lambda f: bar.update(min(f, bar.total - bar.n)),
+                              chunk_size=args.prefill_chunk, check_cache=check, cuda_graph=args.cuda_graph,
+                              record=bool(args.trace))  # (fractions of a layer add up to a hair over it)
+    except NonFiniteLogits as e:
+        bar.close()
+        raise UsageError(f"{e}: the model in {model_dir} is broken or overflows in {report['dtype']}; check its files "
+                         f"with --verify-model, convert it again (delete that folder), or try --dtype float32") from None
     bar.close()
     sys.stdout.write("\n")
     log(stats_line(stats, len(ids), len(out), threads if not on_cuda else None) +
@@ -598,13 +654,13 @@ def run(args, report: dict) -> int:
     report.update(stage=stage, cuda_graph=stats.get("cuda_graph", False), generated_ids=out,
                   generated_text=tok.decode(out, skip_special_tokens=True),
                   **{k: stats[k] for k in ("prefilled", "prefill_s", "prefill_tok_per_s", "first_step_s",
-                                           "decode_ms_per_token", "interrupted")},
+                                           "decode_ms_per_token", "interrupted")}, signal=stats.get("signal"),
                   kv_cache=mem, check=stats.get("check"), peak_memory_bytes=peak_memory(device))
     if on_cuda:
         report["gpu"] = torch.cuda.get_device_name(device)
     if args.trace and mem:
         write_trace(args.trace, tok, ids, cache, stats, mem, f"{model_dir.name}: {describe(cfg, model.args.n_layers)}")
-    return 130 if stats["interrupted"] else 0
+    return (143 if stats["signal"] == "SIGTERM" else 130) if stats["interrupted"] else 0
 
 
 def sampling_of(args, model_dir: Path) -> Sampling:
@@ -718,6 +774,7 @@ def memory_table(mem: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     report = {"interrupted": False, "stage": "reading the prompt"}
+    before = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         rc = run(args, report)
     except ConfigError as e:
@@ -726,9 +783,12 @@ def main(argv=None) -> int:
     except (UsageError, FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         log(f"error: {e}")
         return 2
-    except KeyboardInterrupt:  # loading or converting the model; generation handles its own
+    except KeyboardInterrupt as e:  # loading or converting the model; generation handles its own
         log(f"[interrupted] while {report['stage']}")
-        report["interrupted"], rc = True, 130
+        report["interrupted"], report["signal"] = True, "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        rc = 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
     if args.report:
         write_report(args.report, report)
     return rc

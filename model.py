@@ -58,6 +58,22 @@ class ModelArgs:
                              f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints only")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise ValueError(f"{arch} with attention_bias or mlp_bias (biases on every projection) is not supported")
+        # every other field that changes the arithmetic is implemented below or refused here, never ignored
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"{arch} with hidden_act {act!r} is not supported: the MLP here is SwiGLU (silu)")
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) "
+                             "is not supported")
+        odd = [k for k in ("attn_logit_softcapping", "final_logit_softcapping", "logit_scale", "embedding_multiplier",
+                           "residual_multiplier", "attention_multiplier", "logits_scaling", "qk_layernorm",
+                           "use_qk_norm") if cfg.get(k)]
+        if odd:
+            raise ValueError(f"{arch} with {', '.join(odd)} is not supported (this engine would ignore it)")
+        kinds = set(cfg.get("layer_types") or []) - {"full_attention"}
+        if kinds and cfg.get("use_sliding_window", True):
+            raise ValueError(f"layer_types {sorted(kinds)} are not supported: every layer here attends to the "
+                             "whole context")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None  # Qwen2 has the switch
         if window not in (None, 0) and window < cfg.get("max_position_embeddings", 0):
             raise ValueError(f"sliding-window attention (window {window}) is not supported; "

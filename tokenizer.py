@@ -32,9 +32,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Special-token text (e.g. '<|im_start|>') maps to its id; add_special_tokens adds BOS if the model wants it."""
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, special_text: bool = True) -> list[int]:
+        """special_text: special-token text (e.g. '<|im_start|>') maps to its id, else it is plain text;
+        add_special_tokens adds BOS if the model wants it."""
+        self.tok.encode_special_tokens = not special_text
+        try:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        finally:
+            self.tok.encode_special_tokens = False
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -54,9 +59,22 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=True, bos_token=self.bos_text or "", eos_token=self.eos_text or "")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        # the template writes BOS itself when the model wants one, so no specials are added here
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], special_text: bool = False) -> list[int]:
+        """The rendered conversation's ids. Only the template's own markup becomes special tokens: the
+        messages' text is tokenized as plain text (a document cannot end the user's turn and write a system
+        turn of its own), unless special_text. The template writes BOS itself when the model wants one."""
+        if special_text:
+            return self.encode(self.render_chat(messages), add_special_tokens=False)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use marks where each text goes
+        rendered = self.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        ids, rest = [], rendered
+        for m, mark in zip(messages, marks):
+            if rest.count(mark) != 1:
+                raise ValueError("this model's chat template changes the message text; pass --no-chat (or "
+                                 "--special-tokens to render it as it is)")
+            markup, rest = rest.split(mark)
+            ids += self.encode(markup, add_special_tokens=False) + self.encode(m["content"], False, special_text=False)
+        return ids + self.encode(rest, add_special_tokens=False)
 
 
 def _token_text(tok):

@@ -273,14 +273,19 @@ def test_a_damaged_cache_entry_is_noticed(default_dir, tmp_path, damage):
 
 
 def test_the_full_check_sees_a_change_between_sampled_blocks(default_dir, tmp_path):
+    """A write anywhere (1 MB in the middle, the same size) is seen by the cheap check, through the file's
+    modification time; with that time put back, only the full check sees the bytes."""
     entry = tmp_path / default_dir.name
-    shutil.copytree(default_dir, entry)
+    shutil.copytree(default_dir, entry)  # (copies the modification times too)
     _, fingerprint = checkpoint.cache_entry(checkpoint.default_gguf())
-    with open(entry / "model.safetensors", "r+b") as f:  # one byte of a weight, between two sampled blocks
-        f.seek(1 << 20)
-        b = f.read(1)
-        f.seek(1 << 20)
-        f.write(bytes([b[0] ^ 1]))
+    weights = entry / "model.safetensors"
+    stat = weights.stat()
+    with open(weights, "r+b") as f:  # just after the 8th of the 16 sampled 64 KB blocks, before the 9th
+        f.seek((stat.st_size - (1 << 16)) * 7 // 15 + (1 << 16) + 4096)
+        f.write(os.urandom(1 << 20))
+    assert weights.stat().st_size == stat.st_size
+    assert "model.safetensors was modified after its conversion" in checkpoint.entry_problem(entry, fingerprint)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert checkpoint.entry_problem(entry, fingerprint) is None
     assert "model.safetensors does not hold" in checkpoint.entry_problem(entry, fingerprint, verify=True)
 

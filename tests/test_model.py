@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_LLAMA31, TINY_MISTRAL, TINY_QWEN2, write_hf_model
+from conftest import ROOT, TINY_LLAMA31, TINY_MISTRAL, TINY_QWEN2, write_hf_model
 
 from kvcache import KVCache
 from model import ModelArgs, load_model
@@ -162,6 +162,32 @@ def test_config_errors():
         ModelArgs.from_hf_config({**TINY_MISTRAL, "sliding_window": 64})
     with pytest.raises(AssertionError, match="cannot be split evenly"):
         ModelArgs.from_hf_config({**base, "num_key_value_heads": 3})
+    # fields that change the arithmetic are implemented or refused, never ignored
+    for field, value, message in (("hidden_act", "gelu", "hidden_act 'gelu'"),
+                                  ("partial_rotary_factor", 0.5, "partial_rotary_factor 0.5"),
+                                  ("final_logit_softcapping", 30.0, "final_logit_softcapping"),
+                                  ("layer_types", ["full_attention", "sliding_attention"], "sliding_attention")):
+        with pytest.raises(ValueError, match=message):
+            ModelArgs.from_hf_config({**base, field: value})
+    for ok in ({"hidden_act": "silu"}, {"partial_rotary_factor": 1.0}, {"final_logit_softcapping": None},
+               {"layer_types": ["full_attention"] * 3}):
+        ModelArgs.from_hf_config({**base, **ok})
+
+
+def test_cli_refuses_a_model_whose_config_it_would_misread(tiny_llama_dir, default_dir, tmp_path):
+    """A model directory whose config.json says gelu: refused, exit status 2, no plausible garbage."""
+    import shutil
+    import subprocess
+    import sys
+    model = tmp_path / "gelu"
+    shutil.copytree(tiny_llama_dir, model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer: the config is refused first
+        shutil.copy(default_dir / name, model / name)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(model), "--prompt", "hi",
+                        "--max-new-tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "hidden_act 'gelu' is not supported" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_checkpoint_mismatch_errors(tmp_path):
