@@ -163,6 +163,11 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "python bench/generate_table.py --out bench/results/generate_qwen.md bench/results/generate_qwen/*.json", None,
      "generate.py --model qwen2.5-coder-0.5b --prompt-file argparse.py (the standard library's, 19,701 tokens) "
      "--question ... --max-new-tokens 48 --cache <each> --report ..., on 2 CPU threads."),
+    ("The repetition penalty on the default model's greedy answers", "penalty.md",
+     "python bench/penalty.py --penalties 1.0 1.1 1.2; python bench/penalty.py --penalties 1.1 1.2 1.3 --last-n 64",
+     None,
+     "One generate.py run per document, penalty and window (the CLI, full cache, fp32 on the CPU). Repeated "
+     "4-grams: the fraction of the answer's token 4-grams already seen earlier in it; a loop drives it toward 1."),
     ("generate.py on the bundled story", "generate.md",
      "python bench/generate_table.py bench/results/generate/*.json", None,
      "From the --report files of generate.py runs in bench/results/generate/ (see the README for the command)."),
