@@ -422,6 +422,13 @@ def main(argv=None):
                    help="rewrite the table and plot of earlier runs' JSON (several: their rows merged into --out, "
                         "the first run's row kept where two have the same one); runs nothing")
     args = p.parse_args(argv)
+    for spec in args.policies:  # refused before anything loads (the split needs the model's plan: checked below)
+        try:
+            parse_policy(spec.replace("+split", ""))
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--policies {spec}: {e} (written name[-bits][+split][/selector[:N][:Nb]][@budget])")
+    if min(args.contexts) < 2 or args.copy < 1 or args.next < 1:
+        p.error("--contexts must be >= 2 tokens, --copy and --next >= 1")
     if args.replot:
         runs = [json.loads(Path(f).read_text()) for f in args.replot]
         if len(runs) == 1:
@@ -434,6 +441,19 @@ def main(argv=None):
     model = load_model(model_dir, args.device, getattr(torch, args.dtype))
     tok = Tokenizer(model_dir)
     docs = load_documents(tok, args.docs)
+    for spec in args.policies:
+        try:
+            parse_policy(spec, model)
+        except ValueError as e:
+            p.error(f"--policies {spec}: {e}")
+    ctx = max(args.contexts + [args.sweep_context or 0])
+    needs = {"repeat": ctx - args.copy, "fidelity": ctx + args.next}  # passkey writes its own filler
+    need = max((needs[t] for t in args.tasks if t in needs), default=0)
+    short = {n: len(d) for n, d in docs.items() if len(d) < need}
+    if short:
+        p.error(f"documents too short for context {ctx}: " + ", ".join(f"{n} has {k} tokens" for n, k in short.items())
+                + f"; the tasks need {need} (repeat: context - --copy, fidelity: context + --next): pass longer "
+                "documents or smaller contexts")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     header = f"{model_dir.name}, {device_name}, {args.dtype}"
     sweep_context = args.sweep_context or max(args.contexts)

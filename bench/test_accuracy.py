@@ -1,6 +1,7 @@
 """bench/accuracy.py: the task builders, the metrics and the policy specs, on tiny inputs."""
 import json
 import math
+from pathlib import Path
 
 import accuracy
 import pytest
@@ -205,3 +206,20 @@ def test_an_interrupted_run_keeps_its_finished_rows_and_replots(tmp_path):
     assert [(r["context"], r["policy"], r["top1"]) for r in run["records"]] == \
         [(1024, "full", 0.9), (1024, "full", 0.9), (1024, "kivi", 0.9), (2048, "full", 0.9)]
     assert run["meta"]["sweep_context"] == 2048
+
+
+def test_the_benchmark_refuses_its_inputs_as_clearly_as_the_cli(tmp_path):
+    """A document shorter than the context, a policy spec it cannot read: one line, exit status 2."""
+    import subprocess
+    import sys
+    script = [sys.executable, str(Path(accuracy.__file__)), "--out", str(tmp_path / "acc")]
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    r = subprocess.run([*script, "--docs", str(short), "--contexts", "1024", "--policies", "full"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "short has 5 tokens" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for spec, message in (("tailor-x", "invalid literal"), ("quest", "unknown cache policy"),
+                          ("tailor-2/nosuch:2", "nosuch")):
+        r = subprocess.run([*script, "--policies", spec], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"--policies {spec}:" in r.stderr and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
