@@ -560,7 +560,7 @@ class SparseLayer:
         self.load(k, v, pos)
         L = self.length
         n_sink = min(L, self.sink)
-        first_recent = max(self.sink, L - self.recent)
+        first_recent = min(max(self.sink, L - self.recent), L)  # L: fewer tokens than sinks, no window yet
         slots = torch.arange(first_recent, L, device=k.device) % self.recent
         parts_k, parts_v = [self.sink_k[:, :n_sink]], [self.sink_v[:, :n_sink]]
         n_off = first_recent - self.sink  # offloaded positions [sink, first_recent)

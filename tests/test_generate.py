@@ -145,6 +145,12 @@ def test_cli_ctrl_c_in_the_prefill_stops_cleanly_and_reports(tmp_path, sig, stat
     assert rep["prompt_tokens"] > 3000 and rep["generated_ids"] == [] and rep["prefill_s"] > 0
 
 
+def test_cli_a_prompt_shorter_than_the_sinks_decodes(tmp_path):
+    """Two tokens, no chat template, one-token prefill chunks: decoding starts before the 8 sinks are full."""
+    r = cli("--prompt", "Hi", "--no-chat", "--cache", "tailor", "--prefill-chunk", "1", "--max-new-tokens", "12")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
 def test_cli_empty_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     r = cli("--prompt-file", str(tmp_path / "empty.txt"))

@@ -184,6 +184,7 @@ def test_wrappers_refuse_bad_inputs():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("select,prompt,steps", [(s, p, 70) for s in ("sketch", "channels") for p in (5, 40, 300)]
+                         + [("sketch", 2, 12)]  # decoding while the sinks still fill
                          + [("sketch-heads", 300, 10), ("shortlist", 40, 70), ("shortlist", 300, 30)])
 def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     """Prompts shorter than the sinks, than the budget, longer; the shortlist fetched one layer early (from an

@@ -100,8 +100,8 @@ def qkv(H, n_kv, hd, N, seed=0):
 
 
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
-@pytest.mark.parametrize("prompt", [3, 20, 100])  # shorter than the sink, than the budget, longer than both
-def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):
+@pytest.mark.parametrize("prompt", [2, 3, 20, 100])  # shorter than the sink (2: decoding inside it), than the
+def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):  # budget, longer than both
     cfg = CacheConfig("streaming", sink=4, recent=16)
     q, k, v = qkv(H, n_kv, hd, prompt + 40)  # generation runs far past the window
     out = run_layer(SparseLayer(n_kv, hd, prompt + 40, cfg, 0, "cpu", torch.float32, "cpu"), q, k, v, prompt)
