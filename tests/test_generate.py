@@ -51,6 +51,8 @@ def test_cli_document_from_stdin_with_question():
     (["--prompt", "   \n"], "the prompt is empty"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "must be a positive integer"),
     (["--prompt", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--prompt", "hi", "--cache", "sparse", "--select", "channels", "--channels", "999"],
+     "--channels: channels 999 exceeds the model's head_dim 64"),
     (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--prompt", "hi", "--cache", "magic"], "invalid choice: 'magic'"),
     (["--prompt", "hi", "--model", "/no/such/model"], "no such file or directory"),
