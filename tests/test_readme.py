@@ -30,7 +30,7 @@ def test_every_readme_measurement_row_comes_from_a_results_file():
 
 
 def test_the_readme_teaches_in_at_most_16_kb():
-    assert len((ROOT / "README.md").read_bytes()) <= 16 * 1024  # findings go to research/README.md
+    assert len((ROOT / "README.md").read_bytes()) < 16000  # findings go to research/README.md
 
 
 def defines(node: ast.stmt, name: str) -> bool:
