@@ -151,6 +151,23 @@ MUTANTS = [
            "return super().scores(self.predicted(q), lo, hi)", "return super().scores(q, lo, hi)",
            ("tests/test_kvcache.py::test_the_predicted_sketch_ranks_with_the_predicted_query",),
            "sketch-predicted ranks with the step's own query"),
+    Mutant("decode-inside-the-sinks", "kvcache.py",
+           "first_recent = min(max(self.sink, L - self.recent), L)", "first_recent = max(self.sink, L - self.recent)",
+           ("tests/test_kvcache.py::test_window_layer_keeps_sinks_and_recent",),
+           "a layer decoding while its sinks still fill builds a window from beyond the last token"),
+    Mutant("chat-text-as-special-tokens", "tokenizer.py",
+           'self.encode(m["content"], False, special_text=False)', 'self.encode(m["content"], False, special_text=True)',
+           ("tests/test_generate.py::test_a_document_cannot_forge_chat_turns",),
+           "a document's special-token text becomes control tokens again"),
+    Mutant("manifest-ignores-mtime", "checkpoint.py",
+           'if path.stat().st_mtime_ns != rec.get("mtime_ns"):', 'if False:',
+           ("tests/test_checkpoint.py::test_the_full_check_sees_a_change_between_sampled_blocks",),
+           "a write to a converted model after its conversion goes unnoticed by the cheap check"),
+    Mutant("penalty-boosts-positive-logits", "generate.py",
+           "torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty)",
+           "torch.where(x > 0, x * s.repetition_penalty, x / s.repetition_penalty)",
+           ("tests/test_generate.py::test_repetition_penalty_divides_positive_logits_and_multiplies_negative_ones",),
+           "the repetition penalty makes a seen token more likely"),
 ]
 
 
