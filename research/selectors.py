@@ -99,9 +99,14 @@ class ShortlistSelector(SketchSelector):
     options = {"shortlist": 4}  # candidates fetched per retrieved token
 
     @classmethod
+    def factor(cls, cfg) -> int:
+        """Candidates fetched per retrieved token: the select option, else its default."""
+        return cfg.select_options.get("shortlist", cls.options["shortlist"])
+
+    @classmethod
     def check(cls, cfg, head_dim, kernels):
         super().check(cfg, head_dim, kernels)
-        n = cfg.select_options.get("shortlist", cls.options["shortlist"])
+        n = cls.factor(cfg)
         if not isinstance(n, int) or n < 1:
             raise ConfigError("select_options", f"shortlist must be an integer >= 1 (candidates per retrieved "
                                                 f"token), got {n!r}")
@@ -111,13 +116,13 @@ class ShortlistSelector(SketchSelector):
 
     @classmethod
     def score_width(cls, cfg, max_len):
-        return max(max_len, cfg.topk * cfg.select_options.get("shortlist", cls.options["shortlist"]))
+        return max(max_len, cfg.topk * cls.factor(cfg))
 
     @classmethod
     def shared(cls, cfg, *, max_len, n_kv, hd, n_heads, dim, device, dtype, kernels):
         shared = super().shared(cfg, max_len=max_len, n_kv=n_kv, hd=hd, n_heads=n_heads, dim=dim, device=device,
                                 dtype=dtype, kernels=kernels)
-        M = cfg.select_options.get("shortlist", cls.options["shortlist"]) * cfg.topk
+        M = cls.factor(cfg) * cfg.topk
         score_dtype = shared["scores"].dtype if "scores" in shared else torch.float32
         stream = kernels and dim is not None and torch.device(device).type == "cuda"
         shared["shortlist"] = Shortlist(n_kv, M, hd, dim, device, dtype, score_dtype, stream=stream)
@@ -129,7 +134,7 @@ class ShortlistSelector(SketchSelector):
 
     @classmethod
     def describe(cls, cfg):
-        return f" ({cfg.select_options.get('shortlist', cls.options['shortlist'])}x top-k candidates)"
+        return f" ({cls.factor(cfg)}x top-k candidates)"
 
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
