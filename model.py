@@ -32,7 +32,7 @@ class ModelArgs:
     head_dim: int = 0  # 0: dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...}
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3" | "yarn", ...} (rope_scaling_of)
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections (Llama and Mistral have none)
@@ -82,38 +82,105 @@ class ModelArgs:
         # checkpoints {"rope_theta": ..., "rope_scaling": {rope_type|type, ...} | null}
         scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling")
         theta = cfg.get("rope_theta", (scaling or {}).get("rope_theta", 10000.0))
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind != "llama3":
-                raise ValueError(f"unsupported rope_scaling type {kind!r}: only 'llama3' (and none) are supported")
+        max_pos = cfg.get("max_position_embeddings", 4096)
+        scaling = rope_scaling_of(scaling, max_pos)
+        if scaling is not None and scaling["rope_type"] == "yarn":  # Qwen2.5 keeps 32768 and says "factor 4"
+            max_pos = max(max_pos, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
         eos = cfg.get("eos_token_id")
         return cls(
             dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
             n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], head_dim=cfg.get("head_dim") or 0,
             norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
-            rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
+            rope_scaling=scaling, max_seq_len=max_pos,
             tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=arch == "Qwen2ForCausalLM",
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
 
 
 # ---------------------------------------------------------------------------------------- RoPE
 
+YARN_KEYS = {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim", "truncate"}
+LLAMA3_KEYS = {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}
+
+
+def rope_scaling_of(s: dict | None, max_pos: int) -> dict | None:
+    """A config's RoPE scaling, checked and in one spelling ({"rope_type": ..., ...}), or None for plain RoPE.
+    Fields this engine does not implement are refused, never ignored."""
+    if s is None:
+        return None
+    s = {k: v for k, v in s.items() if v is not None and k not in ("rope_theta", "type")} | \
+        {"rope_type": s.get("rope_type", s.get("type", "default"))}
+    kind = s["rope_type"]
+    if kind == "default":
+        return None
+    if kind not in ("llama3", "yarn"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}: 'llama3' and 'yarn' (and none) are supported")
+    unknown = set(s) - {"rope_type", "partial_rotary_factor"} - (YARN_KEYS if kind == "yarn" else LLAMA3_KEYS)
+    if unknown:
+        raise ValueError(f"rope_scaling {kind} with {', '.join(sorted(unknown))} is not supported")
+    s.setdefault("original_max_position_embeddings", max_pos)  # as transformers does
+    if "factor" not in s and kind == "yarn":  # transformers' rule (DeepSeek-V3 writes no factor)
+        s["factor"] = max_pos / s["original_max_position_embeddings"]
+    for key in ("factor", "original_max_position_embeddings"):
+        v = s.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"rope_scaling {kind}: {key} must be a positive number, got {v!r}")
+    return s
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama 3.1's long-context rescaling if configured."""
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim)
+    """Inverse frequencies (head_dim/2,): plain, or rescaled for a long context as Llama 3.1 or YaRN do."""
+    hd = args.head_dim
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     s = args.rope_scaling
     if s is None:
         return inv_freq.float()
-    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_len = s["original_max_position_embeddings"]
+    factor, old_len = s["factor"], s["original_max_position_embeddings"]
+    if s["rope_type"] == "yarn":
+        # NTK-by-parts (YaRN, arXiv 2309.00071): a frequency that turns more than beta_fast times over the
+        # original context keeps its value, one that turns fewer than beta_slow times is divided by `factor`,
+        # and between those two dimensions the mix ramps linearly (dimension bounds rounded outwards)
+        def dim_of(rotations):  # the dimension whose frequency turns `rotations` times over old_len
+            return hd * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(args.rope_theta))
+        lo, hi = dim_of(s.get("beta_fast", 32)), dim_of(s.get("beta_slow", 1))
+        if s.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, hd - 1)
+        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+        return (inv_freq / factor * ramp + inv_freq * (1 - ramp)).float()
+    lo, hi = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     wavelen = 2 * math.pi / inv_freq
-    # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
     smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
     scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     return scaled.float()
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """What YaRN multiplies cos and sin by (so q.k by its square): sharper attention over a longer context,
+    0.1 ln(factor) + 1 unless the config gives attention_factor (or DeepSeek's mscale pair). 1 otherwise."""
+    s = args.rope_scaling
+    if s is None or s["rope_type"] != "yarn":
+        return 1.0
+    if "attention_factor" in s:
+        return float(s["attention_factor"])
+
+    def m(scale, mscale=1.0):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return m(s["factor"], s["mscale"]) / m(s["factor"], s["mscale_all_dim"])
+    return m(s["factor"])
+
+
+def with_rope_scaling(cfg: dict, scaling: dict) -> dict:
+    """config.json's fields with its RoPE scaling replaced by `scaling` ({"rope_type": "default"}: none),
+    in either config spelling; the theta stays. What --rope-scaling does to a model."""
+    old = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if "original_max_position_embeddings" not in scaling and old.get("original_max_position_embeddings"):
+        scaling = {**scaling, "original_max_position_embeddings": old["original_max_position_embeddings"]}
+    cfg = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    return cfg | {"rope_theta": cfg.get("rope_theta", old.get("rope_theta", 10000.0)), "rope_scaling": scaling}
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -208,13 +275,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.rope_scale = rope_attention_factor(args)  # YaRN's; 1.0 for every other RoPE
 
     def rope(self, start, T: int, device):
         """cos, sin (T, hd/2) for positions start..start+T-1; start is an int, or a device tensor
         (a decode step that runs without the host knowing the position, as in a CUDA graph)."""
         pos = (torch.arange(T, device=device) + start).float()
         freqs = pos[:, None] * self.inv_freq[None, :]
-        return freqs.cos(), freqs.sin()
+        if self.rope_scale == 1.0:
+            return freqs.cos(), freqs.sin()
+        return freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
 
     def forward(self, tokens: torch.Tensor, cache, start, logits_at: slice | None = slice(-1, None)):
         """Decode tokens (B, T) at positions start..start+T-1 (start an int), appending to `cache`: one
@@ -293,11 +363,14 @@ def hf_name_map(n_layers: int) -> dict[str, str]:
     return m
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Build the model on the meta device and fill it from the directory's safetensors files."""
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               rope_scaling: dict | None = None):
+    """Build the model on the meta device and fill it from the directory's safetensors files.
+    rope_scaling, if given, replaces the config's (e.g. {"rope_type": "yarn", "factor": 4.0})."""
     from safetensors import safe_open
     model_dir = Path(model_dir)
-    args = ModelArgs.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    args = ModelArgs.from_hf_config(cfg if rope_scaling is None else with_rope_scaling(cfg, rope_scaling))
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -72,6 +72,65 @@ def test_tiny_models_match_transformers(tmp_path, config, v4, device):
         assert model.layers[1].attn.wk.bias is not None and model.layers[1].attn.wk.bias.abs().min() > 0
 
 
+TINY_QWEN2_YARN = {  # a prompt of 200 tokens runs past the 64 positions it was "trained" on
+    **TINY_QWEN2, "rope_theta": 10000.0, "max_position_embeddings": 64,  # the YaRN ramp spans dims 0..5 of 16
+    "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
+TINY_QWEN2_YARN_TUNED = {  # transformers 5's spelling, every knob set
+    **TINY_QWEN2_YARN, "rope_scaling": None,
+    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 3.0, "original_max_position_embeddings": 64,
+                        "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 0.9, "mscale_all_dim": 0.7}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [TINY_QWEN2_YARN, TINY_QWEN2_YARN_TUNED], ids=["yarn-v4-config", "yarn-knobs"])
+def test_yarn_matches_transformers(tmp_path, config, device):
+    """YaRN (frequencies mixed per dimension, cos/sin scaled) equals transformers' past the original
+    context; the same weights with plain RoPE do not, by far (the test can fail)."""
+    path = write_hf_model(tmp_path, config, seed=1)
+    model = load_model(path, device)
+    assert model.args.rope_scaling["rope_type"] == "yarn" and model.rope_scale != 1.0
+    assert model.args.max_seq_len == int(model.args.rope_scaling["factor"] * 64)
+    tokens = torch.randint(0, config["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))
+    ref = hf_logits(path, tokens)
+    assert_close(full_logits(model, tokens), ref)
+    plain = load_model(path, device, rope_scaling={"rope_type": "default"})
+    assert plain.args.rope_scaling is None and plain.rope_scale == 1.0
+    assert (full_logits(plain, tokens) - ref).abs().max() > 100 * RTOL * ref.abs().max()
+
+
+def test_rope_scaling_given_at_load_equals_the_config(tmp_path):
+    """load_model(..., rope_scaling=...) (what --rope-scaling yarn --rope-scale 4 does) builds the model
+    a config with that scaling builds, from either config spelling."""
+    plain = write_hf_model(tmp_path / "plain", {**TINY_QWEN2_YARN, "rope_scaling": None}, seed=1)
+    yarn = write_hf_model(tmp_path / "yarn", TINY_QWEN2_YARN, seed=1)
+    tokens = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(2))
+    given = load_model(plain, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert given.args.rope_scaling == load_model(yarn).args.rope_scaling
+    torch.testing.assert_close(full_logits(given, tokens), full_logits(load_model(yarn), tokens), rtol=0, atol=0)
+    to_v4_layout(plain)
+    assert load_model(plain, rope_scaling={"rope_type": "yarn", "factor": 4.0}).args == given.args
+
+
+@pytest.mark.parametrize("cache,kernels", [("full", False), ("sparse", False), ("full", True)],
+                         ids=["full", "sparse", "full-kernels"])
+def test_yarn_greedy_ids_match_transformers(tmp_path, cache, kernels):
+    """Greedy decoding of a YaRN Qwen2 past its original context: our ids equal HF's through the full
+    and the offloaded cache (every token retrieved), on the PyTorch path and on the kernels' (the Triton
+    RoPE, in the interpreter on a CPU)."""
+    import transformers
+
+    from generate import generate
+    from kvcache import CacheConfig
+    path = write_hf_model(tmp_path, TINY_QWEN2_YARN, seed=3)
+    model = load_model(path)
+    prompt = torch.randint(3, 300, (1, 120), generator=torch.Generator().manual_seed(4))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 120:]
+    kv = KVCache(model, 132, CacheConfig(cache, budget=512, sink=4, recent=8), kernels=kernels)
+    ours, _ = generate(model, kv, prompt[0].tolist(), max_new_tokens=12)
+    assert ours == theirs.tolist()
+
+
 @pytest.mark.parametrize("cache", ["full", "sparse"])
 def test_qwen2_greedy_ids_match_transformers(tmp_path, cache):
     """Greedy decoding through our cache (prefill, then one token at a time) picks the ids HF's generate
@@ -156,8 +215,14 @@ def test_config_errors():
         ModelArgs.from_hf_config({**base, "attention_bias": True})
     with pytest.raises(ValueError, match="sliding-window"):
         ModelArgs.from_hf_config({**TINY_QWEN2, "use_sliding_window": True})
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        ModelArgs.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
+        ModelArgs.from_hf_config({**base, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
+    for bad, message in (({"factor": -4.0}, "factor must be a positive number, got -4.0"),
+                         ({"factor": "4"}, "factor must be a positive number"),
+                         ({"factor": 4.0, "original_max_position_embeddings": 0}, "original_max_position_embeddings"),
+                         ({"factor": 4.0, "extrapolation_factor": 2.0}, "yarn with extrapolation_factor")):
+        with pytest.raises(ValueError, match=message):
+            ModelArgs.from_hf_config({**TINY_QWEN2, "rope_scaling": {"type": "yarn", **bad}})
     with pytest.raises(ValueError, match="sliding-window"):
         ModelArgs.from_hf_config({**TINY_MISTRAL, "sliding_window": 64})
     with pytest.raises(AssertionError, match="cannot be split evenly"):
