@@ -9,6 +9,7 @@
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -317,10 +318,11 @@ def convert_gguf(gguf_path: Path, tmp: Path):
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "
                          f"({' or '.join(GGUF_ARCHITECTURES)})")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors) or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
-        raise ValueError(f"{gguf_path.name}: RoPE scaling in GGUF form is not supported; "
-                         "load the model's HF safetensors instead (--model REPO_ID or DIR)")
     hp = {k[len(arch) + 1:]: v for k, v in meta.items() if k.startswith(arch + ".")}  # hyperparameters
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):  # llama3's scaling, baked into a tensor
+        raise ValueError(f"{gguf_path.name}: RoPE scaling in GGUF form (rope_freqs) is not supported; "
+                         "load the model's HF safetensors instead (--model REPO_ID or DIR)")
+    rope_scaling = gguf_rope_scaling(hp, gguf_path.name)
     n_heads = hp["attention.head_count"]
     n_kv, dim = hp.get("attention.head_count_kv", n_heads), hp["embedding_length"]
     tensors = {}
@@ -352,6 +354,7 @@ def convert_gguf(gguf_path: Path, tmp: Path):
         "max_position_embeddings": hp["context_length"], "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
         "tie_word_embeddings": tied, "bos_token_id": tok_ids["bos"], "eos_token_id": tok_ids["eos"],
         "torch_dtype": "float32", "_name_or_path": meta.get("general.name", gguf_path.stem),
+        "rope_scaling": rope_scaling,
     }
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -360,6 +363,28 @@ def convert_gguf(gguf_path: Path, tmp: Path):
                   "add_bos_token": tok_ids["add_bos"], "chat_template": meta.get("tokenizer.chat_template")}
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf_path.name})
+
+
+def gguf_rope_scaling(hp: dict, name: str) -> dict | None:
+    """A GGUF's rope.scaling.* keys as a config.json rope_scaling: YaRN, or none. llama.cpp's attn_factor
+    multiplies YaRN's own 0.1 ln(factor) + 1, where transformers' attention_factor replaces it."""
+    kind = hp.get("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    odd = [k for k in ("rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor",
+                       "rope.scaling.yarn_attn_factor") if k in hp]
+    if kind != "yarn" or odd:
+        raise ValueError(f"{name}: RoPE scaling {kind!r}{' with ' + ', '.join(odd) if odd else ''} in GGUF form "
+                         "is not supported (yarn is); load the model's HF safetensors instead (--model REPO_ID or DIR)")
+    factor = float(hp["rope.scaling.factor"])
+    s = {"rope_type": "yarn", "factor": factor,
+         "original_max_position_embeddings": int(hp.get("rope.scaling.original_context_length", hp["context_length"]))}
+    for gguf_key, key in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+        if gguf_key in hp:
+            s[key] = float(hp[gguf_key])
+    if "rope.scaling.attn_factor" in hp:
+        s["attention_factor"] = float(hp["rope.scaling.attn_factor"]) * (0.1 * math.log(factor) + 1 if factor > 1 else 1)
+    return s
 
 
 def gguf_tokenizer(reader, meta):

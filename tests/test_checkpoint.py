@@ -95,9 +95,10 @@ GGUF_NAMES = {v: k for k, v in {**checkpoint.GGUF_NAMES, **{f"blk.{{i}}.{a}": f"
                                                               for a, b in checkpoint.GGUF_LAYER_NAMES.items()}}.items()}
 
 
-def write_qwen2_gguf(path, hf_dir, tokenizer_gguf):
+def write_qwen2_gguf(path, hf_dir, tokenizer_gguf, yarn: dict | None = None):
     """A qwen2 GGUF as llama.cpp writes one (q/k rows in HF order), from the HF model in hf_dir, with the
-    tokenizer of `tokenizer_gguf`: the attention and MLP input weights Q8_0 and Q5_0, the rest F32."""
+    tokenizer of `tokenizer_gguf`: the attention and MLP input weights Q8_0 and Q5_0, the rest F32.
+    yarn: rope.scaling.* keys to write ({"factor": ..., "orig_ctx_len": ..., "yarn_beta_fast": ...})."""
     import gguf
     from safetensors.torch import load_file
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -111,6 +112,10 @@ def write_qwen2_gguf(path, hf_dir, tokenizer_gguf):
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if yarn is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        for key, value in yarn.items():
+            getattr(w, f"add_rope_scaling_{key}")(value)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
@@ -182,6 +187,35 @@ def test_qwen2_gguf_agrees_with_transformers(qwen2_gguf):
     assert tok.encode(text) == hf_tok(text)["input_ids"]
     assert [tok.decode([i]) for i in tok.encode("31415")] == list("31415")
     assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")  # composed first, as Qwen2's own tokenizer does
+
+
+def test_a_yarn_gguf_carries_its_rope_scaling(tmp_path):
+    """A GGUF's rope.scaling.* keys become the config's YaRN (llama.cpp's attn_factor multiplies YaRN's
+    own factor); the model loads with the scaling transformers builds from that config; what this engine
+    cannot honour is refused."""
+    import math
+
+    from model import ModelArgs, load_model
+    hf_dir = write_hf_model(tmp_path / "hf", {**TINY_QWEN2, "vocab_size": 49152, "max_position_embeddings": 64,
+                                              "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                               "original_max_position_embeddings": 64}}, seed=5)
+    path = write_qwen2_gguf(tmp_path / "yarn.gguf", hf_dir, checkpoint.default_gguf(),
+                            yarn={"factor": 4.0, "orig_ctx_len": 64})
+    ours = load_model(checkpoint.resolve_model(str(path)))
+    assert ours.args.rope_scaling == load_model(hf_dir).args.rope_scaling
+    assert ours.args.max_seq_len == 256 and ours.rope_scale == 0.1 * math.log(4.0) + 1
+    hp = {"context_length": 131072, "rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+          "rope.scaling.original_context_length": 32768, "rope.scaling.attn_factor": 0.5,
+          "rope.scaling.yarn_beta_fast": 16.0, "rope.scaling.yarn_beta_slow": 2.0}
+    s = checkpoint.gguf_rope_scaling(hp, "x.gguf")
+    assert s == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 16.0,
+                 "beta_slow": 2.0, "attention_factor": 0.5 * (0.1 * math.log(4.0) + 1)}
+    ModelArgs.from_hf_config({**TINY_QWEN2, "rope_scaling": s})  # a config the model accepts
+    assert checkpoint.gguf_rope_scaling({"context_length": 8}, "x.gguf") is None
+    for odd in ({"rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
+                {**hp, "rope.scaling.yarn_log_multiplier": 0.1}):
+        with pytest.raises(ValueError, match="not supported"):
+            checkpoint.gguf_rope_scaling({"context_length": 8, **odd}, "x.gguf")
 
 
 def test_gguf_of_other_architecture_is_refused(tmp_path):
