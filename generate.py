@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import is_converted, resolve_model
+from checkpoint import NAMED_MODELS, is_converted, resolve_model
 from kvcache import POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, kernels_available
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
@@ -405,7 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8", help="of --prompt-file (and stdin)")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict",
                    help="undecodable bytes in the prompt: refuse (strict) or replace them by U+FFFD")
-    p.add_argument("--model", help="HF-layout directory, HF repo id, or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="HF-layout directory, HF repo id, .gguf file, or a named model: "
+                                   f"{', '.join(NAMED_MODELS)} (32k context; 128k with --rope-scaling yarn "
+                                   "--rope-scale 4, as their model cards say) (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--rope-scaling", choices=["none", "yarn"],
+                   help="replace the model's RoPE scaling: yarn stretches its context --rope-scale times "
+                        "(default: the model's config)")
+    p.add_argument("--rope-scale", type=float, help="with --rope-scaling yarn: the factor, 4 for 32k -> 128k (default: none; it must be given)")
+    p.add_argument("--yarn-orig-ctx", type=positive_int,
+                   help="with --rope-scaling yarn: the context the model was trained on (default: its config's)")
     p.add_argument("--verify-model", action="store_true",
                    help="check every byte of a converted GGUF's cache entry against its manifest (default: sizes "
                         "and sampled blocks)")
@@ -485,6 +493,11 @@ def parse_args(argv=None):
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.repetition_penalty is not None and not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
         p.error(f"--repetition-penalty must be a finite number > 0 (1 is off), got {args.repetition_penalty}")
+    if (args.rope_scale is not None or args.yarn_orig_ctx is not None) and args.rope_scaling != "yarn":
+        p.error("--rope-scale and --yarn-orig-ctx go with --rope-scaling yarn")
+    if args.rope_scaling == "yarn" and not (args.rope_scale is not None and 1 <= args.rope_scale <= 1024):
+        p.error(f"--rope-scaling yarn needs --rope-scale F, a number from 1 to 1024 (4 turns a 32k model into a "
+                f"128k one), got {args.rope_scale}")
     if args.repeat_last_n < -1:
         p.error(f"--repeat-last-n must be -1 (all tokens), 0 (none) or a count, got {args.repeat_last_n}")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -537,11 +550,22 @@ def versions() -> dict:
     return v
 
 
+def rope_scaling_of(args) -> dict | None:
+    """--rope-scaling as a config's rope_scaling (None: keep the config's)."""
+    if args.rope_scaling is None:
+        return None
+    if args.rope_scaling == "none":
+        return {"rope_type": "default"}
+    s = {"rope_type": "yarn", "factor": args.rope_scale}
+    return s if args.yarn_orig_ctx is None else s | {"original_max_position_embeddings": args.yarn_orig_ctx}
+
+
 def load(args, device, dtype):
     """Model directory, tokenizer and model. A converted GGUF that fails to load is converted again, once."""
     model_dir = resolve_model(args.model, verify=args.verify_model)
+    rope = rope_scaling_of(args)
     try:
-        return model_dir, Tokenizer(model_dir), load_model(model_dir, device, dtype)
+        return model_dir, Tokenizer(model_dir), load_model(model_dir, device, dtype, rope)
     except Exception as e:  # noqa: BLE001 - any failure of a cache entry we wrote ourselves means: rebuild it
         if not is_converted(model_dir):
             if isinstance(e, (OSError, ValueError)):
@@ -549,7 +573,7 @@ def load(args, device, dtype):
             raise ValueError(f"the model in {model_dir} does not load: {type(e).__name__}: {e}") from None
         log(f"the converted model in {model_dir} does not load ({type(e).__name__}: {e}): converting it again")
         model_dir = resolve_model(args.model, rebuild=True)
-        return model_dir, Tokenizer(model_dir), load_model(model_dir, device, dtype)
+        return model_dir, Tokenizer(model_dir), load_model(model_dir, device, dtype, rope)
 
 
 def set_threads(requested: int | None) -> int:
@@ -589,8 +613,11 @@ def run(args, report: dict) -> int:
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
     cfg, plan_info = tailor_layers(cache_config(args), args.plan, model, bits_given=args.bits is not None,
                                    split=args.topk_split)
+    rope = model.args.rope_scaling
+    yarn = (f" (YaRN x{rope['factor']:g} of {rope['original_max_position_embeddings']})"
+            if rope and rope["rope_type"] == "yarn" else "")
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
-        f"on {device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context; "
+        f"on {device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context{yarn}; "
         f"cache {describe(cfg, model.args.n_layers)}")
     on_cuda = torch.device(device).type == "cuda"
     kernels = on_cuda if args.kernels is None else args.kernels
@@ -604,7 +631,8 @@ def run(args, report: dict) -> int:
         raise UsageError("--kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
     if args.cuda_graph and not (kernels and on_cuda):
         raise UsageError("--cuda-graph needs a CUDA device and the kernel path (drop --no-kernels)")
-    report.update(model=str(model_dir), kernels=kernels, prompt_tokens=len(ids), stage="allocating the cache",
+    report.update(model=str(model_dir), rope_scaling=rope, context=ctx, kernels=kernels, prompt_tokens=len(ids),
+                  stage="allocating the cache",
                   policy={"cache": args.cache, **vars(cfg), "prefill_chunk": args.prefill_chunk, "layer_plan": plan_info},
                   sampling={**vars(sampling), "chat": chat})
     cache = make_cache(cfg, model, len(ids) + max_new, device=device, dtype=dtype, chunk=args.prefill_chunk,

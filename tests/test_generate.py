@@ -75,6 +75,10 @@ def test_cli_bad_input(args, message):
     (["--prompt", "hi", "--encoding", "klingon"], "--encoding 'klingon' is not an encoding"),
     (["--prompt-file", "/tmp"], "prompt file /tmp is a directory"),
     (["--prompt-file", "/bin/ls"], "prompt file /bin/ls looks like a binary file (NUL byte at offset"),
+    (["--prompt", "hi", "--rope-scale", "4"], "--rope-scale and --yarn-orig-ctx go with --rope-scaling yarn"),
+    (["--prompt", "hi", "--rope-scaling", "yarn"], "--rope-scaling yarn needs --rope-scale F"),
+    (["--prompt", "hi", "--rope-scaling", "yarn", "--rope-scale", "nan"], "a number from 1 to 1024"),
+    (["--prompt", "hi", "--rope-scaling", "yarn", "--rope-scale", "1e308"], "a number from 1 to 1024"),
 ])
 def test_cli_refuses_before_loading_the_model(args, message):
     r = cli(*args)
@@ -151,6 +155,19 @@ def test_cli_a_prompt_shorter_than_the_sinks_decodes(tmp_path):
     """Two tokens, no chat template, one-token prefill chunks: decoding starts before the 8 sinks are full."""
     r = cli("--prompt", "Hi", "--no-chat", "--cache", "tailor", "--prefill-chunk", "1", "--max-new-tokens", "12")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_yarn_stretches_the_context(tmp_path):
+    """--rope-scaling yarn --rope-scale 4: the default model's 8192-token context becomes 32768, said and
+    reported; --rope-scaling none is the config's plain RoPE (the same golden answer)."""
+    report = tmp_path / "run.json"
+    r = cli("--prompt", "What is the capital of France?", "--rope-scaling", "yarn", "--rope-scale", "4",
+            "--max-new-tokens", "4", "--report", str(report))
+    assert r.returncode == 0 and "prompt 37 tokens of 32768 context (YaRN x4 of 8192)" in r.stderr, r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["context"] == 32768 and rep["rope_scaling"]["rope_type"] == "yarn"
+    r = cli("--prompt", "What is the capital of France?", "--rope-scaling", "none")
+    assert r.returncode == 0 and r.stdout == "The capital of France is Paris.\n", r.stderr
 
 
 def test_cli_empty_prompt_file(tmp_path):
