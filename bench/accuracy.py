@@ -211,9 +211,9 @@ class Prefilled:
 
 @torch.inference_mode()
 def decode(model, cfg: CacheConfig, prompt: list[int] | Prefilled, n: int, choose) -> dict:
-    """Prefill prompt (or load an already prefilled one), then n decode steps; choose(i, logits) sees
-    the prediction for position len(prompt) + i and returns the token fed there. Returns the cache's
-    memory report. On CUDA the decode steps run on the kernel path, replayed from a CUDA graph."""
+    """Prefill prompt (or load an already prefilled one), then up to n decode steps; choose(i, logits) sees
+    the prediction for position len(prompt) + i and returns the token fed there (None: stop). Returns the
+    cache's memory report. On CUDA the decode steps run on the kernel path, replayed from a CUDA graph."""
     dev, dtype = model.embed.weight.device, model.embed.weight.dtype
     ids = prompt.ids if isinstance(prompt, Prefilled) else prompt
     kernels = dev.type == "cuda" and SELECTORS[cfg.select].has_kernel_path()  # the PyTorch path for the others
@@ -226,6 +226,8 @@ def decode(model, cfg: CacheConfig, prompt: list[int] | Prefilled, n: int, choos
     decoder = Decoder(model, cache)
     for i in range(n):
         token = choose(i, logits)
+        if token is None:
+            break
         if i + 1 < n:
             logits = decoder.step(token, len(ids) + i)
     return cache.memory_report()

@@ -157,6 +157,20 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "Default model, fp32 on the PyTorch path, 2 CPU cores; an interrupted run: the documents it finished (the "
      "table's count). shortlist-heads ranks per query head at both stages: the predicted queries' softmax over "
      "the sketch picks the candidates, the step's queries' softmax over their exact keys the top-k."),
+    ("RULER from 4k to 128k tokens: Qwen2.5-Coder-1.5B-Instruct, H200", "ruler_qwen15_h200.md",
+     "python bench/ruler.py --model qwen2.5-coder-1.5b --device cuda --dtype bfloat16 --lengths 4096 8192 16384 32768 "
+     "--out bench/results/ruler/qwen15_native; the same with --lengths 65536 131072 --rope-scaling yarn --rope-scale 4 "
+     "--out bench/results/ruler/qwen15_yarn; merged by python bench/ruler.py --replot bench/results/ruler/qwen15_*.json "
+     "--out bench/results/ruler_qwen15_h200", "ruler_qwen15_h200.png",
+     "RULER's task families written from the paper (bench/ruler.py's docstring): s1-s3 single needle (noise, long "
+     "text, UUID value), mk1-mk3 multi-key (distractors; a haystack of needles; UUID keys), mv multi-value, mq "
+     "multi-query, vt variable tracking, cwe/fwe common/frequent words. Recall per task, greedy, bf16, decode on the "
+     "kernel path in a CUDA graph; every policy decodes from the same prefill. @1024: the paper's RULER budget per "
+     "offloaded layer; no @: the default 192. Past the model's 32k context, YaRN x4 (as its model card says)."),
+    ("RULER at 4k tokens on a CPU: Qwen2.5-Coder-0.5B-Instruct", "ruler_qwen05_cpu.md",
+     "python bench/ruler.py --model qwen2.5-coder-0.5b --lengths 4096 --out bench/results/ruler_qwen05_cpu",
+     "ruler_qwen05_cpu.png", "The quick setting: one prompt per task, fp32 on the PyTorch path, 2 CPU cores "
+     "(about 18 minutes)."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py over a 20k-token file, Qwen2.5-Coder-0.5B on a CPU", "generate_qwen.md",

@@ -1,0 +1,86 @@
+"""bench/ruler.py: every task's prompt has exactly its length and holds its answers, the scoring is RULER's
+recall, and a small run writes its JSON and table (and merges runs)."""
+import collections
+import json
+
+import pytest
+
+import ruler
+from tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def builder(default_dir):
+    return ruler.Builder(Tokenizer(default_dir))
+
+
+@pytest.mark.parametrize("length", [600, 3001])
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_every_prompt_has_its_length_and_its_answers(builder, task, length):
+    p = builder.build(task, length, 0)
+    assert len(p.ids) == length and p.answers and p.n_new > 0
+    text = builder.tok.decode(p.ids)
+    assert all(a in text for a in p.answers), p.answers
+    turns = builder.tok.render_chat([{"role": "user", "content": "x"}]).count("<|im_start|>")
+    assert text.count("<|im_start|>") == turns and text.rstrip().endswith(":" if task in ("vt", "cwe", "fwe") else "is"
+                                                                       if task not in ("niah_multivalue", "niah_multiquery")
+                                                                       else "are")
+    assert builder.build(task, length, 0).ids == p.ids  # seeded by task, length and sample
+    assert builder.build(task, length, 1).ids != p.ids
+
+
+def test_the_needles_are_where_the_answers_say(builder):
+    """multikey_1 hides three distractors beside the needle; multiquery asks for four keys, each value once."""
+    p = builder.build("niah_multikey_1", 2000, 0)
+    text = builder.tok.decode(p.ids)
+    assert text.count("The special magic number for") == 4 + 1  # the needles, and the answer's start
+    p = builder.build("niah_multiquery", 2000, 0)
+    assert len(p.answers) == 4 and len(set(p.answers)) == 4
+
+
+def test_common_and_frequent_words_are_the_most_common(builder):
+    for length in (600, 3001):
+        p = builder.build("cwe", length, 0)
+        counts = collections.Counter(w for w in builder.tok.decode(p.ids).split() if w.isalpha())
+        others = [c for w, c in counts.items() if w not in p.answers and w.islower()]
+        assert len(p.answers) == 10 and min(counts[w] for w in p.answers) > max(others), (length, counts.most_common(14))
+        p = builder.build("fwe", length, 0)
+        counts = collections.Counter(builder.tok.decode(p.ids).split())
+        assert len(p.answers) == 3 and [counts[w] for w in p.answers] == sorted((counts[w] for w in p.answers), reverse=True)
+        assert min(counts[w] for w in p.answers) > max(c for w, c in counts.items() if len(w) == 6 and w not in p.answers)
+
+
+def test_score_is_the_recall_of_the_expected_strings():
+    assert ruler.score("The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert ruler.score("the VARIABLES are ABCDE", ["abcde", "FGHIJ"]) == 0.5
+    assert ruler.score("", ["x"]) == 0.0
+
+
+def test_a_small_run_writes_json_and_table_and_runs_merge(tmp_path):
+    out = tmp_path / "r"
+    assert ruler.main(["--lengths", "512", "--tasks", "niah_single_1", "vt", "--policies", "full", "streaming@64",
+                       "--out", str(out)]) == 0
+    run = json.loads(out.with_suffix(".json").read_text())
+    assert run["meta"]["complete"] and len(run["records"]) == 2 * 2
+    full = next(r for r in run["summary"] if r["policy"] == "full")
+    assert set(full["tasks"]) == {"niah_single_1", "vt"} and full["vs_full"] == 1.0 or full["average"] == 0
+    assert all(0 <= r["score"] <= 1 and r["device_kv_bytes"] > 0 for r in run["records"])
+    table = out.with_suffix(".md").read_text()
+    assert "| 512 | full |" in table and "| 512 | streaming@64 |" in table
+    other = dict(run, records=[dict(r, length=1024, yarn=4.0) for r in run["records"]])
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert ruler.main(["--replot", str(out.with_suffix(".json")), str(tmp_path / "b.json"),
+                       "--out", str(tmp_path / "merged")]) == 0
+    merged = (tmp_path / "merged.md").read_text()
+    assert "| 512 | full |" in merged and "| 1024 (YaRN x4) | full |" in merged
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lengths", "100"], "--lengths must be >= 512"),
+    (["--policies", "tailor-x"], "--policies tailor-x"),
+    (["--lengths", "65536"], "exceeds the model's 8192-token context"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ruler.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
