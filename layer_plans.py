@@ -4,6 +4,7 @@ A plan names the model it was made for by a fingerprint of its config and weight
 finds the plan of a loaded model in plans/ and refuses one made for another. Reading a plan checks
 its structure and names the file and field at fault.
 """
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -24,10 +25,11 @@ def model_name(model_dir: Path) -> str:
     return stem if stem and len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix) else name
 
 
-def fingerprint(model) -> str:
-    """Identity of a model's config and weights, independent of the dtype it was loaded in."""
+def fingerprint(model, args=None) -> str:
+    """Identity of a model's config (args, default its own) and weights, independent of the dtype it was loaded in."""
     # qkv_bias is left to the parameter names below (so plans made before that field existed still match)
-    h = hashlib.sha256(json.dumps({k: v for k, v in vars(model.args).items() if k not in ("eos_token_ids", "qkv_bias")},
+    args = args or model.args
+    h = hashlib.sha256(json.dumps({k: v for k, v in vars(args).items() if k not in ("eos_token_ids", "qkv_bias")},
                                   sort_keys=True).encode())
     for name, p in sorted(model.named_parameters()):
         flat = p.detach().reshape(-1)
@@ -76,11 +78,21 @@ def plan_problem(plan) -> str | None:
     return None
 
 
+def fingerprints(model) -> list[str]:
+    """The fingerprints a plan for `model` may carry: its own, and with YaRN that of the same weights at their
+    native context (a plan measures where each layer's attention goes; stretching RoPE does not move that)."""
+    fps, s = [fingerprint(model)], model.args.rope_scaling
+    if s is not None and s["rope_type"] == "yarn":
+        native = dataclasses.replace(model.args, rope_scaling=None, max_seq_len=s["original_max_position_embeddings"])
+        fps.append(fingerprint(model, native))
+    return fps
+
+
 def load_plan(path: Path, model) -> dict:
     """Read a plan and check that it was made for `model`; refuse it otherwise."""
     plan = read_plan(path)
     fp, made_for = fingerprint(model), plan["model"]
-    if made_for["fingerprint"] != fp:
+    if made_for["fingerprint"] not in fingerprints(model):
         raise ValueError(f"plan {path} was made for {made_for.get('name')!r} (fingerprint {made_for['fingerprint']}), "
                          f"not for the loaded model (fingerprint {fp}); "
                          f"make one with: python profile_layers.py --model <the model>")
@@ -105,10 +117,10 @@ def split_topk(plan: dict, topk: int) -> tuple[int, ...]:
 
 def find_plan(model, plans_dir: Path = PLANS) -> Path | None:
     """The plan in plans_dir whose fingerprint matches the model, if any (unreadable files are passed over)."""
-    fp = fingerprint(model)
+    fps = fingerprints(model)
     for path in sorted(Path(plans_dir).glob("*.json")):
         try:
-            if read_plan(path)["model"]["fingerprint"] == fp:
+            if read_plan(path)["model"]["fingerprint"] in fps:
                 return path
         except ValueError:
             continue

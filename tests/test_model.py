@@ -122,11 +122,12 @@ def test_yarn_greedy_ids_match_transformers(tmp_path, cache, kernels):
     from generate import generate
     from kvcache import CacheConfig
     path = write_hf_model(tmp_path, TINY_QWEN2_YARN, seed=3)
-    model = load_model(path)
+    model = load_model(path, DEVICES[-1] if kernels else "cpu")  # the kernels on a GPU where there is one
     prompt = torch.randint(3, 300, (1, 120), generator=torch.Generator().manual_seed(4))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 120:]
-    kv = KVCache(model, 132, CacheConfig(cache, budget=512, sink=4, recent=8), kernels=kernels)
+    kv = KVCache(model, 132, CacheConfig(cache, budget=512, sink=4, recent=8), device=model.embed.weight.device,
+                 kernels=kernels)
     ours, _ = generate(model, kv, prompt[0].tolist(), max_new_tokens=12)
     assert ours == theirs.tolist()
 

@@ -137,6 +137,18 @@ def test_plan_round_trips_and_is_refused_for_another_model(tmp_path):
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_plan_holds_for_the_same_weights_with_yarn():
+    """--rope-scaling yarn stretches the positions, not where each layer's attention goes: the model's plan
+    (made at its native context) is still found and accepted; other RoPE changes are another model."""
+    d = pl.resolve_model(None)
+    shipped = lp.find_plan(pl.load_model(d))
+    yarn = pl.load_model(d, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert shipped is not None and lp.find_plan(yarn) == shipped and lp.load_plan(shipped, yarn)
+    assert lp.fingerprint(yarn) != lp.fingerprint(pl.load_model(d))
+    llama3 = pl.load_model(d, rope_scaling={"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 2048})
+    assert lp.find_plan(llama3) is None
+
+
 def test_fingerprint_ignores_dtype():
     model = tiny()
     assert lp.fingerprint(model) == lp.fingerprint(tiny().to(torch.bfloat16))
