@@ -94,7 +94,8 @@ class Builder:
         if chat and tok.chat_template:
             mark = "\ue000"
             before, after = tok.render_chat([{"role": "user", "content": mark}]).split(mark)
-            self.before, self.after = self.enc(before), self.enc(after)
+            # the template's markup as its special tokens, everything else as plain text
+            self.before, self.after = (tok.encode(t, add_special_tokens=False) for t in (before, after))
         else:
             self.before, self.after = tok.encode("", add_special_tokens=True), []
         self._essay = None
@@ -307,6 +308,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def averages(rows: list[dict]) -> str:
+    """The averages alone, a policy a row and a length a column, each with its device KV MiB."""
+    lengths = sorted({(r["length"], r.get("yarn")) for r in rows})
+    cells = {(r["policy"], r["length"]): f"{r['average']:.3f} ({r['device_kv_bytes'] / 2**20:.0f})" for r in rows}
+    policies = sorted({r["policy"] for r in rows}, key=lambda p: (p != "full", p))
+    head = [f"{n // 1024}k" + (f" (YaRN x{y:g})" if y else "") for n, y in lengths]
+    out = ["| policy | " + " | ".join(head) + " |", "|---|" + "---|" * len(lengths)]
+    for p in policies:
+        out.append(f"| {p} | " + " | ".join(cells.get((p, n), "–") for n, _ in lengths) + " |")
+    return "\n".join(out)
+
+
 def plot(rows: list[dict], path: Path, title: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -344,7 +357,8 @@ def report(meta: dict, records: list[dict], out: Path):
     header = (f"{model}, {meta['device']}, {meta['dtype']}; RULER recall per task, "
               f"{'/'.join(map(str, samples))} sample(s) per task and length"
               f"{'' if meta.get('complete', True) else ' (an interrupted run: the rows that finished)'}")
-    table = header + "\n\n" + markdown(rows)
+    table = (header + "\n\n" + markdown(rows) + "\n\nAverage over the tasks (device KV MiB) per policy and length:\n\n"
+             + averages(rows))
     try_plot(lambda: plot(rows, out.with_suffix(".png"), f"{model}, {meta['device']}: RULER average vs device KV"))
     publish(out.with_suffix(".md"), table)
     print("\n" + table, flush=True)
