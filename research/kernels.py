@@ -1,4 +1,4 @@
-"""Kernels of the research selectors (research/selectors.py), each beside its PyTorch reference.
+"""Kernels of the research selectors (research/selection.py), each beside its PyTorch reference.
 
   shortlist_scores  q . K of the shortlist selector's candidates, their exact keys on the device
 """

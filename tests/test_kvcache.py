@@ -595,9 +595,9 @@ def test_the_core_registers_the_method_and_research_the_rest():
     assert core == ["sketch", "channels", "sketch-heads"]
     assert everything == core + ["sketch-next", "sketch-predicted", "exact", "exact-heads", "shortlist",
                                  "shortlist-heads"]
-    from research import selectors
+    from research import selection
     core_source = "".join((ROOT / f).read_text() for f in ("kvcache.py", "generate.py", "kernels.py"))
-    own = [name for name, obj in vars(selectors).items() if getattr(obj, "__module__", None) == selectors.__name__]
+    own = [name for name, obj in vars(selection).items() if getattr(obj, "__module__", None) == selection.__name__]
     assert "ShortlistSelector" in own and not [name for name in own if name in core_source]
 
 
