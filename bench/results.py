@@ -171,6 +171,16 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "python bench/ruler.py --model qwen2.5-coder-0.5b --lengths 4096 --out bench/results/ruler_qwen05_cpu",
      "ruler_qwen05_cpu.png", "The quick setting: one prompt per task, fp32 on the PyTorch path, 2 CPU cores "
      "(about 18 minutes)."),
+    ("KVComp's first stage: bits per value of an error-bounded quantizer and its coders, default model",
+     "kvcomp_bits_default.md", "python research/kvcomp.py --docs prose code --context 2048 --eps 0.16666667 0.1 0.05 "
+     "--out bench/results/kvcomp_bits_default.md", None,
+     "research/kvcomp.py: keys in blocks of 32 tokens of a channel, values of 32 channels of a token, quantized so "
+     "that |x - x_hat| <= eps R (R: the block's range, or its channel's over the prompt); eps 1/6 on the block "
+     "range is kivi-2's grid. fixed: KIVI's packing; entropy: the codes' entropy per 1024 (a bound); huffman: "
+     "canonical Huffman per 1024 codes with its table; for: frame of reference per 32 codes."),
+    ("The same on Qwen2.5-Coder-0.5B-Instruct", "kvcomp_bits_qwen05.md",
+     "python research/kvcomp.py --model qwen2.5-coder-0.5b --docs stdlib --context 2048 --eps 0.16666667 0.1 0.05 "
+     "--out bench/results/kvcomp_bits_qwen05.md", None, "As above, on the standard library's argparse.py."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py over a 20k-token file, Qwen2.5-Coder-0.5B on a CPU", "generate_qwen.md",
