@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-scaling", choices=["none", "yarn"],
                    help="replace the model's RoPE scaling: yarn stretches its context --rope-scale times "
                         "(default: the model's config)")
-    p.add_argument("--rope-scale", type=float, help="with --rope-scaling yarn: the factor, 4 for 32k -> 128k (default: none; it must be given)")
+    p.add_argument("--rope-scale", type=float,
+                   help="with --rope-scaling yarn: the factor, 4 for 32k -> 128k (default: none; it must be given)")
     p.add_argument("--yarn-orig-ctx", type=positive_int,
                    help="with --rope-scaling yarn: the context the model was trained on (default: its config's)")
     p.add_argument("--verify-model", action="store_true",

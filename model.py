@@ -109,14 +109,16 @@ def rope_scaling_of(s: dict | None, max_pos: int) -> dict | None:
     Fields this engine does not implement are refused, never ignored."""
     if s is None:
         return None
-    s = {k: v for k, v in s.items() if v is not None and k not in ("rope_theta", "type")} | \
+    if s.get("partial_rotary_factor", 1.0) != 1.0:  # transformers 5 may keep it here
+        raise ValueError(f"partial_rotary_factor {s['partial_rotary_factor']} (RoPE on part of each head) is not supported")
+    s = {k: v for k, v in s.items() if v is not None and k not in ("rope_theta", "type", "partial_rotary_factor")} | \
         {"rope_type": s.get("rope_type", s.get("type", "default"))}
     kind = s["rope_type"]
     if kind == "default":
         return None
     if kind not in ("llama3", "yarn"):
         raise ValueError(f"unsupported rope_scaling type {kind!r}: 'llama3' and 'yarn' (and none) are supported")
-    unknown = set(s) - {"rope_type", "partial_rotary_factor"} - (YARN_KEYS if kind == "yarn" else LLAMA3_KEYS)
+    unknown = set(s) - {"rope_type"} - (YARN_KEYS if kind == "yarn" else LLAMA3_KEYS)
     if unknown:
         raise ValueError(f"rope_scaling {kind} with {', '.join(sorted(unknown))} is not supported")
     s.setdefault("original_max_position_embeddings", max_pos)  # as transformers does

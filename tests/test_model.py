@@ -221,7 +221,8 @@ def test_config_errors():
     for bad, message in (({"factor": -4.0}, "factor must be a positive number, got -4.0"),
                          ({"factor": "4"}, "factor must be a positive number"),
                          ({"factor": 4.0, "original_max_position_embeddings": 0}, "original_max_position_embeddings"),
-                         ({"factor": 4.0, "extrapolation_factor": 2.0}, "yarn with extrapolation_factor")):
+                         ({"factor": 4.0, "extrapolation_factor": 2.0}, "yarn with extrapolation_factor"),
+                         ({"factor": 4.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5")):
         with pytest.raises(ValueError, match=message):
             ModelArgs.from_hf_config({**TINY_QWEN2, "rope_scaling": {"type": "yarn", **bad}})
     with pytest.raises(ValueError, match="sliding-window"):
