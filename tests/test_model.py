@@ -112,7 +112,7 @@ def test_rope_scaling_given_at_load_equals_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("cache,kernels", [("full", False), ("sparse", False), ("full", True)],
-                         ids=["full", "sparse", "full-kernels"])
+                         ids=["full", "sparse", "full-kernels-on-cuda-or-interpreter"])
 def test_yarn_greedy_ids_match_transformers(tmp_path, cache, kernels):
     """Greedy decoding of a YaRN Qwen2 past its original context: our ids equal HF's through the full
     and the offloaded cache (every token retrieved), on the PyTorch path and on the kernels' (the Triton
