@@ -170,7 +170,7 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
     ("RULER at 4k tokens on a CPU: Qwen2.5-Coder-0.5B-Instruct", "ruler_qwen05_cpu.md",
      "python bench/ruler.py --model qwen2.5-coder-0.5b --lengths 4096 --out bench/results/ruler_qwen05_cpu",
      "ruler_qwen05_cpu.png", "The quick setting: one prompt per task, fp32 on the PyTorch path, 2 CPU cores "
-     "(about 18 minutes)."),
+     "(26 minutes)."),
     ("KVComp's first stage: bits per value of an error-bounded quantizer and its coders, default model",
      "kvcomp_bits_default.md", "python research/kvcomp.py --docs prose code --context 2048 --eps 0.16666667 0.1 0.05 "
      "--out bench/results/kvcomp_bits_default.md", None,
