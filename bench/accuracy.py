@@ -480,20 +480,22 @@ def main(argv=None):
     return run_all([(c, name) for c in sorted({c for c, _, _ in runs}) for name in docs], one, meta, Path(args.out))
 
 
-def run_all(runs, one, meta: dict, out: Path) -> int:
-    """one(*run, records) for every run, the records saved after each: Ctrl-C keeps every finished row."""
+def run_all(runs, one, meta: dict, out: Path, *, save_fn=None, report_fn=None) -> int:
+    """one(*run, records) for every run, the records saved after each: Ctrl-C keeps every finished row.
+    save_fn, report_fn: another benchmark's own (bench/ruler.py's), instead of this one's."""
+    save_fn, report_fn = save_fn or save, report_fn or report
     records, meta["complete"] = [], False
     try:
         for run in runs:
             one(*run, records)
-            save(meta, records, out)
+            save_fn(meta, records, out)
     except KeyboardInterrupt:
         print(f"# interrupted: {len(records)} rows kept in {out.with_suffix('.json')}", flush=True)
         if records:
-            report(meta, records, out)
+            report_fn(meta, records, out)
         return 130
     meta["complete"] = True
-    report(meta, records, out)
+    report_fn(meta, records, out)
     return 0
 
 
@@ -513,13 +515,22 @@ def merge(runs: list[dict]) -> tuple[dict, list[dict]]:
     return meta, records
 
 
-def save(meta: dict, records: list[dict], out: Path) -> list[dict]:
-    """Write the records (and their summary) to <out>.json, replacing it whole; returns the summary."""
-    rows = summarize(records)
+def write_json(out: Path, data: dict):
+    """Write data to <out>.json, replacing it whole (a crash leaves the last complete file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "records": records, "summary": rows}, indent=1))
+    tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(out.with_suffix(".json"))
+
+
+def display_name(model: str) -> str:
+    return re.sub(r"-[0-9a-f]{12}$", "", model)  # a converted GGUF's cache dir ends in its hash
+
+
+def save(meta: dict, records: list[dict], out: Path) -> list[dict]:
+    """Write the records (and their summary) to <out>.json; returns the summary."""
+    rows = summarize(records)
+    write_json(out, {"meta": meta, "records": records, "summary": rows})
     return rows
 
 
@@ -527,7 +538,7 @@ def report(meta: dict, records: list[dict], out: Path):
     if not records:
         raise SystemExit(f"{out.with_suffix('.json')}: no finished rows to report")
     rows = save(meta, records, out)
-    model = re.sub(r"-[0-9a-f]{12}$", "", meta["model"])  # a converted GGUF's cache dir ends in its hash
+    model = display_name(meta["model"])
     header = f"{model}, {meta['device']}, {meta['dtype']}"
     partial = "" if meta.get("complete", True) else " (an interrupted run: the rows that finished)"
     table = f"{header}; mean ± sd over {len({r['doc'] for r in records})} documents{partial}\n\n" + markdown(rows)

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from accuracy import FILLER, Prefilled, decode, parse_policy  # noqa: E402
+from accuracy import FILLER, Prefilled, decode, display_name, parse_policy, run_all, write_json  # noqa: E402
 from checkpoint import resolve_model  # noqa: E402
 from model import load_model  # noqa: E402
 from plots import try_plot  # noqa: E402
@@ -341,18 +341,15 @@ def plot(rows: list[dict], path: Path, title: str):
 
 
 def save(meta: dict, records: list[dict], out: Path) -> list[dict]:
-    """Write the answers (and their summary) to <out>.json, replacing it whole; returns the summary."""
+    """Write the answers (and their summary) to <out>.json; returns the summary."""
     rows = summarize(records)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "records": records, "summary": rows}, indent=1))
-    tmp.replace(out.with_suffix(".json"))
+    write_json(out, {"meta": meta, "records": records, "summary": rows})
     return rows
 
 
 def report(meta: dict, records: list[dict], out: Path):
     rows = save(meta, records, out)
-    model = re.sub(r"-[0-9a-f]{12}$", "", meta["model"])
+    model = display_name(meta["model"])
     samples = sorted({n for r in rows for n in r["samples"].values()})
     header = (f"{model}, {meta['device']}, {meta['dtype']}; RULER recall per task, "
               f"{'/'.join(map(str, samples))} sample(s) per task and length"
@@ -416,35 +413,23 @@ def main(argv=None) -> int:
             p.error(f"--policies {spec}: {e}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     meta = {"model": model_dir.name, "device": device, "dtype": args.dtype, "python": platform.python_version(),
-            "rope_scaling": rope, "tasks": args.tasks, "policies": args.policies,
-            "new_tokens": NEW_TOKENS, "complete": False}
-    records, out, t0 = [], Path(args.out), time.perf_counter()
-    try:
-        for length in args.lengths:
-            n = args.long_samples if length > 32768 and args.long_samples else args.samples
-            for task in args.tasks:
-                for i in range(n):
-                    prompt = builder.build(task, length, i)
-                    pre = Prefilled(model, prompt.ids)
-                    for spec, cfg in cfgs.items():
-                        ids, mem = answer(model, cfg, pre, prompt.n_new, stop)
-                        text = tok.decode(ids, skip_special_tokens=True)
-                        records.append({"length": length, "yarn": rope and args.rope_scale, "task": task,
-                                        "sample": i, "policy": spec,
-                                        "score": score(text, prompt.answers), "answers": prompt.answers,
-                                        "output": text, "device_kv_bytes": mem["device_bytes"]})
-                        print(f"{time.perf_counter() - t0:7.0f}s {length:>6} {task:<16} {i} {spec:<28} "
-                              f"{records[-1]['score']:.2f}  {text[:60]!r}", flush=True)
-                    del pre
-                save(meta, records, out)  # Ctrl-C or a crash keeps every finished task
-    except KeyboardInterrupt:
-        print(f"# interrupted: {len(records)} answers kept", flush=True)
-        if records:
-            report(meta, records, out)
-        return 130
-    meta["complete"] = True
-    report(meta, records, out)
-    return 0
+            "rope_scaling": rope, "tasks": args.tasks, "policies": args.policies, "new_tokens": NEW_TOKENS}
+    t0 = time.perf_counter()
+
+    def one(length, task, records):
+        for i in range(args.long_samples if length > 32768 and args.long_samples else args.samples):
+            prompt = builder.build(task, length, i)
+            pre = Prefilled(model, prompt.ids)
+            for spec, cfg in cfgs.items():
+                ids, mem = answer(model, cfg, pre, prompt.n_new, stop)
+                text = tok.decode(ids, skip_special_tokens=True)
+                records.append({"length": length, "yarn": rope and args.rope_scale, "task": task, "sample": i,
+                                "policy": spec, "score": score(text, prompt.answers), "answers": prompt.answers,
+                                "output": text, "device_kv_bytes": mem["device_bytes"]})
+                print(f"{time.perf_counter() - t0:7.0f}s {length:>6} {task:<16} {i} {spec:<28} "
+                      f"{records[-1]['score']:.2f}  {text[:60]!r}", flush=True)
+    return run_all([(n, task) for n in args.lengths for task in args.tasks], one, meta, Path(args.out),
+                   save_fn=save, report_fn=report)
 
 
 if __name__ == "__main__":

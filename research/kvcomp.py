@@ -27,7 +27,6 @@ same accuracy as kivi-2, and what a coder saves is saved at no accuracy cost.
 import argparse
 import heapq
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -148,7 +147,7 @@ def measure(x: torch.Tensor, per_channel: bool, eps: float, mode: str, g: int = 
 
 
 def main(argv=None) -> int:
-    from accuracy import DOCUMENTS, Prefilled, load_documents
+    from accuracy import DOCUMENTS, Prefilled, display_name, load_documents
     from checkpoint import resolve_model
     from model import load_model
     from tokenizer import Tokenizer
@@ -164,7 +163,7 @@ def main(argv=None) -> int:
     model_dir = resolve_model(args.model)
     model, tok = load_model(model_dir), Tokenizer(model_dir)
     layers = args.layers or list(range(0, model.args.n_layers, 4))
-    name = re.sub(r"-[0-9a-f]{12}$", "", model_dir.name)  # a converted GGUF's cache entry ends in its hash
+    name = display_name(model_dir.name)
     lines = [f"{name}, fp32 prefill of {args.context} tokens: bits per value, metadata included, over "
              f"layers {', '.join(map(str, layers))} (kivi-2 packs 2 + 1: a bf16 scale and minimum per 32 values)", "",
              "| doc | eps | mode | tensor | fixed | entropy | huffman | for | worst error / bound |",
