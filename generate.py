@@ -551,7 +551,7 @@ def versions() -> dict:
     return v
 
 
-def rope_scaling_of(args) -> dict | None:
+def rope_override(args) -> dict | None:
     """--rope-scaling as a config's rope_scaling (None: keep the config's)."""
     if args.rope_scaling is None:
         return None
@@ -564,7 +564,7 @@ def rope_scaling_of(args) -> dict | None:
 def load(args, device, dtype):
     """Model directory, tokenizer and model. A converted GGUF that fails to load is converted again, once."""
     model_dir = resolve_model(args.model, verify=args.verify_model)
-    rope = rope_scaling_of(args)
+    rope = rope_override(args)
     try:
         return model_dir, Tokenizer(model_dir), load_model(model_dir, device, dtype, rope)
     except Exception as e:  # noqa: BLE001 - any failure of a cache entry we wrote ourselves means: rebuild it
