@@ -159,9 +159,12 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "the sketch picks the candidates, the step's queries' softmax over their exact keys the top-k."),
     ("RULER from 4k to 128k tokens: Qwen2.5-Coder-1.5B-Instruct, H200", "ruler_qwen15_h200.md",
      "python bench/ruler.py --model qwen2.5-coder-1.5b --device cuda --dtype bfloat16 --lengths 4096 8192 16384 32768 "
-     "--out bench/results/ruler/qwen15_native; the same with --lengths 65536 131072 --rope-scaling yarn --rope-scale 4 "
-     "--out bench/results/ruler/qwen15_yarn; merged by python bench/ruler.py --replot bench/results/ruler/qwen15_*.json "
-     "--out bench/results/ruler_qwen15_h200", "ruler_qwen15_h200.png",
+     "--out bench/results/ruler/qwen15_native; the same with --lengths 65536 --rope-scaling yarn --rope-scale 4 --out "
+     "bench/results/ruler/qwen15_yarn (its tailor rows again with the shipped plan: --policies tailor-2 tailor-2@1024 "
+     "tailor-2/sketch-heads tailor-2/sketch-heads@1024 --out bench/results/ruler/qwen15_yarn64_plan) and --lengths "
+     "131072 (run in three --tasks groups, merged: bench/results/ruler/qwen15_yarn128); merged by python bench/ruler.py "
+     "--replot bench/results/ruler/qwen15_native.json bench/results/ruler/qwen15_yarn64_plan.json "
+     "bench/results/ruler/qwen15_yarn.json bench/results/ruler/qwen15_yarn128.json --out bench/results/ruler_qwen15_h200", "ruler_qwen15_h200.png",
      "RULER's task families written from the paper (bench/ruler.py's docstring): s1-s3 single needle (noise, long "
      "text, UUID value), mk1-mk3 multi-key (distractors; a haystack of needles; UUID keys), mv multi-value, mq "
      "multi-query, vt variable tracking, cwe/fwe common/frequent words. Recall per task, greedy, bf16, decode on the "
