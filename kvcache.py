@@ -12,6 +12,7 @@ x: (B, T, dim) the layer's normalised input; out: (B, H, T, hd), attention over 
 Each layer has one strategy, an object with the LayerCache interface:
   full    K/V in preallocated device buffers (FullLayer, the worked example).
   quant   KIVI-style codes (quant.QuantStore), keys per channel, values per token; a full-precision ring.
+          Another compressor plugs in by name (QUANTIZERS, as selectors do; research/kvcomp.py's).
   sparse  K/V of every token in (pinned) host memory; on the device the `sink` first tokens, a sliding
           window of the `recent` newest and what its selector (SELECTORS) needs to pick the top-k
           offloaded tokens per KV head, which are gathered to the device each step.
@@ -64,6 +65,8 @@ class CacheConfig:
     channels: int = 8                     # C: channels the `channels` selector scores on
     sketch_bits: int = 2                  # bits of the `sketch` selectors' key copy
     select_options: dict = field(default_factory=dict)  # knobs of the selector (its `options`), by name
+    quantizer: str = "kivi"               # the quant layers' strategy: a name in QUANTIZERS
+    quant_options: dict = field(default_factory=dict)   # its knobs (its `options`), by name
     alpha: float = 0.05                   # proxy: attention mass outside each query's top alpha of keys...
     tau: float = 0.2                      # ...above tau marks a layer as quantization-friendly
     proxy_queries: int = 32               # proxy: the last queries of each prefill chunk it looks at
@@ -96,6 +99,9 @@ class CacheConfig:
         if unknown:
             raise ConfigError("select_options", f"the {self.select!r} selector has no option {', '.join(sorted(unknown))}"
                                                 f"; its options: {', '.join(SELECTORS[self.select].options) or 'none'}")
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError("quantizer", f"quantizer must be one of {tuple(QUANTIZERS)}, got {self.quantizer!r}")
+        QUANTIZERS[self.quantizer].check(self)
 
     @property
     def topk(self) -> int:
@@ -197,6 +203,15 @@ class FullLayer:
 class QuantLayer:
     """KIVI-style quantized K/V (see QuantStore); exact attention during prefill."""
     kind = "quant"
+    options = ()  # the knobs another quantizer takes through CacheConfig.quant_options
+
+    @classmethod
+    def check(cls, cfg: CacheConfig):
+        """Refuse a config this quantizer cannot serve (ConfigError naming the field)."""
+        unknown = set(cfg.quant_options) - set(cls.options)
+        if unknown:
+            raise ConfigError("quant_options", f"the {cfg.quantizer!r} quantizer has no option "
+                                               f"{', '.join(sorted(unknown))}; its options: {', '.join(cls.options) or 'none'}")
 
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype, n_heads=None, kernels=False):
         kw = dict(bits=cfg.bits, group=cfg.group, residual=cfg.residual, device=device, dtype=dtype, kernels=kernels)
@@ -493,6 +508,7 @@ class ChannelSelector(Selector):
 
 
 SELECTORS = {"sketch": SketchSelector, "channels": ChannelSelector, "sketch-heads": HeadwiseSketchSelector}
+QUANTIZERS = {"kivi": QuantLayer}  # the quant layers' strategies; research/kvcomp.py adds its own
 # research/ registers more (measurements and experiments) when imported: `import research`
 
 
@@ -711,7 +727,8 @@ class KVCache:
         if kind == "full":
             return FullLayer(*self.shape, self.batch, self.device, self.dtype, self.n_heads, self.kernels)
         if kind == "quant":
-            return QuantLayer(*self.shape, self.cfg, self.device, self.dtype, self.n_heads, self.kernels)
+            return QUANTIZERS[self.cfg.quantizer](*self.shape, self.cfg, self.device, self.dtype, self.n_heads,
+                                                  self.kernels)
         topk = self.cfg.topk_of(i) if kind == "sparse" else 0
         return SparseLayer(*self.shape, self.cfg, topk, self.device, self.dtype, self.host_device, kernels=self.kernels,
                            wq=self.wq[i], inv_freq=self.inv_freq, shared=self.shared)

@@ -101,12 +101,21 @@ def selector_knobs(select: str) -> dict:
 
 def parse_policy(spec: str, model=None) -> CacheConfig:
     """'tailor-2/channels@512' -> CacheConfig. streaming@B keeps sink + a window of B - sink tokens, the
-    same device token budget as a sparse layer with budget B; plain 'streaming' means streaming@192."""
+    same device token budget as a sparse layer with budget B; plain 'streaming' means streaming@192.
+    'kvcomp:EPS' quantizes every layer with research/kvcomp.py's compressor at error bound EPS,
+    'tailor+kvcomp:EPS' tailor's quantized layers."""
     spec, _, budget = spec.partition("@")
     spec, _, select = spec.partition("/")
     spec, split = spec.removesuffix("+split"), spec.endswith("+split")  # tailor-2+split: the plan's top-k split
-    name, _, bits = spec.partition("-")
     knobs = selector_knobs(select)
+    spec, _, bound = spec.partition(":")  # kvcomp:0.1, tailor+kvcomp:0.1: research/kvcomp.py's compressor
+    if spec == "kvcomp" or spec.endswith("+kvcomp"):
+        import research.kvcomp  # noqa: F401  (registers the quantizer)
+        knobs.update(quantizer="kvcomp", quant_options={"error_bound": float(bound or 1 / 6)})
+        spec = "kivi" if spec == "kvcomp" else spec.removesuffix("+kvcomp")
+    elif bound:
+        raise ValueError(f"':{bound}' follows kvcomp only (kvcomp:EPS, tailor+kvcomp:EPS)")
+    name, _, bits = spec.partition("-")
     if bits:
         knobs["bits"] = int(bits)
     if name in ("tailor", "sparse") and budget:

@@ -1,5 +1,23 @@
-"""KVComp's compressor (Jiang et al., 2025, arXiv 2509.00579), first stage: what an error-bounded
-quantizer and an entropy coder give in bits per value on real keys and values, before any kernel.
+"""KVComp's compressor (Jiang et al., 2025, arXiv 2509.00579) for the quantized layers.
+
+Second stage, the store the engine runs (`kvcomp` quantizer, CacheConfig.quant_options error_bound):
+
+  KVCompStore   append-only, as quant.QuantStore: the newest tokens wait in a full-precision ring, and
+                a group of g tokens is compressed once, when it leaves it. Every channel c of a head has
+                a grid lo_c + n * step_c, step_c = 2 eps R_c, R_c the channel's range over the first
+                tokens compressed (the prompt), so |x - x_hat| <= eps R_c for every value, later ones
+                included (a constant channel: R_c the head's mean channel range). A block is g values
+                (keys: g tokens of one channel; values: g channels of one token); it stores its
+                smallest grid index `base` and a bit width w, then each index minus base in w bits as w
+                bit planes of g bits (plane p holds bit p of every code): a quiet block takes few
+                bits, a constant one none. Blocks sit back to back in one int32 word pool; a group's
+                first word is in a table, a block's is that plus the widths before it, so nothing
+                compressed is ever moved or touched again.
+  KVCompLayer   a quant layer on it (kvcache.QUANTIZERS["kvcomp"]): PyTorch decode, and the kernel step
+                through research/kernels.kvcomp_attend, which reads the planes inside attention.
+
+First stage: what an error-bounded quantizer and an entropy coder give in bits per value on real keys
+and values, before any kernel.
 
   quantize_eb  codes of each block to an error bound: |x - x_hat| <= eps * R, the step 2 eps R. Keys
                in blocks of g tokens of one channel, values in blocks of g channels of one token (the
@@ -35,6 +53,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+import kvcache  # noqa: E402
+from kvcache import CacheConfig, ConfigError  # noqa: E402
 
 KIVI = {1: 1 / 2, 2: 1 / 6, 4: 1 / 30}  # eps of KIVI's b-bit grid: step = range / (2^b - 1)
 
@@ -144,6 +165,197 @@ def measure(x: torch.Tensor, per_channel: bool, eps: float, mode: str, g: int = 
         out["for"] += for_bits(codes, code_bits=max(1, math.ceil(math.log2(max(levels, 2)))))
         n += codes.numel()
     return {k: (v + meta) / n for k, v in out.items()} | {"worst_error_over_bound": worst, "values": n}
+
+
+# ------------------------------------------------------------------------------ the store
+
+META_W = 5  # a block's meta word: base << META_W | width
+
+
+def plane_words(d: torch.Tensor, width: int) -> torch.Tensor:
+    """Codes d (..., g) >= 0 -> bit planes (..., width, g / 32) int32: word j of plane p holds bit p of codes
+    32 j .. 32 j + 31, code 32 j + b at bit b."""
+    g = d.shape[-1]
+    bits = (d[..., None, :] >> torch.arange(width, device=d.device)[:, None]) & 1        # (..., width, g)
+    w = (bits.view(*bits.shape[:-1], g // 32, 32) << torch.arange(32, device=d.device)).sum(-1)
+    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
+
+
+class KVCompStore:
+    """One layer's keys (per_channel) or values, error-bounded and bit-plane packed (module docstring).
+
+    Tables, all on the device: lo, step (n_kv, hd) fp32, the channel grids; meta (n_kv, cap / g, hd) int32,
+    each block's base and width (keys: block j is channel j of the group; values: token j // (hd / g) of the
+    group, channels g (j % (hd / g)) ..); offset (n_kv, cap / g) int32, a group's first word in `pool`.
+    pool grows on the PyTorch path (by reallocation: the words keep their offsets); on the kernel path it
+    is sized up front for `bits_cap` bits per value (a CUDA graph holds its address) and refuses to overflow.
+    """
+
+    def __init__(self, n_kv, hd, max_len, *, eps, group, residual, per_channel, device, dtype, bits_cap=None):
+        if not 0 < eps <= 0.5:
+            raise ConfigError("quant_options", f"error_bound must be in (0, 0.5] (a fraction of each channel's range), "
+                                               f"got {eps}")
+        assert group % 32 == 0 and residual % group == 0 and hd % group == 0
+        self.eps, self.g, self.R, self.per_channel, self.grow = eps, group, residual, per_channel, bits_cap is None
+        cap = -(-max_len // group) * group
+        self.lo = torch.zeros(n_kv, hd, device=device)
+        self.step = torch.zeros(n_kv, hd, device=device)
+        self.meta = torch.zeros(n_kv, cap // group, hd, dtype=torch.int32, device=device)
+        self.offset = torch.zeros(n_kv, cap // group, dtype=torch.int32, device=device)
+        words = n_kv * cap * hd * (bits_cap or 4) // 32 + 1
+        self.pool = torch.zeros(words, dtype=torch.int32, device=device)
+        self.res = torch.zeros(n_kv, residual, hd, dtype=dtype, device=device)
+        self.length = self.n_q = self.used = 0  # tokens stored, of which compressed; words of pool in use
+
+    def quantized(self, length: int) -> int:  # as QuantStore: the ring keeps R - g .. R - 1 tokens
+        return ((length - self.R) // self.g + 1) * self.g if length >= self.R else 0
+
+    def __len__(self):
+        return self.length
+
+    def tensors(self):
+        """What the store holds on the device: the pool's words in use, the tables of the groups stored."""
+        ng = self.n_q // self.g
+        return [self.pool[:self.used], self.meta[:, :ng], self.offset[:, :ng], self.lo, self.step, self.res]
+
+    def _slots(self, a, b):
+        return torch.arange(a, b, device=self.res.device) % self.R
+
+    def append(self, x: torch.Tensor):
+        """x: (n_kv, T, hd) new tokens, oldest first (QuantStore.append's contract)."""
+        x = x.to(self.res.dtype)
+        L0, L1 = self.length, self.length + x.shape[1]
+        n_q1 = self.quantized(L1)
+        if n_q1 > self.n_q:
+            pending = x if L0 == self.n_q else torch.cat([self.res[:, self._slots(self.n_q, L0)], x], dim=1)
+            self.compress(pending[:, :n_q1 - self.n_q])
+        first = max(n_q1, L0)
+        if first < L1:
+            self.res[:, self._slots(first, L1)] = x[:, first - L0:]
+        self.length = L1
+
+    def compress_ring(self, length: int):
+        """The kernel path: tokens up to `length` are in the ring (kvcomp_attend's step wrote them); compress
+        the groups that leave it. The one host sync: the words they take, once per g tokens."""
+        n_q1 = self.quantized(length)
+        if n_q1 > self.n_q:
+            self.compress(self.res[:, self._slots(self.n_q, n_q1)])
+        self.length = length
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(n_kv, n, hd), n a multiple of g -> (n_kv, n / g, hd, g): the blocks of each group, in pool order."""
+        n_kv, n, hd = x.shape
+        g = self.g
+        if self.per_channel:
+            return x.view(n_kv, n // g, g, hd).transpose(2, 3)
+        return x.reshape(n_kv, n // g, hd, g)  # token j // (hd / g), channels g (j % (hd / g)) ..
+
+    def block_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-channel table (n_kv, hd) laid out as blocks: (n_kv, 1, hd, 1) or (n_kv, 1, hd, g)."""
+        if self.per_channel:
+            return t[:, None, :, None]
+        n_kv, hd = t.shape
+        g = self.g
+        return t.view(n_kv, 1, 1, hd // g, g).expand(n_kv, 1, g, hd // g, g).reshape(n_kv, 1, hd, g)
+
+    def compress(self, x: torch.Tensor):
+        """Append groups x (n_kv, n, hd) (tokens n_q .. n_q + n - 1, n a multiple of g) to the pool."""
+        n_kv, n, hd = x.shape
+        g = self.g
+        x = x.float()
+        if self.n_q == 0:  # the grids, from the first tokens compressed
+            lo, R = x.amin(1), x.amax(1) - x.amin(1)
+            R = torch.where(R > 0, R, R.mean(1, keepdim=True).clamp_min(1e-6))
+            self.lo.copy_(lo)
+            self.step.copy_(2 * self.eps * R)
+        b = self.blocks(x)
+        code = ((b - self.block_grid(self.lo)) / self.block_grid(self.step)).round().long()  # grid index
+        base = code.amin(-1)
+        d = code - base[..., None]
+        top = d.amax(-1)
+        width = torch.where(top > 0, torch.floor(torch.log2(top.double().clamp_min(1))).long() + 1, 0)
+        assert int(width.max()) < 2 ** META_W, "a block spans more than 2^31 grid steps"
+        W = int(width.max())
+        planes = plane_words(d, max(W, 1))                                  # (n_kv, ng, hd, W, g / 32)
+        take = torch.arange(max(W, 1), device=x.device) < width[..., None]  # (n_kv, ng, hd, W)
+        words = planes.transpose(0, 1)[take.transpose(0, 1)].reshape(-1)    # group-major, then head, block, plane
+        sizes = (width.sum(-1) * (g // 32)).transpose(0, 1).reshape(-1)     # words per (group, head)
+        starts = self.used + torch.cumsum(sizes, 0) - sizes
+        need = self.used + words.numel()
+        if need > self.pool.numel():
+            if not self.grow:
+                raise RuntimeError(f"kvcomp pool full: {need} words needed, {self.pool.numel()} allocated for the "
+                                   f"kernel path; raise bits_cap or the error bound")
+            self.pool = torch.cat([self.pool, torch.zeros(max(need, 2 * self.pool.numel()) - self.pool.numel(),
+                                                          dtype=torch.int32, device=self.pool.device)])
+        self.pool[self.used:need] = words
+        a = self.n_q // g
+        self.offset[:, a:a + n // g] = starts.view(n // g, n_kv).T.to(torch.int32)
+        self.meta[:, a:a + n // g] = ((base << META_W) | width).to(torch.int32)
+        self.used, self.n_q = need, self.n_q + n
+
+    def decompress(self) -> torch.Tensor:
+        """The compressed tokens in fp32, (n_kv, n_q, hd): read back from the pool alone."""
+        n_kv, _, hd = self.res.shape
+        g, ng = self.g, self.n_q // self.g
+        meta = self.meta[:, :ng].long()
+        width, base = meta & (2 ** META_W - 1), meta >> META_W                   # (n_kv, ng, hd)
+        W = max(int(width.max()), 1) if ng else 1
+        first = self.offset[:, :ng].long()[..., None] + (g // 32) * (torch.cumsum(width, -1) - width)
+        p, j = torch.arange(W, device=meta.device), torch.arange(g // 32, device=meta.device)
+        idx = first[..., None, None] + (g // 32) * p[:, None] + j                 # (n_kv, ng, hd, W, g / 32)
+        live = (p[:, None] < width[..., None, None]).expand_as(idx)
+        words = torch.where(live, self.pool[idx.clamp(max=max(self.used - 1, 0))].long(), 0)
+        bits = (words[..., None] >> torch.arange(32, device=meta.device)) & 1      # (..., W, g / 32, 32)
+        d = (bits.flatten(-2) << p[:, None]).sum(-2)                              # (n_kv, ng, hd, g)
+        b = self.block_grid(self.lo) + (base[..., None] + d).float() * self.block_grid(self.step)
+        if self.per_channel:
+            return b.transpose(2, 3).reshape(n_kv, self.n_q, hd)
+        return b.reshape(n_kv, self.n_q, hd)
+
+    def dequantize(self) -> torch.Tensor:
+        """All stored tokens in fp32, oldest first: (n_kv, length, hd) (QuantStore.dequantize's contract).
+        The PyTorch path's reference: compressed groups never change, so what it decompressed once it keeps."""
+        if getattr(self, "_seen", None) is None or self._seen.shape[1] != self.n_q:
+            self._seen = self.decompress()
+        return torch.cat([self._seen, self.res[:, self._slots(self.n_q, self.length)].float()], dim=1)
+
+
+class KVCompLayer(kvcache.QuantLayer):
+    """A quant layer whose keys and values are KVCompStores (kvcache.QUANTIZERS["kvcomp"])."""
+    options = ("error_bound",)
+
+    @classmethod
+    def check(cls, cfg: CacheConfig):
+        super().check(cfg)
+        eb = cfg.quant_options.get("error_bound")
+        if not isinstance(eb, (int, float)) or not 0 < eb <= 0.5:
+            raise ConfigError("quant_options", f"the kvcomp quantizer needs error_bound in (0, 0.5] (a fraction of "
+                                               f"each channel's range; 1/6 is kivi-2's step), got {eb!r}")
+
+    def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype, n_heads=None, kernels=False):
+        kw = dict(eps=float(cfg.quant_options["error_bound"]), group=cfg.group, residual=cfg.residual, device=device,
+                  dtype=dtype, bits_cap=8 if kernels else None)
+        self.keys = KVCompStore(n_kv, hd, max_len, per_channel=True, **kw)
+        self.values = KVCompStore(n_kv, hd, max_len, per_channel=False, **kw)
+        self.h2d_bytes, self.steps = 0, 0
+        self.split = self.ws = None
+        if kernels:
+            from research.kernels import kvcomp_plan
+            self.split, self.ws = kvcomp_plan(self.keys, n_heads, device)
+
+    def step(self, q, k, v, pos):
+        from research.kernels import kvcomp_attend
+        return kvcomp_attend(q[0, :, 0].contiguous(), k[0, :, 0], v[0, :, 0], self.keys, self.values, pos,
+                             self.ws, self.split)[None, :, None]
+
+    def advance(self, length):
+        self.keys.compress_ring(length)
+        self.values.compress_ring(length)
+        self.steps += 1
+
+
+kvcache.QUANTIZERS["kvcomp"] = KVCompLayer
 
 
 def main(argv=None) -> int:
