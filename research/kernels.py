@@ -1,11 +1,15 @@
-"""Kernels of the research selectors (research/selection.py), each beside its PyTorch reference.
+"""Kernels of the research selectors and compressors, each beside its PyTorch reference.
 
   shortlist_scores  q . K of the shortlist selector's candidates, their exact keys on the device
+  kvcomp_attend     decode attention over a KVComp layer (research/kvcomp.py): the new token into the
+                    rings, then q . K and p . V read from the bit planes, split as kernels.quant_attend
 """
+import torch
 import triton
 import triton.language as tl
 
-from kernels import _check, _check_q, pow2
+from kernels import (Workspace, _check, _check_q, _combine, _load_queries, _precision, _softmax_update, _store_partial,
+                     pow2, split_plan)
 
 
 @triton.jit
@@ -34,3 +38,101 @@ def shortlist_scores(q, k, vals, out, BM: int = 64):
     _shortlist_scores_kernel[(n_kv, triton.cdiv(M, BM))](q, k, k.stride(0), k.stride(1), vals, out, M, G, BM=BM,
                                                          BG=triton.next_power_of_2(G), HD=hd)
     return out
+
+
+@triton.jit
+def _planes(pool, first, width, bit, G32: tl.constexpr):
+    """Codes of a (rows, cols) tile from bit planes: element (r, c) is bit `bit` of word `first + p G32 + bit // 32`
+    of plane p < width (first, width broadcast to the tile)."""
+    d = tl.zeros(first.shape, tl.int32)
+    for p in range(0, tl.max(tl.max(width, 1), 0)):
+        w = tl.load(pool + first + p * G32 + bit // 32, mask=p < width, other=0)
+        d = d | (((w >> (bit % 32)) & 1) << p)
+    return d
+
+
+@triton.jit
+def _spread(x, GROUP: tl.constexpr, NCB: tl.constexpr):
+    """(GROUP * NCB,) per value block, in pool order -> (GROUP, GROUP * NCB) per (token, channel)."""
+    return tl.reshape(tl.broadcast_to(tl.reshape(x, (GROUP, NCB, 1)), (GROUP, NCB, GROUP)), (GROUP, NCB * GROUP))
+
+
+@triton.jit
+def _kvcomp_split_kernel(q, pool_k, meta_k, off_k, lo_k, step_k, pool_v, meta_v, off_v, lo_v, step_v, m_h, o_h,
+                         rk, rv, r_h, r_t, ws_m, ws_l, ws_acc, pos_ptr, sm_scale, G, n_splits,
+                         GROUP: tl.constexpr, R: tl.constexpr, SPLIT: tl.constexpr, META_W: tl.constexpr,
+                         BG: tl.constexpr, HD: tl.constexpr, PREC: tl.constexpr):
+    h, split = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    n_q = tl.maximum(L - 1 - R + GROUP, 0) // GROUP * GROUP  # compressed before this step; [n_q, L) in the ring
+    qb = _load_queries(q, h, G, BG, HD)
+    m = tl.full((BG,), float("-inf"), tl.float32)
+    l = tl.zeros((BG,), tl.float32)
+    acc = tl.zeros((BG, HD), tl.float32)
+    c = tl.arange(0, HD)
+    i = tl.arange(0, GROUP)
+    G32: tl.constexpr = GROUP // 32
+    NCB: tl.constexpr = HD // GROUP  # value blocks per token
+    if split == n_splits - 1:  # the residual ring, full precision
+        r0 = n_q
+        while r0 < L:
+            t = r0 + i
+            valid = t < L
+            slot = t % R
+            kT = tl.load(rk + h * r_h + slot[None, :] * r_t + c[:, None], mask=valid[None, :], other=0.0)
+            vb = tl.load(rv + h * r_h + slot[:, None] * r_t + c[None, :], mask=valid[:, None], other=0.0)
+            m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+            r0 += GROUP
+    else:
+        end = tl.minimum(n_q, (split + 1) * SPLIT)
+        t0 = split * SPLIT
+        while t0 < end:  # one group per block; block j of a group's keys is channel j, of its values token j // NCB
+            gk = t0 // GROUP
+            mk = tl.load(meta_k + h * m_h + gk * HD + c)
+            wk, bk = mk & ((1 << META_W) - 1), mk >> META_W
+            first = tl.load(off_k + h * o_h + gk) + G32 * (tl.cumsum(wk, 0) - wk)
+            d = _planes(pool_k, first[:, None] + 0 * i[None, :], wk[:, None] + 0 * i[None, :], i[None, :] + 0 * c[:, None],
+                        G32)                                                                          # (HD, GROUP)
+            kT = tl.load(lo_k + h * HD + c)[:, None] + (bk[:, None] + d).to(tl.float32) * tl.load(step_k + h * HD + c)[:, None]
+            mv = tl.load(meta_v + h * m_h + gk * HD + c)
+            wv, bv = mv & ((1 << META_W) - 1), mv >> META_W
+            fv = tl.load(off_v + h * o_h + gk) + G32 * (tl.cumsum(wv, 0) - wv)
+            fv = _spread(fv, GROUP, NCB)  # a block's table entry to each (token, channel) it decodes to
+            wv = _spread(wv, GROUP, NCB)
+            bv = _spread(bv, GROUP, NCB)
+            d = _planes(pool_v, fv, wv, (c % GROUP)[None, :] + 0 * i[:, None], G32)                 # (GROUP, HD)
+            vb = tl.load(lo_v + h * HD + c)[None, :] + (bv + d).to(tl.float32) * tl.load(step_v + h * HD + c)[None, :]
+            m, l, acc = _softmax_update(qb, kT, vb, (t0 + i) < end, m, l, acc, sm_scale, PREC)
+            t0 += GROUP
+    _store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
+
+
+def kvcomp_plan(keys, n_heads: int, device) -> tuple[int, Workspace]:
+    """(tokens per split, workspace) of kvcomp_attend for a store of this capacity."""
+    n_kv, R, hd = keys.res.shape
+    split, n = split_plan(keys.meta.shape[1] * keys.g, n_kv, keys.g)
+    return split, Workspace(n_heads, n + 1, hd, device)  # + 1: the residual ring's split
+
+
+def kvcomp_attend(q, k, v, keys, values, pos: torch.Tensor, ws: Workspace, split: int):
+    """q (H, hd) of the token at device position pos, its k, v (n_kv, hd) written into the stores' rings, over a
+    KVComp layer holding positions 0..pos (groups compressed up to quantized(pos), the host's compress_ring
+    after the step does the next). Reference: model.attention over keys.dequantize(), values.dequantize()."""
+    n_kv, R, hd = keys.res.shape
+    _check_q(q, n_kv, hd)
+    _check(keys.per_channel and not values.per_channel and keys.g == values.g and keys.R == values.R
+           and keys.meta.stride() == values.meta.stride() and hd % keys.g == 0 and pow2(keys.g),
+           "kvcomp_attend takes per-channel keys and per-token values of one layout")
+    G, n_splits = q.shape[0] // n_kv, ws.m.shape[1]
+    _check((n_splits - 1) * split >= keys.meta.shape[1] * keys.g and split % keys.g == 0,
+           f"{n_splits - 1} splits of {split} do not cover the store")
+    slot = (pos % R).view(1)
+    keys.res.index_copy_(1, slot, k[:, None].to(keys.res.dtype))
+    values.res.index_copy_(1, slot, v[:, None].to(values.res.dtype))
+    from research.kvcomp import META_W
+    _kvcomp_split_kernel[(n_kv, n_splits)](
+        q, keys.pool, keys.meta, keys.offset, keys.lo, keys.step, values.pool, values.meta, values.offset, values.lo,
+        values.step, keys.meta.stride(0), keys.offset.stride(0), keys.res, values.res, keys.res.stride(0),
+        keys.res.stride(1), ws.m, ws.l, ws.acc, pos, hd ** -0.5, G, n_splits, GROUP=keys.g, R=R, SPLIT=split,
+        META_W=META_W, BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=_precision(q.dtype))
+    return _combine(q, ws, n_splits)
