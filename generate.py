@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import NAMED_MODELS, is_converted, resolve_model
-from kvcache import POLICIES, SELECTORS, CacheConfig, ConfigError, KVCache, kernels_available
+from kvcache import POLICIES, QUANTIZERS, SELECTORS, CacheConfig, ConfigError, KVCache, kernels_available
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -376,13 +376,19 @@ def layer_list(s):
 
 # which --cache policies each cache flag applies to: given for another policy, it is refused, not ignored
 CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "topk_split": ("tailor",), "bits": ("tailor", "kivi"),
-               "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"), "budget": ("tailor", "sparse"),
+               "error_bound": ("tailor", "kivi"), "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"), "budget": ("tailor", "sparse"),
                "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"),
                "sink": ("tailor", "sparse", "streaming"), "recent": ("tailor", "sparse", "streaming")}
 
 
 def cache_config(args) -> CacheConfig:
     given = {k: getattr(args, k) for k in CACHE_FLAGS if k not in ("plan", "topk_split") and getattr(args, k) is not None}
+    if "error_bound" in given:  # the quantized layers on research/kvcomp.py's compressor
+        if "bits" in given:
+            raise ConfigError("error_bound", "--bits and --error-bound both set the quantized layers' precision; "
+                                             "give one")
+        import research.kvcomp  # noqa: F401  (registers the quantizer)
+        given.update(quantizer="kvcomp", quant_options={"error_bound": given.pop("error_bound")})
     return CacheConfig(policy=args.cache, **given)
 
 
@@ -447,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "total (profile_layers.py; better at 4k, worse at 7.5k on the default model) (default: even)")
     c.add_argument("--bits", type=int, help="tailor, kivi: quantized layers' bits, 1, 2, 4 or 8 (default: tailor the "
                                             "plan's, else 1; kivi 2)")
+    c.add_argument("--error-bound", type=float,
+                   help="tailor, kivi: instead of --bits, KVComp's compressor (research/kvcomp.py): every value within "
+                        "this fraction of its channel's range, the codes bit-packed per block at the width they "
+                        "need; 1/6 is kivi-2's step on a wider range (default: none, fixed bits)")
     c.add_argument("--group", type=int, help=f"tailor, kivi: quantization group size g (default: {d.group})")
     c.add_argument("--residual", type=int,
                    help=f"tailor, kivi: full-precision recent tokens R of a quantized layer (default: {d.residual})")
@@ -771,13 +781,14 @@ def tailor_layers(cfg: CacheConfig, plan_path, model, *, bits_given=False, split
 
 
 def describe(cfg: CacheConfig, n_layers: int) -> str:
+    quant = QUANTIZERS[cfg.quantizer].describe(cfg)
     if cfg.online:
-        return (f"tailor [online: quant {cfg.bits}-bit where the proxy > {cfg.tau}, else offload: sink {cfg.sink} + "
+        return (f"tailor [online: quant {quant} where the proxy > {cfg.tau}, else offload: sink {cfg.sink} + "
                 f"recent {cfg.recent} + top-{cfg.topk} by {cfg.select}]")
     kinds = cfg.layer_kinds(n_layers)
     parts = []
     if "quant" in kinds:
-        parts.append(f"quant {cfg.bits}-bit g={cfg.group} R={cfg.residual} on layers "
+        parts.append(f"quant {quant} g={cfg.group} R={cfg.residual} on layers "
                      f"{','.join(str(i) for i, k in enumerate(kinds) if k == 'quant') if len(set(kinds)) > 1 else 'all'}")
     if "sparse" in kinds:
         ks = [cfg.topk_of(i) for i, kind in enumerate(kinds) if kind == "sparse"]

@@ -213,6 +213,10 @@ class QuantLayer:
             raise ConfigError("quant_options", f"the {cfg.quantizer!r} quantizer has no option "
                                                f"{', '.join(sorted(unknown))}; its options: {', '.join(cls.options) or 'none'}")
 
+    @classmethod
+    def describe(cls, cfg: CacheConfig) -> str:
+        return f"{cfg.bits}-bit"
+
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype, n_heads=None, kernels=False):
         kw = dict(bits=cfg.bits, group=cfg.group, residual=cfg.residual, device=device, dtype=dtype, kernels=kernels)
         self.keys = QuantStore(n_kv, hd, max_len, per_channel=True, **kw)

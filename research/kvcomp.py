@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import kvcache  # noqa: E402
 from kvcache import CacheConfig, ConfigError  # noqa: E402
+from model import attention  # noqa: E402
 
 KIVI = {1: 1 / 2, 2: 1 / 6, 4: 1 / 30}  # eps of KIVI's b-bit grid: step = range / (2^b - 1)
 
@@ -193,8 +194,8 @@ class KVCompStore:
 
     def __init__(self, n_kv, hd, max_len, *, eps, group, residual, per_channel, device, dtype, bits_cap=None):
         if not 0 < eps <= 0.5:
-            raise ConfigError("quant_options", f"error_bound must be in (0, 0.5] (a fraction of each channel's range), "
-                                               f"got {eps}")
+            raise ConfigError("error_bound", f"error_bound must be in (0, 0.5] (a fraction of each channel's range), "
+                                             f"got {eps}")
         assert group % 32 == 0 and residual % group == 0 and hd % group == 0
         self.eps, self.g, self.R, self.per_channel, self.grow = eps, group, residual, per_channel, bits_cap is None
         cap = -(-max_len // group) * group
@@ -330,8 +331,12 @@ class KVCompLayer(kvcache.QuantLayer):
         super().check(cfg)
         eb = cfg.quant_options.get("error_bound")
         if not isinstance(eb, (int, float)) or not 0 < eb <= 0.5:
-            raise ConfigError("quant_options", f"the kvcomp quantizer needs error_bound in (0, 0.5] (a fraction of "
-                                               f"each channel's range; 1/6 is kivi-2's step), got {eb!r}")
+            raise ConfigError("error_bound", f"the kvcomp quantizer needs an error bound in (0, 0.5] (a fraction of "
+                                             f"each channel's range; 1/6 is kivi-2's step), got {eb!r}")
+
+    @classmethod
+    def describe(cls, cfg: CacheConfig) -> str:
+        return f"kvcomp, error bound {cfg.quant_options['error_bound']:.4g} of each channel's range"
 
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype, n_heads=None, kernels=False):
         kw = dict(eps=float(cfg.quant_options["error_bound"]), group=cfg.group, residual=cfg.residual, device=device,
@@ -343,6 +348,17 @@ class KVCompLayer(kvcache.QuantLayer):
         if kernels:
             from research.kernels import kvcomp_plan
             self.split, self.ws = kvcomp_plan(self.keys, n_heads, device)
+
+    def decode(self, q, k, v, pos):
+        """Attend, then store: the groups that leave the ring with this token are compressed after its attention,
+        as on the kernel path (whose step cannot size a compressed group; advance does it)."""
+        assert pos == len(self.keys), "tokens arrive in order"
+        K_ = torch.cat([self.keys.dequantize(), k[0].float()], 1)
+        V_ = torch.cat([self.values.dequantize(), v[0].float()], 1)
+        out = attention(q.float(), K_[None], V_[None]).to(q.dtype)
+        self.load(k, v, pos)
+        self.steps += 1
+        return out
 
     def step(self, q, k, v, pos):
         from research.kernels import kvcomp_attend

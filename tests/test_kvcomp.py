@@ -1,7 +1,10 @@
 """research/kvcomp.py: the error-bounded quantizer keeps its bound (random and real tensors, constant blocks,
-outliers), eps = 1/6 is KIVI's 2-bit grid, and the coders count what they claim."""
+outliers), eps = 1/6 is KIVI's 2-bit grid, and the coders count what they claim; the store keeps its
+bound, is append-only and counts its bytes; the fused kernel equals attention over the decompressed store;
+kvcomp layers decode alike on both paths; the CLI and the config refuse bad bounds."""
 import math
 
+import pytest
 import torch
 
 from quant import quantize
@@ -39,3 +42,136 @@ def test_the_coders_count_bits_as_claimed():
     assert kvcomp.for_bits(torch.full((64,), 3), code_bits=2) == 2 * (2 + 3)  # constant: no code bits
     c = torch.arange(32).repeat(2)
     assert kvcomp.for_bits(c, code_bits=5) == 2 * (32 * math.ceil(math.log2(32)) + 5 + 3)
+
+
+# ------------------------------------------------------------------------------ the store (second stage)
+
+def store_pair(n_kv, hd, max_len, eps, bits_cap=None, residual=128):
+    kw = dict(eps=eps, group=64, residual=residual, device="cpu", dtype=torch.float32, bits_cap=bits_cap)
+    return (kvcomp.KVCompStore(n_kv, hd, max_len, per_channel=True, **kw),
+            kvcomp.KVCompStore(n_kv, hd, max_len, per_channel=False, **kw))
+
+
+def odd_tensor(n_kv, T, hd, seed):
+    """Channels of different scales and offsets, a constant block, a constant channel, an outlier after the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_kv, T, hd, generator=g) * torch.rand(1, 1, hd, generator=g) * 3 + torch.randn(1, 1, hd, generator=g)
+    x[0, 64:128, 5] = 2.0
+    x[:, :, 9] = -0.75
+    x[-1, T - 50, 7] = 80.0
+    return x
+
+
+def grid_bound(x, eps, n_first):
+    """eps times each channel's range over the first tokens compressed (a constant channel: the head's mean)."""
+    R = x[:, :n_first].amax(1) - x[:, :n_first].amin(1)
+    return eps * torch.where(R > 0, R, R.mean(1, keepdim=True))
+
+
+def test_store_keeps_every_value_within_its_bound_random_and_real(default_model, default_dir):
+    from accuracy import Prefilled, load_documents
+    from tokenizer import Tokenizer
+    x = odd_tensor(2, 700, 128, 0)
+    real = Prefilled(default_model, load_documents(Tokenizer(default_dir), ["prose"])["prose"][:600])
+    tensors = [(x, x)] + [(real.keys[i][0], real.values[i][0]) for i in (0, 15)]
+    for eps in (0.5, 1 / 6, 0.05, 0.01):
+        for k, v in tensors:
+            stores = store_pair(k.shape[0], k.shape[2], 900, eps)
+            for s, t in zip(stores, (k, v)):
+                s.append(t[:, :400])                # the prompt: the grids come from its 320 compressed tokens
+                for i in range(400, t.shape[1]):   # then token by token
+                    s.append(t[:, i:i + 1])
+                assert s.n_q == s.quantized(t.shape[1]) and s.length == t.shape[1]
+                err = (s.dequantize() - t).abs()
+                assert (err <= grid_bound(t, eps, 320)[:, None] * (1 + 1e-5) + 1e-6).all(), (eps, float(err.max()))
+                assert (err[:, s.n_q:] == 0).all()  # the ring is exact
+    k = x
+    s = store_pair(2, 128, 900, 0.05)[0]
+    s.append(k)
+    meta = s.meta[:, :s.n_q // 64]
+    width = meta & (2 ** kvcomp.META_W - 1)
+    assert int(width[0, 1, 5]) == 0 and (width[:, :, 9] == 0).all()  # constant blocks take no bits
+    assert s.used == int(width.sum()) * 64 // 32                       # the pool holds exactly the planes
+
+
+def test_store_is_append_only_and_counts_its_real_bytes():
+    x = odd_tensor(2, 900, 64, 1)
+    for s in store_pair(2, 64, 1000, 0.1):
+        s.append(x[:, :300])
+        before = [t.clone() for t in s.tensors()[:3]]
+        for i in range(300, 900, 7):
+            s.append(x[:, i:i + 7])
+            assert all(torch.equal(b, t[..., :b.shape[-1]] if t.dim() == 1 else t[:, :b.shape[1]])
+                       for b, t in zip(before, s.tensors()[:3]))  # what was compressed is never touched again
+        words, meta, offset = s.tensors()[:3]
+        assert words.numel() == s.used and meta.shape[1] == offset.shape[1] == s.n_q // 64
+        n_values = s.n_q * 2 * 64
+        bits = 32 * (s.used + meta.numel() + offset.numel()) / n_values
+        assert 1 < bits < 8  # a few bits per value, metadata included
+    k, v = store_pair(1, 64, 200, 0.1, bits_cap=1)  # the kernel path's pool is fixed: it refuses to overflow
+    with pytest.raises(RuntimeError, match="pool full"):
+        k.append(torch.randn(1, 200, 64) * 100)
+
+
+@pytest.mark.parametrize("hd,n_kv,H", [(64, 2, 6), (128, 1, 2)])  # one or two value blocks per token
+def test_kvcomp_attend_equals_attention_over_the_decompressed_store(hd, n_kv, H):
+    """The fused kernel reads the bit planes inside attention; across group and ring edges it equals attention
+    over what the store decompresses (TRITON_INTERPRET=1 on a CPU)."""
+    from model import attention
+    from research.kernels import kvcomp_attend, kvcomp_plan
+    x, y = odd_tensor(n_kv, 600, hd, 2), odd_tensor(n_kv, 600, hd, 3).flip(1)
+    keys, values = store_pair(n_kv, hd, 900, 0.1, bits_cap=8)
+    keys.append(x[:, :400])
+    values.append(y[:, :400])
+    split, ws = kvcomp_plan(keys, H, "cpu")
+    g = torch.Generator().manual_seed(4)
+    for pos in range(400, 451):  # 447 -> 448: a group leaves the ring
+        q = torch.randn(H, hd, generator=g)
+        out = kvcomp_attend(q, x[:, pos], y[:, pos], keys, values, torch.tensor(pos), ws, split)
+        keys.length = values.length = pos + 1
+        if pos in (400, 446, 447, 448, 450):
+            ref = attention(q[None, :, None], keys.dequantize()[None], values.dequantize()[None])[0, :, 0]
+            assert (out - ref).abs().max() < 1e-5, pos
+        keys.compress_ring(pos + 1)
+        values.compress_ring(pos + 1)
+    assert keys.n_q == 384
+
+
+def test_kvcomp_layers_decode_on_both_paths_and_refuse_bad_bounds():
+    from generate import Decoder
+    from kvcache import CacheConfig, ConfigError, KVCache
+    from test_kernels import tiny_model
+    model = tiny_model("cpu")
+    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
+    for cfg in (CacheConfig("kivi", residual=64, quantizer="kvcomp", quant_options={"error_bound": 0.02}),
+                CacheConfig("tailor", quant_layers=(0, 2), budget=48, sink=4, recent=12, residual=64,
+                            quantizer="kvcomp", quant_options={"error_bound": 0.1})):
+        caches = [KVCache(model, 200, cfg, kernels=kern) for kern in (False, True)]
+        decoders = [Decoder(model, c, cuda_graph=False) for c in caches]
+        full = KVCache(model, 200)
+        with torch.inference_mode():
+            logits = [model.prefill(prompt, c, chunk_size=64)[0] for c in caches + [full]]
+            for pos in range(150, 196):  # crosses 192, where a group is compressed
+                assert (logits[0] - logits[1]).abs().max() <= 2e-4 * logits[0].abs().max(), pos
+                tok = int(logits[2].argmax())
+                logits = [d.step(tok, pos).clone() for d in decoders] + [model(torch.tensor([[tok]]), full, pos)[0, -1]]
+        a, b = (c.memory_report()["by_kind"]["quant"]["device_bytes"] for c in caches)
+        assert a == b < 0.5 * KVCache(model, 200, CacheConfig("kivi", bits=8)).memory_report()["device_bytes"]
+    for bad in ({}, {"error_bound": 0.0}, {"error_bound": 0.7}, {"error_bound": float("nan")}, {"eps": 0.1}):
+        with pytest.raises(ConfigError):
+            CacheConfig("kivi", quantizer="kvcomp", quant_options=bad)
+    with pytest.raises(ConfigError, match="quantizer"):
+        CacheConfig("kivi", quantizer="huffman")
+
+
+def test_cli_error_bound(capsys):
+    import generate
+    cfg = generate.cache_config(generate.parse_args(["--prompt", "x", "--cache", "tailor", "--error-bound", "0.05"]))
+    assert cfg.quantizer == "kvcomp" and cfg.quant_options == {"error_bound": 0.05}
+    assert "quant kvcomp, error bound 0.05 of each channel's range" in generate.describe(cfg, 4)
+    for argv, msg in ((["--cache", "full", "--error-bound", "0.1"], "applies to --cache tailor / kivi"),
+                      (["--cache", "kivi", "--error-bound", "0.1", "--bits", "2"], "give one"),
+                      (["--cache", "kivi", "--error-bound", "2"], "error bound in (0, 0.5]")):
+        with pytest.raises(SystemExit):
+            generate.parse_args(["--prompt", "x"] + argv)
+        assert msg in capsys.readouterr().err
