@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["tests/test_kernels.py", "tests/test_kvcache.py", "tests/test_model.py"]
+FILES = ["tests/test_kernels.py", "tests/test_kvcache.py", "tests/test_model.py", "tests/test_kvcomp.py"]
 SELECT = "gpu or cuda"  # "gpu" is a marker (tests that need CUDA); "cuda" matches the device parameter of the others
 
 

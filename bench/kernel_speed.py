@@ -6,6 +6,8 @@ that read device memory, pinned host->device bandwidth for those that read host 
 
     python bench/kernel_speed.py                      # at 128k tokens
     python bench/kernel_speed.py --length 32768
+    python bench/kernel_speed.py --kvcomp --out bench/results/kvcomp_kernels_h200_128k.md   # quantized layers only:
+        # quant_attend at 1/2/4 bits beside research/kvcomp.py's kvcomp_attend at several error bounds
 """
 import argparse
 import statistics
@@ -49,6 +51,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=131072)
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--kvcomp", action="store_true", help="the quantized layers' kernels only, KVComp's beside KIVI's")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernels.md"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_speed.py needs a CUDA GPU")
@@ -71,6 +75,8 @@ def main():
         f"{L} tokens, {n} splits")
     add("  torch reference", bench(lambda: attention(q[None, :, None], k[None], v[None]), args.reps), nbytes(k, v),
         "hbm", "matmul + softmax + matmul")
+    if args.kvcomp:
+        return kvcomp_rows(args, q, k, v, pos, add, rows, bw)
     # quantized layer, 1 and 2 bits
     for bits in (1, 2):
         kw = dict(bits=bits, group=64, residual=128, device=dev, dtype=bf, kernels=True)
@@ -143,13 +149,58 @@ def main():
     add("sparse_append", bench(lambda: K.sparse_append(kr, vr, pos, host_k, host_v, att_k[:, :8], att_v[:, :8],
                                                        att_k[:, 136:], att_v[:, 136:]), args.reps),
         nbytes(kr, vr), "pcie", "one row to host (posted writes) + window")
+    write(args, rows, bw)
+
+
+def write(args, rows, bw):
     table = [f"# {torch.cuda.get_device_name()}: HBM copy {bw['hbm'] / 1e12:.2f} TB/s, pinned H2D "
-             f"{bw['pcie'] / 1e9:.1f} GB/s; one layer, {L} tokens, bf16\n",
+             f"{bw['pcie'] / 1e9:.1f} GB/s; one layer, {args.length} tokens, bf16\n",
              "| kernel | µs | MiB moved | GB/s | % of ceiling | what |", "|---|---|---|---|---|---|"]
     table += [f"| {name} | {us:.1f} | {mib:.2f} | {gbs:.1f} | {pct:.0f}% | {what} |"
               for name, us, mib, gbs, pct, what in rows]
     print("\n".join(table))
-    publish(ROOT / "bench" / "results" / "kernels.md", "\n".join(table))
+    publish(Path(args.out), "\n".join(table))
+
+
+def kvcomp_rows(args, q, k, v, pos, add, rows, bw):
+    """quant_attend at 1, 2, 4 bits and kvcomp_attend at several error bounds over the same K/V: Gaussian,
+    each channel its own scale and offset (the widths a block takes follow from that, not from a model)."""
+    from research.kernels import kvcomp_attend, kvcomp_plan
+    from research.kvcomp import KVCompStore
+    n_kv, L, hd = k.shape
+    dev, bf = k.device, k.dtype
+    g = torch.Generator(device=dev).manual_seed(0)
+    scale = torch.rand(n_kv, 1, hd, device=dev, generator=g) * 3
+    k = (k.float() * scale + torch.randn(n_kv, 1, hd, device=dev, generator=g)).to(bf)
+    for bits in (1, 2, 4):
+        kw = dict(bits=bits, group=64, residual=128, device=dev, dtype=bf, kernels=True)
+        keys = QuantStore(n_kv, hd, L, per_channel=True, **kw)
+        values = QuantStore(n_kv, hd, L, per_channel=False, **kw)
+        keys.append(k)
+        values.append(v)
+        split, n = K.split_plan(L, n_kv, 64)
+        ws = K.Workspace(q.shape[0], n + 1, hd, dev)
+        add(f"quant_attend {bits}-bit", bench(lambda: K.quant_attend(q, keys, values, pos, ws, split), args.reps),
+            nbytes(*keys.tensors(), *values.tensors()), "hbm", f"KIVI codes + scales + ring")
+        del keys, values
+    kn, vn = k[:, -1].contiguous(), v[:, -1].contiguous()
+    for eps in (1 / 6, 0.1, 0.05, 1 / 30):
+        kw = dict(eps=eps, group=64, residual=128, device=dev, dtype=bf, bits_cap=8)
+        keys = KVCompStore(n_kv, hd, L, per_channel=True, **kw)
+        values = KVCompStore(n_kv, hd, L, per_channel=False, **kw)
+        keys.append(k[:, :L - 1])
+        values.append(v[:, :L - 1])
+        split, ws = kvcomp_plan(keys, q.shape[0], dev)
+        moved = nbytes(*keys.tensors(), *values.tensors())
+        us = bench(lambda: kvcomp_attend(q, kn, vn, keys, values, pos, ws, split), args.reps)
+        ref = attention(q.float()[None, :, None], torch.cat([keys.dequantize(), kn.float()[:, None]], 1)[None],
+                        torch.cat([values.dequantize(), vn.float()[:, None]], 1)[None])[0, :, 0]
+        err = (kvcomp_attend(q, kn, vn, keys, values, pos, ws, split).float() - ref).abs().max().item()
+        bits = 8 * moved / (2 * n_kv * L * hd)
+        add(f"kvcomp_attend eps={eps:.3g}", us, moved, "hbm",
+            f"{bits:.2f} bits/value with tables and ring; max |out - reference| {err:.1e}")
+        del keys, values
+    write(args, rows, bw)
 
 
 if __name__ == "__main__":

@@ -41,20 +41,22 @@ def shortlist_scores(q, k, vals, out, BM: int = 64):
 
 
 @triton.jit
-def _planes(pool, first, width, bit, G32: tl.constexpr):
-    """Codes of a (rows, cols) tile from bit planes: element (r, c) is bit `bit` of word `first + p G32 + bit // 32`
-    of plane p < width (first, width broadcast to the tile)."""
-    d = tl.zeros(first.shape, tl.int32)
+def _planes(pool, first, width, G32: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """Codes of a (ROWS, 32 WORDS) tile from bit planes: (first, width) (ROWS, WORDS) give each word's place in
+    plane 0 and its block's width; plane p is G32 words further. Word j of a row holds its codes 32 j ..
+    32 j + 31, one bit each. Each word is loaded once and its 32 bits spread along the row."""
+    d = tl.zeros((ROWS, WORDS, 32), tl.int32)
+    b = tl.arange(0, 32)
     for p in range(0, tl.max(tl.max(width, 1), 0)):
-        w = tl.load(pool + first + p * G32 + bit // 32, mask=p < width, other=0)
-        d = d | (((w >> (bit % 32)) & 1) << p)
-    return d
+        w = tl.load(pool + first + p * G32, mask=p < width, other=0)
+        d = d | (((w[:, :, None] >> b[None, None, :]) & 1) << p)
+    return tl.reshape(d, (ROWS, WORDS * 32))
 
 
 @triton.jit
-def _spread(x, GROUP: tl.constexpr, NCB: tl.constexpr):
-    """(GROUP * NCB,) per value block, in pool order -> (GROUP, GROUP * NCB) per (token, channel)."""
-    return tl.reshape(tl.broadcast_to(tl.reshape(x, (GROUP, NCB, 1)), (GROUP, NCB, GROUP)), (GROUP, NCB * GROUP))
+def _spread(x, GROUP: tl.constexpr, NCB: tl.constexpr, G32: tl.constexpr):
+    """(GROUP * NCB,) per value block, in pool order -> (GROUP, NCB * G32) per (token, word of its row)."""
+    return tl.reshape(tl.broadcast_to(tl.reshape(x, (GROUP, NCB, 1)), (GROUP, NCB, G32)), (GROUP, NCB * G32))
 
 
 @triton.jit
@@ -71,7 +73,7 @@ def _kvcomp_split_kernel(q, pool_k, meta_k, off_k, lo_k, step_k, pool_v, meta_v,
     acc = tl.zeros((BG, HD), tl.float32)
     c = tl.arange(0, HD)
     i = tl.arange(0, GROUP)
-    G32: tl.constexpr = GROUP // 32
+    G32: tl.constexpr = GROUP // 32  # words of a block's plane
     NCB: tl.constexpr = HD // GROUP  # value blocks per token
     if split == n_splits - 1:  # the residual ring, full precision
         r0 = n_q
@@ -86,22 +88,22 @@ def _kvcomp_split_kernel(q, pool_k, meta_k, off_k, lo_k, step_k, pool_v, meta_v,
     else:
         end = tl.minimum(n_q, (split + 1) * SPLIT)
         t0 = split * SPLIT
-        while t0 < end:  # one group per block; block j of a group's keys is channel j, of its values token j // NCB
+        j = tl.arange(0, G32)
+        jv = tl.arange(0, NCB * G32) % G32
+        while t0 < end:  # one group per block; block r of a group's keys is channel r, of its values token r // NCB
             gk = t0 // GROUP
             mk = tl.load(meta_k + h * m_h + gk * HD + c)
             wk, bk = mk & ((1 << META_W) - 1), mk >> META_W
-            first = tl.load(off_k + h * o_h + gk) + G32 * (tl.cumsum(wk, 0) - wk)
-            d = _planes(pool_k, first[:, None] + 0 * i[None, :], wk[:, None] + 0 * i[None, :], i[None, :] + 0 * c[:, None],
-                        G32)                                                                          # (HD, GROUP)
+            fk = tl.load(off_k + h * o_h + gk) + G32 * (tl.cumsum(wk, 0) - wk)
+            d = _planes(pool_k, fk[:, None] + j[None, :], wk[:, None] + 0 * j[None, :], G32, HD, G32)  # (HD, GROUP)
             kT = tl.load(lo_k + h * HD + c)[:, None] + (bk[:, None] + d).to(tl.float32) * tl.load(step_k + h * HD + c)[:, None]
             mv = tl.load(meta_v + h * m_h + gk * HD + c)
             wv, bv = mv & ((1 << META_W) - 1), mv >> META_W
             fv = tl.load(off_v + h * o_h + gk) + G32 * (tl.cumsum(wv, 0) - wv)
-            fv = _spread(fv, GROUP, NCB)  # a block's table entry to each (token, channel) it decodes to
-            wv = _spread(wv, GROUP, NCB)
-            bv = _spread(bv, GROUP, NCB)
-            d = _planes(pool_v, fv, wv, (c % GROUP)[None, :] + 0 * i[:, None], G32)                 # (GROUP, HD)
-            vb = tl.load(lo_v + h * HD + c)[None, :] + (bv + d).to(tl.float32) * tl.load(step_v + h * HD + c)[None, :]
+            d = _planes(pool_v, _spread(fv, GROUP, NCB, G32) + jv[None, :], _spread(wv, GROUP, NCB, G32), G32, GROUP,
+                        NCB * G32)                                                                       # (GROUP, HD)
+            base = tl.reshape(tl.broadcast_to(tl.reshape(bv, (GROUP, NCB, 1)), (GROUP, NCB, GROUP)), (GROUP, HD))
+            vb = tl.load(lo_v + h * HD + c)[None, :] + (base + d).to(tl.float32) * tl.load(step_v + h * HD + c)[None, :]
             m, l, acc = _softmax_update(qb, kT, vb, (t0 + i) < end, m, l, acc, sm_scale, PREC)
             t0 += GROUP
     _store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)

@@ -46,8 +46,11 @@ def test_the_coders_count_bits_as_claimed():
 
 # ------------------------------------------------------------------------------ the store (second stage)
 
-def store_pair(n_kv, hd, max_len, eps, bits_cap=None, residual=128):
-    kw = dict(eps=eps, group=64, residual=residual, device="cpu", dtype=torch.float32, bits_cap=bits_cap)
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # on CPU under TRITON_INTERPRET=1 (conftest.py)
+
+
+def store_pair(n_kv, hd, max_len, eps, bits_cap=None, residual=128, device="cpu"):
+    kw = dict(eps=eps, group=64, residual=residual, device=device, dtype=torch.float32, bits_cap=bits_cap)
     return (kvcomp.KVCompStore(n_kv, hd, max_len, per_channel=True, **kw),
             kvcomp.KVCompStore(n_kv, hd, max_len, per_channel=False, **kw))
 
@@ -113,21 +116,22 @@ def test_store_is_append_only_and_counts_its_real_bytes():
         k.append(torch.randn(1, 200, 64) * 100)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hd,n_kv,H", [(64, 2, 6), (128, 1, 2)])  # one or two value blocks per token
-def test_kvcomp_attend_equals_attention_over_the_decompressed_store(hd, n_kv, H):
+def test_kvcomp_attend_equals_attention_over_the_decompressed_store(device, hd, n_kv, H):
     """The fused kernel reads the bit planes inside attention; across group and ring edges it equals attention
-    over what the store decompresses (TRITON_INTERPRET=1 on a CPU)."""
+    over what the store decompresses."""
     from model import attention
     from research.kernels import kvcomp_attend, kvcomp_plan
-    x, y = odd_tensor(n_kv, 600, hd, 2), odd_tensor(n_kv, 600, hd, 3).flip(1)
-    keys, values = store_pair(n_kv, hd, 900, 0.1, bits_cap=8)
+    x, y = (t.to(device) for t in (odd_tensor(n_kv, 600, hd, 2), odd_tensor(n_kv, 600, hd, 3).flip(1)))
+    keys, values = store_pair(n_kv, hd, 900, 0.1, bits_cap=8, device=device)
     keys.append(x[:, :400])
     values.append(y[:, :400])
-    split, ws = kvcomp_plan(keys, H, "cpu")
+    split, ws = kvcomp_plan(keys, H, device)
     g = torch.Generator().manual_seed(4)
     for pos in range(400, 451):  # 447 -> 448: a group leaves the ring
-        q = torch.randn(H, hd, generator=g)
-        out = kvcomp_attend(q, x[:, pos], y[:, pos], keys, values, torch.tensor(pos), ws, split)
+        q = torch.randn(H, hd, generator=g).to(device)
+        out = kvcomp_attend(q, x[:, pos], y[:, pos], keys, values, torch.tensor(pos, device=device), ws, split)
         keys.length = values.length = pos + 1
         if pos in (400, 446, 447, 448, 450):
             ref = attention(q[None, :, None], keys.dequantize()[None], values.dequantize()[None])[0, :, 0]
@@ -137,26 +141,29 @@ def test_kvcomp_attend_equals_attention_over_the_decompressed_store(hd, n_kv, H)
     assert keys.n_q == 384
 
 
-def test_kvcomp_layers_decode_on_both_paths_and_refuse_bad_bounds():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcomp_layers_decode_on_both_paths_and_refuse_bad_bounds(device):
+    """The PyTorch path and the kernels (on CUDA in a CUDA graph) decode alike through a group's compression."""
     from generate import Decoder
     from kvcache import CacheConfig, ConfigError, KVCache
     from test_kernels import tiny_model
-    model = tiny_model("cpu")
-    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(device)
+    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1)).to(device)
     for cfg in (CacheConfig("kivi", residual=64, quantizer="kvcomp", quant_options={"error_bound": 0.02}),
                 CacheConfig("tailor", quant_layers=(0, 2), budget=48, sink=4, recent=12, residual=64,
                             quantizer="kvcomp", quant_options={"error_bound": 0.1})):
-        caches = [KVCache(model, 200, cfg, kernels=kern) for kern in (False, True)]
-        decoders = [Decoder(model, c, cuda_graph=False) for c in caches]
-        full = KVCache(model, 200)
+        caches = [KVCache(model, 200, cfg, device=device, kernels=kern) for kern in (False, True)]
+        decoders = [Decoder(model, c, cuda_graph=kern and device == "cuda") for c, kern in zip(caches, (False, True))]
+        full = KVCache(model, 200, device=device)
         with torch.inference_mode():
             logits = [model.prefill(prompt, c, chunk_size=64)[0] for c in caches + [full]]
             for pos in range(150, 196):  # crosses 192, where a group is compressed
                 assert (logits[0] - logits[1]).abs().max() <= 2e-4 * logits[0].abs().max(), pos
                 tok = int(logits[2].argmax())
-                logits = [d.step(tok, pos).clone() for d in decoders] + [model(torch.tensor([[tok]]), full, pos)[0, -1]]
+                logits = [d.step(tok, pos).clone() for d in decoders] + [model(torch.tensor([[tok]], device=device),
+                                                                               full, pos)[0, -1]]
         a, b = (c.memory_report()["by_kind"]["quant"]["device_bytes"] for c in caches)
-        assert a == b < 0.5 * KVCache(model, 200, CacheConfig("kivi", bits=8)).memory_report()["device_bytes"]
+        assert a == b < 0.5 * KVCache(model, 200, CacheConfig("kivi", bits=8), device=device).memory_report()["device_bytes"]
     for bad in ({}, {"error_bound": 0.0}, {"error_bound": 0.7}, {"error_bound": float("nan")}, {"eps": 0.1}):
         with pytest.raises(ConfigError):
             CacheConfig("kivi", quantizer="kvcomp", quant_options=bad)
