@@ -199,6 +199,10 @@ def kvcomp_rows(args, q, k, v, pos, add, rows, bw):
         bits = 8 * moved / (2 * n_kv * L * hd)
         add(f"kvcomp_attend eps={eps:.3g}", us, moved, "hbm",
             f"{bits:.2f} bits/value with tables and ring; max |out - reference| {err:.1e}")
+        if eps == 0.1:
+            for nw in (8, 16):
+                add(f"  warps={nw}", bench(lambda: kvcomp_attend(q, kn, vn, keys, values, pos, ws, split, nw), args.reps),
+                    moved, "hbm", "the same, other warps per program (default 4)")
         del keys, values
     write(args, rows, bw)
 

@@ -116,10 +116,11 @@ def kvcomp_plan(keys, n_heads: int, device) -> tuple[int, Workspace]:
     return split, Workspace(n_heads, n + 1, hd, device)  # + 1: the residual ring's split
 
 
-def kvcomp_attend(q, k, v, keys, values, pos: torch.Tensor, ws: Workspace, split: int):
+def kvcomp_attend(q, k, v, keys, values, pos: torch.Tensor, ws: Workspace, split: int, num_warps: int = 4):
     """q (H, hd) of the token at device position pos, its k, v (n_kv, hd) written into the stores' rings, over a
     KVComp layer holding positions 0..pos (groups compressed up to quantized(pos), the host's compress_ring
-    after the step does the next). Reference: model.attention over keys.dequantize(), values.dequantize()."""
+    after the step does the next). Reference: model.attention over keys.dequantize(), values.dequantize().
+    num_warps: 4 measured best at 128k on an H200 (bench/kernel_speed.py --kvcomp times 8 and 16 beside it)."""
     n_kv, R, hd = keys.res.shape
     _check_q(q, n_kv, hd)
     _check(keys.per_channel and not values.per_channel and keys.g == values.g and keys.R == values.R
@@ -136,5 +137,5 @@ def kvcomp_attend(q, k, v, keys, values, pos: torch.Tensor, ws: Workspace, split
         q, keys.pool, keys.meta, keys.offset, keys.lo, keys.step, values.pool, values.meta, values.offset, values.lo,
         values.step, keys.meta.stride(0), keys.offset.stride(0), keys.res, values.res, keys.res.stride(0),
         keys.res.stride(1), ws.m, ws.l, ws.acc, pos, hd ** -0.5, G, n_splits, GROUP=keys.g, R=R, SPLIT=split,
-        META_W=META_W, BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=_precision(q.dtype))
+        META_W=META_W, BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=_precision(q.dtype), num_warps=num_warps)
     return _combine(q, ws, n_splits)
