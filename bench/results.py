@@ -184,6 +184,32 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
     ("The same on Qwen2.5-Coder-0.5B-Instruct", "kvcomp_bits_qwen05.md",
      "python research/kvcomp.py --model qwen2.5-coder-0.5b --docs stdlib --context 2048 --eps 0.16666667 0.1 0.05 "
      "--out bench/results/kvcomp_bits_qwen05.md", None, "As above, on the standard library's argparse.py."),
+    ("KVComp's store on real keys and values: bits per value, default model", "kvcomp_store_bits_default.md",
+     "python research/kvcomp.py --store --docs prose code table --context 2048 --eps 0.16666667 0.1 0.05 0.0333 0.02 "
+     "--out bench/results/kvcomp_store_bits_default.md", None,
+     "What the engine's kvcomp quantizer holds: every channel's grid from the prompt's range, each block of 64 "
+     "values at the width its indices need, as bit planes; every layer."),
+    ("KVComp against KIVI: accuracy and device memory, default model, CPU", "kvcomp_accuracy_cpu.md",
+     "python bench/accuracy.py --contexts 2048 --copy 128 --next 128 --policies full kivi-1 kivi-2 kivi-4 "
+     "kvcomp:0.1667 kvcomp:0.1 kvcomp:0.05 kvcomp:0.0333 kvcomp:0.02 --tasks repeat fidelity --sweep-budgets "
+     "--out bench/results/kvcomp_accuracy_cpu", "kvcomp_accuracy_cpu.png",
+     "fp32 on the PyTorch path; kvcomp:EPS quantizes every layer with research/kvcomp.py's store at error bound "
+     "EPS of each channel's range. Device KV includes each layer's fp32 ring of 128 tokens (5.6 MiB in all, the "
+     "same for every row); kivi-N counts its stores at their full capacity (context + new tokens), kvcomp the "
+     "words in use."),
+    ("KVComp's attention kernel beside KIVI's, H200, 32k tokens", "kvcomp_kernels_h200_32k.md",
+     "python bench/kernel_speed.py --kvcomp --length 32768 --out bench/results/kvcomp_kernels_h200_32k.md", None,
+     "One layer at Llama-3.1-8B shapes; Gaussian K/V, each key channel its own scale and offset. MiB moved: what "
+     "the store holds (for kvcomp, with its tables)."),
+    ("The same at 128k tokens", "kvcomp_kernels_h200_128k.md",
+     "python bench/kernel_speed.py --kvcomp --length 131072 --out bench/results/kvcomp_kernels_h200_128k.md", None,
+     "As above."),
+    ("KVComp in the CUDA-graph decode step, H200, 32k", "kvcomp/latency_kvcomp_h200.md",
+     "python bench/latency.py --contexts 32768 --policies kivi-2 kvcomp:0.1 kvcomp:0.05 --steps 70 --warmup 3 "
+     "--out bench/results/kvcomp/latency_kvcomp_h200", None,
+     "Every layer quantized; kvcomp's step attends in the graph, the group that leaves the ring is compressed "
+     "after it on the host's side (the max column: that step, once every 64 tokens). Its pool is allocated for "
+     "8 bits per value on the kernel path (a CUDA graph keeps its address), so its peak memory is above kivi-2's."),
     ("Accuracy against device memory, CPU", "accuracy_cpu.md", "python bench/accuracy.py --contexts 1024 2048 --sweep-budgets",
      "accuracy_cpu.png", "The same in fp32 on the PyTorch path (device KV counts fp32 bytes, twice bf16's)."),
     ("generate.py over a 20k-token file, Qwen2.5-Coder-0.5B on a CPU", "generate_qwen.md",

@@ -374,6 +374,39 @@ class KVCompLayer(kvcache.QuantLayer):
 kvcache.QUANTIZERS["kvcomp"] = KVCompLayer
 
 
+def store_bits(x: torch.Tensor, per_channel: bool, eps: float, g: int = 64) -> tuple[float, float]:
+    """(bits per value of a KVCompStore holding x (n_kv, T, hd), pool + tables, the ring left out; the largest
+    error over its bound)."""
+    n_kv, T, hd = x.shape
+    T -= T % g
+    s = KVCompStore(n_kv, hd, T, eps=eps, group=g, residual=g, per_channel=per_channel, device=x.device,
+                    dtype=torch.float32)
+    s.compress(x[:, :T].float())
+    err = (s.decompress() - x[:, :T].float()).abs() / (s.step / 2)[:, None, :].clamp_min(1e-30)
+    return 8 * sum(t.numel() * t.element_size() for t in s.tensors()[:5]) / (n_kv * T * hd), float(err.max())
+
+
+def store_table(model, tok, name, args, publish) -> int:
+    from accuracy import Prefilled, load_documents
+    lines = [f"{name}, fp32 prefill of {args.context} tokens, every layer: bits per value a KVCompStore holds "
+             f"(bit planes + each block's base and width + each group's offset + the channel grids; g = 64), and "
+             f"the largest error over its bound; kivi-2 at g = 64 holds 2 + 0.5 (a bf16 scale and minimum per "
+             f"64 values)", "", "| doc | eps | K bits | V bits | K and V | vs kivi-2 | worst error / bound |",
+             "|---|---|---|---|---|---|---|"]
+    for doc_name, doc in load_documents(tok, args.docs).items():
+        pre = Prefilled(model, doc[:args.context])
+        for eps in args.eps:
+            ks = [store_bits(x[0], True, eps) for x in pre.keys]
+            vs = [store_bits(x[0], False, eps) for x in pre.values]
+            kb, vb = (sum(b for b, _ in r) / len(r) for r in (ks, vs))
+            worst = max(e for _, e in ks + vs)
+            lines.append(f"| {doc_name} | {eps:.4g} | {kb:.2f} | {vb:.2f} | {(kb + vb) / 2:.2f} | "
+                         f"{(kb + vb) / 2 / 2.5:.2f}x | {worst:.3f} |")
+            print(lines[-1], flush=True)
+    publish(Path(args.out), "\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     from accuracy import DOCUMENTS, Prefilled, display_name, load_documents
     from checkpoint import resolve_model
@@ -386,12 +419,16 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, nargs="+", default=[KIVI[2], 0.1, 0.05, KIVI[4]])
     p.add_argument("--layers", type=int, nargs="+", help="layers to measure (default: every fourth)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "kvcomp_bits.md"))
+    p.add_argument("--store", action="store_true",
+                   help="the second stage instead: what a KVCompStore holds per value on every layer, against kivi-2")
     args = p.parse_args(argv)
     from results import publish
     model_dir = resolve_model(args.model)
     model, tok = load_model(model_dir), Tokenizer(model_dir)
     layers = args.layers or list(range(0, model.args.n_layers, 4))
     name = display_name(model_dir.name)
+    if args.store:
+        return store_table(model, tok, name, args, publish)
     lines = [f"{name}, fp32 prefill of {args.context} tokens: bits per value, metadata included, over "
              f"layers {', '.join(map(str, layers))} (kivi-2 packs 2 + 1: a bf16 scale and minimum per 32 values)", "",
              "| doc | eps | mode | tensor | fixed | entropy | huffman | for | worst error / bound |",
