@@ -191,6 +191,23 @@ def _load_queries(q, h, G, BG: tl.constexpr, HD: tl.constexpr):
 
 
 @triton.jit
+def _ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R: tl.constexpr, GROUP: tl.constexpr,
+                 HD: tl.constexpr, PREC: tl.constexpr):
+    """The online softmax over a quantized layer's residual ring: positions [n_q, L), position t in slot t % R."""
+    c = tl.arange(0, HD)
+    r0 = n_q
+    while r0 < L:
+        t = r0 + tl.arange(0, GROUP)
+        valid = t < L
+        slot = t % R
+        kT = tl.load(rk + h * r_h + slot[None, :] * r_t + c[:, None], mask=valid[None, :], other=0.0)
+        vb = tl.load(rv + h * r_h + slot[:, None] * r_t + c[None, :], mask=valid[:, None], other=0.0)
+        m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+        r0 += GROUP
+    return m, l, acc
+
+
+@triton.jit
 def _dense_split_kernel(q, k, v, k_h, k_t, ws_m, ws_l, ws_acc, pos_ptr, sm_scale, G, n_splits,
                         SPLIT: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr,
                         PREC: tl.constexpr):
@@ -232,15 +249,7 @@ def _quant_split_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t,      
     W: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     if split == n_splits - 1:  # the residual ring, full precision
-        r0 = n_q
-        while r0 < L:
-            t = r0 + i
-            valid = t < L
-            slot = t % R
-            kT = tl.load(rk + h * r_h + slot[None, :] * r_t + c[:, None], mask=valid[None, :], other=0.0)
-            vb = tl.load(rv + h * r_h + slot[:, None] * r_t + c[None, :], mask=valid[:, None], other=0.0)
-            m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
-            r0 += GROUP
+        m, l, acc = _ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R, GROUP, HD, PREC)
     else:
         end = tl.minimum(n_q, (split + 1) * SPLIT)
         t0 = split * SPLIT

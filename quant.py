@@ -112,15 +112,18 @@ class QuantStore:
         n_q1 = self.quantized(L1)
         if n_q1 > self.n_q:
             pending = x if L0 == self.n_q else torch.cat([self.res[:, self._slots(self.n_q, L0)], x], dim=1)
-            pending = pending[:, :n_q1 - self.n_q]
-            if self.kernels:
-                K.quantize(self, pending, self.n_q // self.g)
-            else:
-                self._quantize_into(pending, self.n_q)
+            self._store_groups(pending[:, :n_q1 - self.n_q])
         first = max(n_q1, L0)
         if first < L1:
             self.res[:, self._slots(first, L1)] = x[:, first - L0:]
         self.length, self.n_q = L1, n_q1
+
+    def _store_groups(self, x):
+        """Quantize x (n_kv, n, hd), tokens n_q .. n_q + n - 1 (n a multiple of g), into the store."""
+        if self.kernels:
+            K.quantize(self, x, self.n_q // self.g)
+        else:
+            self._quantize_into(x, self.n_q)
 
     def advance(self, length: int):
         """Record that device-side steps (kernels.quantize_step) brought the store to `length` tokens."""

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import (Workspace, _check, _check_q, _combine, _load_queries, _precision, _softmax_update, _store_partial,
-                     pow2, split_plan)
+from kernels import (Workspace, _check, _check_q, _combine, _load_queries, _precision, _ring_update, _softmax_update,
+                     _store_partial, pow2, split_plan)
 
 
 @triton.jit
@@ -76,15 +76,7 @@ def _kvcomp_split_kernel(q, pool_k, meta_k, off_k, lo_k, step_k, pool_v, meta_v,
     G32: tl.constexpr = GROUP // 32  # words of a block's plane
     NCB: tl.constexpr = HD // GROUP  # value blocks per token
     if split == n_splits - 1:  # the residual ring, full precision
-        r0 = n_q
-        while r0 < L:
-            t = r0 + i
-            valid = t < L
-            slot = t % R
-            kT = tl.load(rk + h * r_h + slot[None, :] * r_t + c[:, None], mask=valid[None, :], other=0.0)
-            vb = tl.load(rv + h * r_h + slot[:, None] * r_t + c[None, :], mask=valid[:, None], other=0.0)
-            m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
-            r0 += GROUP
+        m, l, acc = _ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R, GROUP, HD, PREC)
     else:
         end = tl.minimum(n_q, (split + 1) * SPLIT)
         t0 = split * SPLIT
@@ -118,7 +110,7 @@ def kvcomp_plan(keys, n_heads: int, device) -> tuple[int, Workspace]:
 
 def kvcomp_attend(q, k, v, keys, values, pos: torch.Tensor, ws: Workspace, split: int, num_warps: int = 4):
     """q (H, hd) of the token at device position pos, its k, v (n_kv, hd) written into the stores' rings, over a
-    KVComp layer holding positions 0..pos (groups compressed up to quantized(pos), the host's compress_ring
+    KVComp layer holding positions 0..pos (groups compressed up to quantized(pos), the host's advance
     after the step does the next). Reference: model.attention over keys.dequantize(), values.dequantize().
     num_warps: 4 measured best at 128k on an H200 (bench/kernel_speed.py --kvcomp times 8 and 16 beside it)."""
     n_kv, R, hd = keys.res.shape

@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import kvcache  # noqa: E402
 from kvcache import CacheConfig, ConfigError  # noqa: E402
+from quant import QuantStore  # noqa: E402
 from model import attention  # noqa: E402
 
 KIVI = {1: 1 / 2, 2: 1 / 6, 4: 1 / 30}  # eps of KIVI's b-bit grid: step = range / (2^b - 1)
@@ -182,8 +183,9 @@ def plane_words(d: torch.Tensor, width: int) -> torch.Tensor:
     return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
 
 
-class KVCompStore:
-    """One layer's keys (per_channel) or values, error-bounded and bit-plane packed (module docstring).
+class KVCompStore(QuantStore):
+    """One layer's keys (per_channel) or values, error-bounded and bit-plane packed (module docstring). The
+    ring and what leaves it when are QuantStore's (append, quantized); what is stored is this class's.
 
     Tables, all on the device: lo, step (n_kv, hd) fp32, the channel grids; meta (n_kv, cap / g, hd) int32,
     each block's base and width (keys: block j is channel j of the group; values: token j // (hd / g) of the
@@ -208,40 +210,18 @@ class KVCompStore:
         self.res = torch.zeros(n_kv, residual, hd, dtype=dtype, device=device)
         self.length = self.n_q = self.used = 0  # tokens stored, of which compressed; words of pool in use
 
-    def quantized(self, length: int) -> int:  # as QuantStore: the ring keeps R - g .. R - 1 tokens
-        return ((length - self.R) // self.g + 1) * self.g if length >= self.R else 0
-
-    def __len__(self):
-        return self.length
-
     def tensors(self):
         """What the store holds on the device: the pool's words in use, the tables of the groups stored."""
         ng = self.n_q // self.g
         return [self.pool[:self.used], self.meta[:, :ng], self.offset[:, :ng], self.lo, self.step, self.res]
 
-    def _slots(self, a, b):
-        return torch.arange(a, b, device=self.res.device) % self.R
-
-    def append(self, x: torch.Tensor):
-        """x: (n_kv, T, hd) new tokens, oldest first (QuantStore.append's contract)."""
-        x = x.to(self.res.dtype)
-        L0, L1 = self.length, self.length + x.shape[1]
-        n_q1 = self.quantized(L1)
-        if n_q1 > self.n_q:
-            pending = x if L0 == self.n_q else torch.cat([self.res[:, self._slots(self.n_q, L0)], x], dim=1)
-            self.compress(pending[:, :n_q1 - self.n_q])
-        first = max(n_q1, L0)
-        if first < L1:
-            self.res[:, self._slots(first, L1)] = x[:, first - L0:]
-        self.length = L1
-
-    def compress_ring(self, length: int):
+    def advance(self, length: int):
         """The kernel path: tokens up to `length` are in the ring (kvcomp_attend's step wrote them); compress
         the groups that leave it. The one host sync: the words they take, once per g tokens."""
         n_q1 = self.quantized(length)
         if n_q1 > self.n_q:
-            self.compress(self.res[:, self._slots(self.n_q, n_q1)])
-        self.length = length
+            self._store_groups(self.res[:, self._slots(self.n_q, n_q1)])
+        self.length, self.n_q = length, n_q1
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """(n_kv, n, hd), n a multiple of g -> (n_kv, n / g, hd, g): the blocks of each group, in pool order."""
@@ -259,8 +239,9 @@ class KVCompStore:
         g = self.g
         return t.view(n_kv, 1, 1, hd // g, g).expand(n_kv, 1, g, hd // g, g).reshape(n_kv, 1, hd, g)
 
-    def compress(self, x: torch.Tensor):
-        """Append groups x (n_kv, n, hd) (tokens n_q .. n_q + n - 1, n a multiple of g) to the pool."""
+    def _store_groups(self, x: torch.Tensor):
+        """Append groups x (n_kv, n, hd) (tokens n_q .. n_q + n - 1, n a multiple of g) to the pool; the caller
+        counts them into n_q."""
         n_kv, n, hd = x.shape
         g = self.g
         x = x.float()
@@ -293,7 +274,7 @@ class KVCompStore:
         a = self.n_q // g
         self.offset[:, a:a + n // g] = starts.view(n // g, n_kv).T.to(torch.int32)
         self.meta[:, a:a + n // g] = ((base << META_W) | width).to(torch.int32)
-        self.used, self.n_q = need, self.n_q + n
+        self.used = need
 
     def decompress(self) -> torch.Tensor:
         """The compressed tokens in fp32, (n_kv, n_q, hd): read back from the pool alone."""
@@ -365,11 +346,6 @@ class KVCompLayer(kvcache.QuantLayer):
         return kvcomp_attend(q[0, :, 0].contiguous(), k[0, :, 0], v[0, :, 0], self.keys, self.values, pos,
                              self.ws, self.split)[None, :, None]
 
-    def advance(self, length):
-        self.keys.compress_ring(length)
-        self.values.compress_ring(length)
-        self.steps += 1
-
 
 kvcache.QUANTIZERS["kvcomp"] = KVCompLayer
 
@@ -381,7 +357,7 @@ def store_bits(x: torch.Tensor, per_channel: bool, eps: float, g: int = 64) -> t
     T -= T % g
     s = KVCompStore(n_kv, hd, T, eps=eps, group=g, residual=g, per_channel=per_channel, device=x.device,
                     dtype=torch.float32)
-    s.compress(x[:, :T].float())
+    s.append(x[:, :T].float())  # a ring of g: every group compressed
     err = (s.decompress() - x[:, :T].float()).abs() / (s.step / 2)[:, None, :].clamp_min(1e-30)
     return 8 * sum(t.numel() * t.element_size() for t in s.tensors()[:5]) / (n_kv * T * hd), float(err.max())
 

@@ -204,6 +204,38 @@ MUTANTS = [
            "j = min(range(len(hay)), key=lambda b: abs(starts[b] - d * room))",
            "j = min(range(len(hay)), key=lambda b: abs(starts[b] - d * room)) + 1",
            ("bench/test_ruler.py",), "a needle at depth 1 falls off the end of the haystack"),
+    Mutant("kvcomp-grid-half-step", "research/kvcomp.py",
+           "self.step.copy_(2 * self.eps * R)", "self.step.copy_(4 * self.eps * R)",
+           ("tests/test_kvcomp.py",), "the store's grid step is twice what its error bound allows"),
+    Mutant("kvcomp-width-short", "research/kvcomp.py",
+           "torch.floor(torch.log2(top.double().clamp_min(1))).long() + 1, 0)",
+           "torch.floor(torch.log2(top.double().clamp_min(1))).long(), 0)",
+           ("tests/test_kvcomp.py",), "a block's width is one bit short of its largest index"),
+    Mutant("kvcomp-offset-skips-block", "research/kvcomp.py",
+           "first = self.offset[:, :ng].long()[..., None] + (g // 32) * (torch.cumsum(width, -1) - width)",
+           "first = self.offset[:, :ng].long()[..., None] + (g // 32) * torch.cumsum(width, -1)",
+           ("tests/test_kvcomp.py",), "decompression reads each block at the next block's offset"),
+    Mutant("kvcomp-kernel-v-base", "research/kernels.py",
+           "vb = tl.load(lo_v + h * HD + c)[None, :] + (base + d).to(tl.float32)",
+           "vb = tl.load(lo_v + h * HD + c)[None, :] + (d).to(tl.float32)",
+           ("tests/test_kvcomp.py",), "the fused kernel forgets the value blocks' base index"),
+    Mutant("kvcomp-kernel-ring-late", "research/kernels.py",
+           "n_q = tl.maximum(L - 1 - R + GROUP, 0) // GROUP * GROUP",
+           "n_q = tl.maximum(L - R + GROUP, 0) // GROUP * GROUP",
+           ("tests/test_kvcomp.py",), "the kernel counts a group as compressed one token before the host does"),
+    Mutant("kvcomp-compress-before-attend", "research/kvcomp.py",
+           """        K_ = torch.cat([self.keys.dequantize(), k[0].float()], 1)
+        V_ = torch.cat([self.values.dequantize(), v[0].float()], 1)
+        out = attention(q.float(), K_[None], V_[None]).to(q.dtype)
+        self.load(k, v, pos)""",
+           """        self.load(k, v, pos)
+        K_, V_ = self.keys.dequantize(), self.values.dequantize()
+        out = attention(q.float(), K_[None], V_[None]).to(q.dtype)""",
+           ("tests/test_kvcomp.py",), "the PyTorch path compresses a group before its attention, the kernels after"),
+    Mutant("quantizer-registry-ignored", "kvcache.py",
+           "return QUANTIZERS[self.cfg.quantizer](*self.shape,", "return QuantLayer(*self.shape,",
+           ("tests/test_kvcomp.py",), "KVCache builds KIVI's layer whatever the quantizer says"),
+
 ]
 
 
