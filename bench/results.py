@@ -197,6 +197,14 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "EPS of each channel's range. Device KV includes each layer's fp32 ring of 128 tokens (5.6 MiB in all, the "
      "same for every row); kivi-N counts its stores at their full capacity (context + new tokens), kvcomp the "
      "words in use."),
+    ("KVComp against KIVI at 32k: Qwen2.5-Coder-0.5B-Instruct, H200", "kvcomp_accuracy_qwen05_h200.md",
+     "python bench/accuracy.py --model qwen2.5-coder-0.5b --device cuda --dtype bfloat16 --docs stdlib --contexts "
+     "32768 --copy 128 --next 128 --policies full kivi-2 kivi-4 kvcomp:0.05 kvcomp:0.0333 --tasks repeat fidelity "
+     "--sweep-budgets --out bench/results/kvcomp/qwen05_32k_stdlib; the same with --docs reference ledger "
+     "(bench/results/kvcomp/qwen05_32k_reference_ledger); merged by --replot into "
+     "bench/results/kvcomp_accuracy_qwen05_h200", "kvcomp_accuracy_qwen05_h200.png",
+     "bf16 on the kernel path in a CUDA graph; kvcomp's device KV counts the pool's words in use (the kernel path "
+     "allocates it for 8 bits per value)."),
     ("KVComp's attention kernel beside KIVI's, H200, 32k tokens", "kvcomp_kernels_h200_32k.md",
      "python bench/kernel_speed.py --kvcomp --length 32768 --out bench/results/kvcomp_kernels_h200_32k.md", None,
      "One layer at Llama-3.1-8B shapes; Gaussian K/V, each key channel its own scale and offset. MiB moved: what "
