@@ -376,8 +376,8 @@ def layer_list(s):
 
 # which --cache policies each cache flag applies to: given for another policy, it is refused, not ignored
 CACHE_FLAGS = {"quant_layers": ("tailor",), "plan": ("tailor",), "topk_split": ("tailor",), "bits": ("tailor", "kivi"),
-               "error_bound": ("tailor", "kivi"), "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"), "budget": ("tailor", "sparse"),
-               "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"),
+               "error_bound": ("tailor", "kivi"), "group": ("tailor", "kivi"), "residual": ("tailor", "kivi"),
+               "budget": ("tailor", "sparse"), "select": ("tailor", "sparse"), "channels": ("tailor", "sparse"),
                "sink": ("tailor", "sparse", "streaming"), "recent": ("tailor", "sparse", "streaming")}
 
 

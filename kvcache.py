@@ -210,8 +210,8 @@ class QuantLayer:
         """Refuse a config this quantizer cannot serve (ConfigError naming the field)."""
         unknown = set(cfg.quant_options) - set(cls.options)
         if unknown:
-            raise ConfigError("quant_options", f"the {cfg.quantizer!r} quantizer has no option "
-                                               f"{', '.join(sorted(unknown))}; its options: {', '.join(cls.options) or 'none'}")
+            raise ConfigError("quant_options", f"the {cfg.quantizer!r} quantizer has no option {', '.join(sorted(unknown))}"
+                                               f"; its options: {', '.join(cls.options) or 'none'}")
 
     @classmethod
     def describe(cls, cfg: CacheConfig) -> str:

@@ -201,8 +201,8 @@ def kvcomp_rows(args, q, k, v, pos, add, rows, bw):
             f"{bits:.2f} bits/value with tables and ring; max |out - reference| {err:.1e}")
         if eps == 0.1:
             for nw in (8, 16):
-                add(f"  warps={nw}", bench(lambda: kvcomp_attend(q, kn, vn, keys, values, pos, ws, split, nw), args.reps),
-                    moved, "hbm", "the same, other warps per program (default 4)")
+                us = bench(lambda: kvcomp_attend(q, kn, vn, keys, values, pos, ws, split, nw), args.reps)
+                add(f"  warps={nw}", us, moved, "hbm", "the same, other warps per program (default 4)")
         del keys, values
     write(args, rows, bw)
 

@@ -51,11 +51,12 @@ GiB = 2 ** 30
 
 def policy(label: str) -> CacheConfig:
     """A label of POLICIES, or one with another selector, its options and a budget: "tailor-1/sketch-heads",
-    "tailor-1/shortlist:2", "tailor-1/sketch:1b@448" (as bench/accuracy.py writes them); "kvcomp:0.1"; "tailor-1+split": the
-    top-k split by layer like the default model's plan (split_like_the_default_plan)."""
+    "tailor-1/shortlist:2", "tailor-1/sketch:1b@448" (as bench/accuracy.py writes them); "tailor-1+split": the
+    top-k split by layer like the default model's plan (split_like_the_default_plan); "kvcomp:0.1": every layer
+    on research/kvcomp.py's compressor at that error bound."""
     if label in POLICIES:
         return POLICIES[label]
-    if label.startswith("kvcomp:"):  # every layer on research/kvcomp.py's compressor at this error bound
+    if label.startswith("kvcomp:"):
         import research.kvcomp  # noqa: F401  (registers the quantizer)
         return CacheConfig("kivi", quantizer="kvcomp", quant_options={"error_bound": float(label[7:])})
     label, _, budget = label.partition("@")

@@ -88,7 +88,8 @@ def _kvcomp_split_kernel(q, pool_k, meta_k, off_k, lo_k, step_k, pool_v, meta_v,
             wk, bk = mk & ((1 << META_W) - 1), mk >> META_W
             fk = tl.load(off_k + h * o_h + gk) + G32 * (tl.cumsum(wk, 0) - wk)
             d = _planes(pool_k, fk[:, None] + j[None, :], wk[:, None] + 0 * j[None, :], G32, HD, G32)  # (HD, GROUP)
-            kT = tl.load(lo_k + h * HD + c)[:, None] + (bk[:, None] + d).to(tl.float32) * tl.load(step_k + h * HD + c)[:, None]
+            step = tl.load(step_k + h * HD + c)
+            kT = tl.load(lo_k + h * HD + c)[:, None] + (bk[:, None] + d).to(tl.float32) * step[:, None]
             mv = tl.load(meta_v + h * m_h + gk * HD + c)
             wv, bv = mv & ((1 << META_W) - 1), mv >> META_W
             fv = tl.load(off_v + h * o_h + gk) + G32 * (tl.cumsum(wv, 0) - wv)
