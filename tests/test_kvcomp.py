@@ -154,6 +154,8 @@ def test_kvcomp_layers_decode_on_both_paths_and_refuse_bad_bounds(device):
                 CacheConfig("tailor", quant_layers=(0, 2), budget=48, sink=4, recent=12, residual=64,
                             quantizer="kvcomp", quant_options={"error_bound": 0.1})):
         caches = [KVCache(model, 200, cfg, device=device, kernels=kern) for kern in (False, True)]
+        assert all(isinstance(layer, kvcomp.KVCompLayer) for c in caches for layer in c.layers
+                   if layer is not None and layer.kind == "quant")
         decoders = [Decoder(model, c, cuda_graph=kern and device == "cuda") for c, kern in zip(caches, (False, True))]
         full = KVCache(model, 200, device=device)
         with torch.inference_mode():
