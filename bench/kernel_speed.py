@@ -79,13 +79,8 @@ def main():
         return kvcomp_rows(args, q, k, v, pos, add, rows, bw)
     # quantized layer, 1 and 2 bits
     for bits in (1, 2):
-        kw = dict(bits=bits, group=64, residual=128, device=dev, dtype=bf, kernels=True)
-        keys = QuantStore(n_kv, hd, L, per_channel=True, **kw)
-        values = QuantStore(n_kv, hd, L, per_channel=False, **kw)
-        keys.append(k)
-        values.append(v)
-        split, n = K.split_plan(L, n_kv, 64)
-        ws = K.Workspace(H, n + 1, hd, dev)
+        keys, values, split, ws = quant_layer(k, v, bits, H)
+        n = ws.m.shape[1] - 1
         moved = nbytes(*keys.tensors(), *values.tensors())
         add(f"quant_attend {bits}-bit", bench(lambda: K.quant_attend(q, keys, values, pos, ws, split), args.reps),
             moved, "hbm", f"codes + scales + residual, {n} + 1 splits")
@@ -152,6 +147,18 @@ def main():
     write(args, rows, bw)
 
 
+def quant_layer(k, v, bits, n_heads):
+    """A quantized layer holding k, v (n_kv, L, hd) on the kernel path, and quant_attend's split and workspace."""
+    n_kv, L, hd = k.shape
+    kw = dict(bits=bits, group=64, residual=128, device=k.device, dtype=k.dtype, kernels=True)
+    keys = QuantStore(n_kv, hd, L, per_channel=True, **kw)
+    values = QuantStore(n_kv, hd, L, per_channel=False, **kw)
+    keys.append(k)
+    values.append(v)
+    split, n = K.split_plan(L, n_kv, 64)
+    return keys, values, split, K.Workspace(n_heads, n + 1, hd, k.device)
+
+
 def write(args, rows, bw):
     table = [f"# {torch.cuda.get_device_name()}: HBM copy {bw['hbm'] / 1e12:.2f} TB/s, pinned H2D "
              f"{bw['pcie'] / 1e9:.1f} GB/s; one layer, {args.length} tokens, bf16\n",
@@ -173,15 +180,9 @@ def kvcomp_rows(args, q, k, v, pos, add, rows, bw):
     scale = torch.rand(n_kv, 1, hd, device=dev, generator=g) * 3
     k = (k.float() * scale + torch.randn(n_kv, 1, hd, device=dev, generator=g)).to(bf)
     for bits in (1, 2, 4):
-        kw = dict(bits=bits, group=64, residual=128, device=dev, dtype=bf, kernels=True)
-        keys = QuantStore(n_kv, hd, L, per_channel=True, **kw)
-        values = QuantStore(n_kv, hd, L, per_channel=False, **kw)
-        keys.append(k)
-        values.append(v)
-        split, n = K.split_plan(L, n_kv, 64)
-        ws = K.Workspace(q.shape[0], n + 1, hd, dev)
+        keys, values, split, ws = quant_layer(k, v, bits, q.shape[0])
         add(f"quant_attend {bits}-bit", bench(lambda: K.quant_attend(q, keys, values, pos, ws, split), args.reps),
-            nbytes(*keys.tensors(), *values.tensors()), "hbm", f"KIVI codes + scales + ring")
+            nbytes(*keys.tensors(), *values.tensors()), "hbm", "KIVI codes + scales + ring")
         del keys, values
     kn, vn = k[:, -1].contiguous(), v[:, -1].contiguous()
     for eps in (1 / 6, 0.1, 0.05, 1 / 30):
