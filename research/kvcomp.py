@@ -256,8 +256,11 @@ class KVCompStore(QuantStore):
         d = code - base[..., None]
         top = d.amax(-1)
         width = torch.where(top > 0, torch.floor(torch.log2(top.double().clamp_min(1))).long() + 1, 0)
-        assert int(width.max()) < 2 ** META_W, "a block spans more than 2^31 grid steps"
         W = int(width.max())
+        far = max(int(base.max()), -int(base.min()))
+        if not torch.isfinite(x).all() or W >= 2 ** META_W or far >= 2 ** (31 - META_W):
+            raise ValueError(f"kvcomp: a key or value is not finite or lies beyond what a block's table can say "
+                             f"({W}-bit width, {far} grid steps from its channel's minimum); raise the error bound")
         planes = plane_words(d, max(W, 1))                                  # (n_kv, ng, hd, W, g / 32)
         take = torch.arange(max(W, 1), device=x.device) < width[..., None]  # (n_kv, ng, hd, W)
         words = planes.transpose(0, 1)[take.transpose(0, 1)].reshape(-1)    # group-major, then head, block, plane

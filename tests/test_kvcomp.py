@@ -115,6 +115,13 @@ def test_store_is_append_only_and_counts_its_real_bytes():
     k, v = store_pair(1, 64, 200, 0.1, bits_cap=1)  # the kernel path's pool is fixed: it refuses to overflow
     with pytest.raises(RuntimeError, match="pool full"):
         k.append(torch.randn(1, 200, 64) * 100)
+    for bad in (float("nan"), 1e12):  # what no block's table can say is refused, not stored wrong
+        k = store_pair(1, 64, 300, 0.1)[0]
+        k.append(torch.randn(1, 200, 64))
+        y = torch.randn(1, 64, 64)
+        y[0, 3, 4] = bad
+        with pytest.raises(ValueError, match="not finite or lies beyond"):
+            k.append(y)
 
 
 @pytest.mark.parametrize("device", DEVICES)
