@@ -116,7 +116,7 @@ def test_store_is_append_only_and_counts_its_real_bytes():
     with pytest.raises(RuntimeError, match="pool full"):
         k.append(torch.randn(1, 200, 64) * 100)
     for bad in (float("nan"), 1e12):  # what no block's table can say is refused, not stored wrong
-        k = store_pair(1, 64, 300, 0.1)[0]
+        k = store_pair(1, 64, 300, 0.1, residual=64)[0]
         k.append(torch.randn(1, 200, 64))
         y = torch.randn(1, 64, 64)
         y[0, 3, 4] = bad
