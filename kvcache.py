@@ -77,7 +77,8 @@ class CacheConfig:
         if self.bits is None:
             self.bits = DEFAULT_BITS.get(self.policy, 2)
         for name, value, allowed in (("bits", self.bits, (1, 2, 4, 8)), ("sketch_bits", self.sketch_bits, (1, 2, 4, 8)),
-                                     ("select", self.select, tuple(SELECTORS))):
+                                     ("select", self.select, tuple(SELECTORS)),
+                                     ("quantizer", self.quantizer, tuple(QUANTIZERS))):
             if value not in allowed:
                 raise ConfigError(name, f"{name} must be one of {allowed}, got {value!r}")
         if self.group <= 0 or self.group % 32:
@@ -95,12 +96,13 @@ class CacheConfig:
             raise ConfigError("layer_topk", f"every layer's top-k must be >= 1, got {list(self.layer_topk)}")
         if self.channels < 1:
             raise ConfigError("channels", f"channels must be >= 1, got {self.channels}")
-        unknown = set(self.select_options) - set(SELECTORS[self.select].options)
-        if unknown:
-            raise ConfigError("select_options", f"the {self.select!r} selector has no option {', '.join(sorted(unknown))}"
-                                                f"; its options: {', '.join(SELECTORS[self.select].options) or 'none'}")
-        if self.quantizer not in QUANTIZERS:
-            raise ConfigError("quantizer", f"quantizer must be one of {tuple(QUANTIZERS)}, got {self.quantizer!r}")
+        for field_name, what, name, given, cls in (
+                ("select_options", "selector", self.select, self.select_options, SELECTORS[self.select]),
+                ("quant_options", "quantizer", self.quantizer, self.quant_options, QUANTIZERS[self.quantizer])):
+            unknown = set(given) - set(cls.options)
+            if unknown:  # each one's knobs, as it declares them (`options`)
+                raise ConfigError(field_name, f"the {name!r} {what} has no option {', '.join(sorted(unknown))}; "
+                                              f"its options: {', '.join(cls.options) or 'none'}")
         QUANTIZERS[self.quantizer].check(self)
 
     @property
@@ -203,15 +205,11 @@ class FullLayer:
 class QuantLayer:
     """KIVI-style quantized K/V (see QuantStore); exact attention during prefill."""
     kind = "quant"
-    options = ()  # the knobs another quantizer takes through CacheConfig.quant_options
+    options = ()  # the knobs another quantizer (QUANTIZERS) takes through CacheConfig.quant_options
 
     @classmethod
     def check(cls, cfg: CacheConfig):
-        """Refuse a config this quantizer cannot serve (ConfigError naming the field)."""
-        unknown = set(cfg.quant_options) - set(cls.options)
-        if unknown:
-            raise ConfigError("quant_options", f"the {cfg.quantizer!r} quantizer has no option {', '.join(sorted(unknown))}"
-                                               f"; its options: {', '.join(cls.options) or 'none'}")
+        """Raise ConfigError for a configuration this quantizer cannot serve (before anything is allocated)."""
 
     @classmethod
     def describe(cls, cfg: CacheConfig) -> str:

@@ -312,7 +312,6 @@ class KVCompLayer(kvcache.QuantLayer):
 
     @classmethod
     def check(cls, cfg: CacheConfig):
-        super().check(cfg)
         eb = cfg.quant_options.get("error_bound")
         if not isinstance(eb, (int, float)) or not 0 < eb <= 0.5:
             raise ConfigError("error_bound", f"the kvcomp quantizer needs an error bound in (0, 0.5] (a fraction of "
