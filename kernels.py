@@ -395,107 +395,109 @@ def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
 
 
 @triton.jit
-def _sketch_scores_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, scores, s_h,
-                          pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
-                          GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
-    """NB groups of tokens per program. The sketch is token-major: a group's codes are GROUP rows of
-    HD * BITS / 32 words, read in one contiguous block and unpacked by shifting; the sum over channels
-    runs along each row."""
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + the dot product of a's four unsigned bytes with b's four signed bytes, elementwise: PTX dp4a (one
+    instruction); the interpreter runs no inline assembly, so there the same sum is spelled out."""
+    if ASM:
+        c = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return c
+
+
+@triton.jit
+def _sketch_queries(q, h, chan, G, sm_scale, HEADS: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    """The queries of KV head h on channels chan (A, B): (BG, A, B), each query head's times sm_scale with
+    HEADS, else (1, A, B), the group's mean."""
+    g = tl.arange(0, BG)[:, None, None]
+    x = tl.load(q + (h * G + g) * HD + chan[None], mask=(g < G) & (chan >= 0)[None], other=0.0).to(tl.float32)
+    if HEADS:
+        x = x * sm_scale
+    else:
+        x = tl.sum(x, 0, keep_dims=True) / G
+    return x
+
+
+@triton.jit
+def _sketch_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, out, o_h, part_m, part_l,
+                   pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
+                   MASK: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, HEADS: tl.constexpr, BG: tl.constexpr,
+                   BQ: tl.constexpr, HD: tl.constexpr, ASM: tl.constexpr):
+    """The sketch against KV head h's queries (BQ of them: each head's with HEADS, else the group's mean), NB
+    groups of tokens per program. A word holds W codes, LSB first; shifted right by j * BITS and masked, its
+    four bytes are codes j, j + E, j + 2E, j + 3E (E = 8 / BITS): four codes in two instructions, dotted
+    with the matching channels of the query in one dp4a. The query is brought to int8 per group: its
+    product with the group's scales (q_c * s_c), over the largest |q_c * s_c|; the minima add a constant
+    per group (sum_c q_c * mn_c). Scores -inf outside the offloaded positions; with HEADS each head's
+    scores go to rows h * G + g of out and per program each head's max and sum of exponentials to
+    part_m/part_l (_head_max_kernel finishes the ranking); else one row per KV head."""
     h, b = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
     hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
     n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
     W: tl.constexpr = 32 // BITS
-    c = tl.arange(0, HD)
-    g = tl.arange(0, BG)
-    i = tl.arange(0, GROUP)
-    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
-                0) / G                                                               # the group's mean query
-    t_r = n_q + i  # the group still in the ring, exact (only the program holding it loads anything)
-    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
-    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
-    ring = tl.sum(kr.to(tl.float32) * qm[None, :], 1)                               # (GROUP,)
-    shifts = tl.arange(0, W) * BITS
-    for gi in tl.static_range(NB):
-        grp = b * NB + gi
-        t = grp * GROUP + i
-        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + tl.arange(0, HD // W)[None, :] * kc_w)  # (GROUP, HD/W)
-        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)   # (GROUP, HD/W, W), LSB first
-        code = tl.reshape(code, (GROUP, HD)).to(tl.float32)
-        s = tl.load(ks + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
-        mn = tl.load(km + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
-        score = tl.sum(code * (qm * s)[None, :], 1) + tl.sum(qm * mn, 0)
-        score = tl.where(grp * GROUP == n_q, ring, score)
-        tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
-
-
-@triton.jit
-def _head_queries(q, h, j, sm_scale, G, BG: tl.constexpr, W: tl.constexpr, HD: tl.constexpr):
-    """(HD / W, BG): channels w * W + j of KV head h's query heads, times sm_scale."""
-    g = tl.arange(0, BG)
-    c = tl.arange(0, HD // W) * W + j
-    return tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
-
-
-@triton.jit
-def _sketch_heads_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, raw, raw_h, part_m,
-                         part_l, pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr,
-                         BITS: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr,
-                         HD: tl.constexpr):
-    """Each of the G query heads of KV head h against the sketch, NB groups of tokens per program: the
-    scores (times sm_scale) into raw rows h * G + g, and per program each head's max and sum of
-    exponentials into part_m/part_l (_head_max_kernel finishes the ranking). Code j of every word
-    (channels w * W + j) is one shift and mask away, so the dot products build up over j = 0..W-1 in the
-    words' own layout, a multiply-add per step with the matching channels of the scaled queries, and one
-    sum over the words at the end."""
-    h, b = tl.program_id(0), tl.program_id(1)
-    L = tl.load(pos_ptr) + 1
-    hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
-    n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
-    W: tl.constexpr = 32 // BITS
+    E: tl.constexpr = 8 // BITS
     w = tl.arange(0, HD // W)
-    g = tl.arange(0, BG)
     i = tl.arange(0, GROUP)
-    ring = tl.zeros((GROUP, BG), tl.float32)  # the group still in the ring: exact keys
+    c = w[:, None] * W + tl.arange(0, W)[None, :]         # (HD / W, W): every channel, word by word
+    chan = w[:, None] * W + E * tl.arange(0, 4)[None, :]  # (HD / W, 4): the channels of extract j = 0
+    shift = 8 * tl.arange(0, 4)[None, None, :]
+    qn = _sketch_queries(q, h, c, G, sm_scale, HEADS, BG, HD)                           # (BQ, HD / W, W)
+    ring = tl.zeros((GROUP, BQ), tl.float32)  # the group still in the ring: exact keys
     t_r = n_q + i
     if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
-        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
-        for j in tl.static_range(W):
-            kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + (w * W + j)[None, :],
-                         mask=(t_r < L)[:, None], other=0.0).to(tl.float32)
-            acc += kr[:, :, None] * _head_queries(q, h, j, sm_scale, G, BG, W, HD)[None]
-        ring = tl.sum(acc, 1)
-    m = tl.full((BG,), float("-inf"), tl.float32)
-    l = tl.zeros((BG,), tl.float32)
+        CB: tl.constexpr = 16
+        for c0 in tl.static_range(0, HD, CB):
+            cc = c0 + tl.arange(0, CB)
+            kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + cc[None, :], mask=(t_r < L)[:, None],
+                         other=0.0).to(tl.float32)
+            qc = tl.reshape(_sketch_queries(q, h, cc[None, :], G, sm_scale, HEADS, BG, HD), (BQ, CB))
+            ring += tl.sum(kr[:, None, :] * qc[None, :, :], 2)
+    m = tl.full((BQ,), float("-inf"), tl.float32)
+    l = tl.zeros((BQ,), tl.float32)
     for gi in tl.static_range(NB):
         grp = b * NB + gi
         t = grp * GROUP + i
-        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + w[None, :] * kc_w)  # (GROUP, HD/W)
-        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
-        bias = tl.zeros((BG,), tl.float32)
-        for j in tl.static_range(W):
-            s = tl.load(ks + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
-            mn = tl.load(km + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
-            qj = _head_queries(q, h, j, sm_scale, G, BG, W, HD)
-            code = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-            acc += code[:, :, None] * (qj * s[:, None])[None]
-            bias += tl.sum(qj * mn[:, None], 0)
-        score = tl.where(grp * GROUP == n_q, ring, tl.sum(acc, 1) + bias[None, :])
-        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))      # (GROUP, BG)
-        tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
-        m_new = tl.maximum(m, tl.max(score, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
-        m = m_new
-    tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
-    tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
+        meta = h * ks_h + grp * ks_g
+        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + w[None, :] * kc_w)              # (GROUP, HD / W)
+        qs = qn * tl.load(ks + meta + c * ks_c).to(tl.float32)[None]
+        top = tl.max(tl.max(tl.abs(qs), 2), 1)                                              # (BQ,)
+        inv, unit = 127 / tl.maximum(top, 1e-30), top / 127                                 # unit: the int8 step
+        bias = tl.sum(tl.sum(qn * tl.load(km + meta + c * ks_c).to(tl.float32)[None], 2), 1)
+        acc = tl.zeros((GROUP, BQ, HD // W), tl.int32)
+        for j in tl.static_range(E):
+            s = tl.load(ks + meta + (chan + j) * ks_c).to(tl.float32)                     # (HD / W, 4)
+            qj = _sketch_queries(q, h, chan + j, G, sm_scale, HEADS, BG, HD)               # (BQ, HD / W, 4)
+            qi = _round_half_even(qj * s[None] * inv[:, None, None]).to(tl.int32)
+            packed = tl.sum((qi & 0xFF) << shift, 2)                                    # (BQ, HD / W) int8 x 4
+            codes = (words >> (j * BITS)) & MASK                                         # (GROUP, HD / W) u8 x 4
+            acc = _dp4a(tl.broadcast_to(codes[:, None, :], (GROUP, BQ, HD // W)),
+                        tl.broadcast_to(packed[None, :, :], (GROUP, BQ, HD // W)), acc, ASM)
+        score = tl.sum(acc, 2).to(tl.float32) * unit[None, :] + bias[None, :]             # (GROUP, BQ)
+        score = tl.where(grp * GROUP == n_q, ring, score)
+        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
+        if HEADS:
+            g = tl.arange(0, BQ)
+            tl.store(out + (h * G + g)[None, :] * o_h + t[:, None], score, mask=(g < G)[None, :])
+            m_new = tl.maximum(m, tl.max(score, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
+            m = m_new
+        else:
+            tl.store(out + h * o_h + t, tl.sum(score, 1))
+    if HEADS:
+        g = tl.arange(0, BQ)
+        tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
+        tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
 
 
 @triton.jit
 def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G, BLOCK: tl.constexpr, BP: tl.constexpr,
                      BG: tl.constexpr):
     """out[h, t] = max over the G heads of KV head h of (raw[h * G + g, t] - logsumexp_t raw[h * G + g]), the
-    log-sum-exp of each head put together from the per-program partials of _sketch_dot_kernel."""
+    log-sum-exp of each head put together from the per-program partials of _sketch_kernel."""
     h, b = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, BG)
     rows = h * G + g
@@ -546,16 +548,19 @@ def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScr
            f"scores: (n_kv, a multiple of {block}) within the sketch's capacity")
     G, n_parts = q.shape[0] // n_kv, width // block
     BG = triton.next_power_of_2(G)
+    mask = ((1 << sketch.bits) - 1) * 0x01010101  # a code in every byte of a word, as an int32
     store = (q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
              sketch.res, sketch.res.stride(0), sketch.res.stride(1))
-    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, BG=BG, HD=hd, num_warps=num_warps)
+    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, MASK=mask - (mask >> 31 << 32), GROUP=sketch.g, NB=NB,
+                 BG=BG, HD=hd, ASM=not INTERPRET, num_warps=num_warps)
     if heads is None:
-        _sketch_scores_kernel[(n_kv, n_parts)](*store, scores, scores.stride(0), pos, G, **shape)
+        _sketch_kernel[(n_kv, n_parts)](*store, scores, scores.stride(0), scores, scores, pos, 1.0, n_parts, G,
+                                        HEADS=False, BQ=1, **shape)
         return scores
     _check(heads.raw.shape == (q.shape[0], width) and heads.m.shape == (q.shape[0], n_parts),
            f"heads: a HeadScratch({q.shape[0]}, {width}, block={block})")
-    _sketch_heads_kernel[(n_kv, n_parts)](*store, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5,
-                                          n_parts, G, **shape)
+    _sketch_kernel[(n_kv, n_parts)](*store, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5, n_parts,
+                                    G, HEADS=True, BQ=BG, **shape)
     _head_max_kernel[(n_kv, n_parts)](heads.raw, heads.raw.stride(0), heads.m, heads.l, n_parts, scores,
                                       scores.stride(0), G, BLOCK=block, BP=min(triton.next_power_of_2(n_parts), 256),
                                       BG=BG)
