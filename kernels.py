@@ -13,6 +13,7 @@
                 memory (channel_append writes each step's key into it)
   topk          the k largest scores of each row (a radix select), for the selection
   gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
+  retrieve      the same across steps: only the rows a layer does not hold already (Slots)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
 
 Lengths are read from a device tensor `pos` (the new token's position), never passed as Python
@@ -430,7 +431,8 @@ def _sketch_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, 
     four bytes are codes j, j + E, j + 2E, j + 3E (E = 8 / BITS): four codes in two instructions, dotted
     with the matching channels of the query in one dp4a. The query is brought to int8 per group: its
     product with the group's scales (q_c * s_c), over the largest |q_c * s_c|; the minima add a constant
-    per group (sum_c q_c * mn_c). Scores -inf outside the offloaded positions; with HEADS each head's
+    per group (sum_c q_c * mn_c); within a group, equal dot products (small integers) are ordered newest
+    first by a fraction of a step. Scores -inf outside the offloaded positions; with HEADS each head's
     scores go to rows h * G + g of out and per program each head's max and sum of exponentials to
     part_m/part_l (_head_max_kernel finishes the ranking); else one row per KV head."""
     h, b = tl.program_id(0), tl.program_id(1)
@@ -475,7 +477,8 @@ def _sketch_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, 
             codes = (words >> (j * BITS)) & MASK                                         # (GROUP, HD / W) u8 x 4
             acc = _dp4a(tl.broadcast_to(codes[:, None, :], (GROUP, BQ, HD // W)),
                         tl.broadcast_to(packed[None, :, :], (GROUP, BQ, HD // W)), acc, ASM)
-        score = tl.sum(acc, 2).to(tl.float32) * unit[None, :] + bias[None, :]             # (GROUP, BQ)
+        tie = i[:, None] * (0.5 / GROUP)  # equal dot products: the newer token first (half an int8 step at most)
+        score = (tl.sum(acc, 2).to(tl.float32) + tie) * unit[None, :] + bias[None, :]    # (GROUP, BQ)
         score = tl.where(grp * GROUP == n_q, ring, score)
         score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
         if HEADS:
@@ -715,36 +718,126 @@ def topk(x: torch.Tensor, k: int, out=None, BLOCK: int = 4096):
 
 
 @triton.jit
-def _gather_kernel(idx, vals, n_h, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, K,
-                   BJ: tl.constexpr, HD: tl.constexpr):
+def _gather_kernel(idx, vals, n_h, dest, count, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, K,
+                   PLANNED: tl.constexpr, BJ: tl.constexpr, HD: tl.constexpr):
+    """Rows idx[h, j] of the host store into device rows: PLANNED, the first count[h] of them into rows
+    dest[h, j] (nothing else is written); else each into row j, where vals[h, j] > -inf (zeros elsewhere)."""
     h, b = tl.program_id(0), tl.program_id(1)
     j = b * BJ + tl.arange(0, BJ)
     c = tl.arange(0, HD)
-    inside = j < K
-    live = inside & (tl.load(vals + h * n_h + j, mask=inside, other=float("-inf")) > float("-inf"))
+    if PLANNED:
+        inside = j < tl.load(count + h)
+        live = inside
+        to = tl.load(dest + h * n_h + j, mask=inside, other=0)
+    else:
+        inside = j < K
+        live = inside & (tl.load(vals + h * n_h + j, mask=inside, other=float("-inf")) > float("-inf"))
+        to = j
     row = tl.load(idx + h * n_h + j, mask=live, other=0)
     src = row[:, None] * hs_t + h * hs_h + c[None, :]
     kr = tl.load(host_k + src, mask=live[:, None], other=0.0)  # both reads in flight before either write:
     vr = tl.load(host_v + src, mask=live[:, None], other=0.0)  # PCIe latency, not bandwidth, bounds small k
-    dst = h * o_h + j[:, None] * o_t + c[None, :]
+    dst = h * o_h + to[:, None] * o_t + c[None, :]
     tl.store(out_k + dst, kr, mask=inside[:, None])
     tl.store(out_v + dst, vr, mask=inside[:, None])
+
+
+def _check_gather(idx, host_k, host_v, out_k, out_v):
+    cap, n_kv, hd = host_k.shape
+    K = idx.shape[1]
+    _check(idx.shape == (n_kv, K) and idx.dtype == torch.long and idx.is_contiguous(), "idx: contiguous (n_kv, k) int64")
+    _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
+    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
+    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    return n_kv, K, hd
 
 
 def gather_rows(idx, vals, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
     """out_k[h, j] = host_k[idx[h, j], h] (and V), for rows whose score vals[h, j] > -inf (zeros otherwise).
     host_k, host_v: (cap, n_kv, hd), pinned host memory on CUDA: the kernel reads it directly over PCIe
     (zero-copy), K and V in one launch. Reference: kvcache.SparseLayer._gather."""
-    cap, n_kv, hd = host_k.shape
-    K = idx.shape[1]
-    _check(idx.shape == vals.shape == (n_kv, K) and idx.stride() == vals.stride(), "idx, vals: (n_kv, k), one layout")
-    _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
-    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
-    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    n_kv, K, hd = _check_gather(idx, host_k, host_v, out_k, out_v)
+    _check(vals.shape == idx.shape and vals.is_contiguous(), "vals: contiguous (n_kv, k), as idx")
     # many small programs: more PCIe reads outstanding at once
-    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, idx.stride(0), host_k, host_v, host_k.stride(0),
+    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, K, idx, idx, host_k, host_v, host_k.stride(0),
                                               host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), K,
-                                              BJ=BJ, HD=hd, num_warps=num_warps)
+                                              PLANNED=False, BJ=BJ, HD=hd, num_warps=num_warps)
+
+
+class Slots:
+    """Which offloaded position each of a sparse layer's k retrieved device rows holds (pos; -1: none) and
+    its score (vals; -inf: none), kept across steps so that a row chosen again is not fetched again; and
+    a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count)."""
+
+    def __init__(self, n_kv, k, device, dtype):
+        self.pos = torch.full((n_kv, k), -1, dtype=torch.long, device=device)
+        self.vals = torch.full((n_kv, k), float("-inf"), dtype=dtype, device=device)
+        self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
+        self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
+
+    def clear(self):
+        """The device rows were written by someone else: nothing is known to be there."""
+        self.pos.fill_(-1)
+        self.vals.fill_(float("-inf"))
+
+
+@triton.jit
+def _slot_plan_kernel(idx, vals, pos, pvals, fetch, dest, count, K, BK: tl.constexpr, BC: tl.constexpr):
+    """KV head h's new top-k (idx, vals; in any order) against the positions its rows hold (pos): a chosen
+    position already held stays in its row; the others (misses) go, in rank order, to the rows whose
+    position was not chosen again, in row order. Writes the new pos and pvals, and the misses as a
+    fetch list (fetch, dest, count). Slots are compared BC at a time: first which chosen positions are held,
+    then, slot block by slot block, which rows keep theirs and which miss each freed row receives."""
+    h = tl.program_id(0)
+    i = tl.arange(0, BK)
+    val = tl.load(vals + h * K + i, mask=i < K, other=float("-inf"))
+    new = tl.where(val > float("-inf"), tl.load(idx + h * K + i, mask=i < K, other=-1), -1)   # -1: nothing chosen
+    hit = tl.zeros((BK,), tl.int32)
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        hit = tl.maximum(hit, tl.max(eq.to(tl.int32), 1))
+    miss = (new >= 0) & (hit == 0)
+    rank = tl.cumsum(miss.to(tl.int32), 0) - 1          # a miss's place in the fetch list
+    to = tl.zeros((BK,), tl.int32)
+    freed = tl.sum(tl.zeros((BC,), tl.int32), 0)          # freed rows in the blocks before this one
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        kept = tl.max(eq.to(tl.int32), 0) > 0
+        free = (j < K) & ~kept
+        order = freed + tl.cumsum(free.to(tl.int32), 0) - 1
+        gets = miss[:, None] & free[None, :] & (rank[:, None] == order[None, :])   # miss i -> row j
+        to += tl.sum(tl.where(gets, j[None, :], 0), 1)
+        into = tl.max(gets.to(tl.int32), 0) > 0
+        p = tl.where(kept, old, tl.where(into, tl.sum(tl.where(gets, new[:, None], 0), 0), -1))
+        v = tl.sum(tl.where(eq | gets, val[:, None].to(tl.float32), 0.0), 0)
+        tl.store(pos + h * K + j, p, mask=j < K)
+        tl.store(pvals + h * K + j, tl.where(kept | into, v, float("-inf")).to(pvals.dtype.element_ty), mask=j < K)
+        freed += tl.sum(free.to(tl.int32), 0)
+    tl.store(fetch + h * K + rank, new, mask=miss)
+    tl.store(dest + h * K + rank, to.to(tl.int64), mask=miss)
+    tl.store(count + h, tl.sum(miss.to(tl.int32), 0))
+
+
+def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
+    """The step's top-k (idx, vals: (n_kv, k), any order; vals -inf: nothing chosen) into the device rows
+    out_k, out_v (n_kv, k, hd), fetching from the host store only the positions the rows do not hold
+    already: the rows end up holding exactly the chosen positions (slots.pos, slots.vals say which row holds
+    which), and a row that holds a position holds its exact K and V, as gather_rows would have fetched
+    them. -> (slots.vals, slots.pos). Reference: the same rows, gathered whole (gather_rows)."""
+    n_kv, K, hd = _check_gather(idx, host_k, host_v, out_k, out_v)
+    _check(vals.shape == idx.shape and vals.is_contiguous(), "vals: contiguous (n_kv, k), as idx")
+    _check(slots.pos.shape == (n_kv, K) and slots.vals.dtype == vals.dtype, f"slots: Slots({n_kv}, {K}, {vals.dtype})")
+    BK = max(16, triton.next_power_of_2(K))
+    _slot_plan_kernel[(n_kv,)](idx, vals, slots.pos, slots.vals, slots.fetch, slots.dest, slots.count, K, BK=BK,
+                               BC=max(1, min(BK, 4096 // BK)))
+    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](slots.fetch, vals, K, slots.dest, slots.count, host_k, host_v,
+                                              host_k.stride(0), host_k.stride(1), out_k, out_v, out_k.stride(0),
+                                              out_k.stride(1), K, PLANNED=True, BJ=BJ, HD=hd, num_warps=num_warps)
+    return slots.vals, slots.pos
 
 
 @triton.jit

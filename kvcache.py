@@ -29,7 +29,7 @@ import torch
 
 from layer_plans import ProxyMeter
 from model import apply_rope, attention
-from quant import QuantStore
+from quant import QuantStore, unpack
 
 try:  # the Triton kernels of the GPU decode path; CUDA builds of torch bring Triton along
     import kernels as K
@@ -345,10 +345,33 @@ class Selector:
         """keys (n_kv, n, hd) fp32 against the step's queries q (H, hd) -> a score per key (n_kv, n):
         the group's mean query (one dot product per key), or with per_head each query head's own softmax
         over these keys, and the largest of them (a key one head needs is kept, whatever the others do)."""
-        if not self.per_head:
-            return (keys @ self.group_queries(q)[..., None])[..., 0]
-        s = keys @ q.view(self.n_kv, -1, q.shape[-1]).float().transpose(1, 2)   # (n_kv, n, G)
-        return s.mul(self.hd ** -0.5).log_softmax(1).amax(-1)
+        return self._combine(keys @ self._queries(q).transpose(1, 2))
+
+    def _queries(self, q):
+        """(H, hd) -> (n_kv, Q, hd) fp32: each head's, times hd^-0.5, with per_head; else the group's mean."""
+        return q.view(self.n_kv, -1, q.shape[-1]).float() * self.hd ** -0.5 if self.per_head \
+            else self.group_queries(q)[:, None]
+
+    def _combine(self, s):
+        """(n_kv, n, Q) scores of each query -> (n_kv, n): the only one, or the heads' largest log-softmax."""
+        return s.log_softmax(1).amax(-1) if self.per_head else s[..., 0]
+
+    def rank_sketch(self, sketch: QuantStore, q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """rank() over positions lo..hi-1 of a token-major, per-channel sketch, as kernels.sketch_scores does
+        it: per group of g tokens the query times the group's scales, q_c * s_c, is brought to int8 (its
+        largest |q_c * s_c| to 127, halves to even) and dotted with the codes exactly, plus token i's
+        i / (2 g) so that equal integers rank the newer token first; the minima add sum_c q_c * mn_c; the
+        tokens still in the ring are exact. -> (n_kv, hi - lo)."""
+        n, g = sketch.n_q, sketch.g
+        qs = self._queries(q)                                                           # (n_kv, Q, hd)
+        codes = unpack(sketch.codes[:, :n], sketch.bits).float().unflatten(1, (n // g, g))  # (n_kv, n/g, g, hd)
+        s, mn = sketch.scale[:, :n // g].float(), sketch.mn[:, :n // g].float()          # (n_kv, n/g, hd)
+        top = (qs[:, None] * s[:, :, None]).abs().amax(-1, keepdim=True)                # (n_kv, n/g, Q, 1)
+        qi = (qs[:, None] * s[:, :, None] * (127 / top.clamp_min(1e-30))).round()      # int8 values
+        tie = torch.arange(g, device=q.device)[:, None] * (0.5 / g)  # equal dots (integers): the newer token first
+        dots = (codes @ qi.transpose(2, 3) + tie) * (top / 127).transpose(2, 3) + (mn @ qs.transpose(1, 2))[:, :, None]
+        ring = sketch.dequantize()[:, n:] @ qs.transpose(1, 2)                          # (n_kv, L - n, Q)
+        return self._combine(torch.cat([dots.flatten(1, 2), ring], 1)[:, lo:hi])
 
     def append(self, k): pass
     def step_append(self, k, pos): pass
@@ -360,12 +383,12 @@ class Selector:
 
     def step_select(self, q, pos):
         """Kernel path: choose this step's top-k offloaded rows and gather them into the layer's device rows
-        (sel_k, sel_v) -> (scores, positions), each (n_kv, topk); a score of -inf where nothing was chosen."""
+        (sel_k, sel_v) -> (scores, positions), each (n_kv, topk): row j holds position j (a score of -inf:
+        nothing). Rows chosen again last step stay where they are; only the others cross PCIe (K.retrieve)."""
         L, scores = self.layer, self.layer.shared["scores"]
         self.step_scores(q, pos, scores, L.sink, L.recent)
         vals, idx = K.topk(scores, L.topk)
-        K.gather_rows(idx, vals, L.host_k, L.host_v, L.sel_k, L.sel_v)
-        return vals, idx
+        return K.retrieve(idx, vals, L.slots, L.host_k, L.host_v, L.sel_k, L.sel_v)  # what the rows hold already stays
 
     def tensors(self) -> list: return []
     def host_tensors(self) -> list: return []
@@ -405,7 +428,7 @@ class SketchSelector(Selector):
         self.store.advance(length)
 
     def scores(self, q, lo, hi):
-        return self.rank(self.store.dequantize()[:, lo:hi], q)                # (n_kv, n_off)
+        return self.rank_sketch(self.store, q, lo, hi)                        # (n_kv, n_off)
 
     def step_scores(self, q, pos, out, sink, recent):
         K.sketch_scores(q, self.store, pos, out, sink, recent)
@@ -536,7 +559,7 @@ class SparseLayer:
         self.sink_v, self.sel_v, self.win_v = self.att_v[:, :a], self.att_v[:, a:b], self.att_v[:, b:]
         self.length, self.h2d_bytes, self.steps = 0, 0, 0
         self.streamed = 0  # prompt positions already copied to the host store (KVCache's copy stream)
-        self.host_k = self.host_v = self.selector = None
+        self.host_k = self.host_v = self.selector = self.slots = None
         self.trace, self.index = None, None  # a TraceRecorder and this layer's number, when recording
         self.shared = shared  # what the selectors of all layers share (Selector.shared): KVCache's, or our own
         if topk:
@@ -549,6 +572,8 @@ class SparseLayer:
             self.host_k = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.host_v = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.selector = select(self, cfg, wq, inv_freq)
+            if kernels and "scores" in self.shared:  # which position each retrieved row holds, across steps
+                self.slots = K.Slots(n_kv, topk, device, self.shared["scores"].dtype)
 
     def offloaded(self, length: int) -> int:
         """How many positions [sink, first recent) of `length` tokens are offloaded."""
@@ -588,6 +613,8 @@ class SparseLayer:
                 self.trace.record(self.index, idx, pos)
             n = idx.shape[1]
             self.sel_k[:, :n], self.sel_v[:, :n] = self._gather(idx)
+            if self.slots is not None:  # the kernel path's record of what the rows hold no longer holds
+                self.slots.clear()
             parts_k.append(self.sel_k[:, :n])
             parts_v.append(self.sel_v[:, :n])
         parts_k.append(self.win_k[:, slots])

@@ -99,10 +99,10 @@ def main():
     moved = nbytes(*sketch.tensors()) + nbytes(scores)
     add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps), moved, "hbm",
         "the group's mean query; codes + scales read, scores written")
-    for nb, nw in ((4, 4), (16, 4), (8, 2)):
+    for nb, nw in ((4, 4), (16, 4), (8, 4), (16, 8)):
         add(f"  NB={nb} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, None, nb, nw),
                                            args.reps), moved, "hbm", "groups per program, warps")
-    for nb, nw in ((8, 8), (4, 4)):
+    for nb, nw in ((8, 8), (4, 4), (8, 4), (16, 8)):
         heads = K.HeadScratch(H, L, dev, scores.dtype, block=nb * 64)
         add("sketch_scores 2-bit per head" + ("" if nb == 8 else f" NB={nb} warps={nw}"),
             bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, heads, nb, nw), args.reps),
@@ -130,6 +130,17 @@ def main():
     for bj, nw in ((1, 1), (4, 1), (8, 2), (16, 4)):
         add(f"  BJ={bj} warps={nw}", bench(lambda: K.gather_rows(idx, vals, host_k, host_v, out_k, out_v, bj, nw),
                                            args.reps), nbytes(out_k, out_v), "pcie", "rows per program, warps")
+    slots = K.Slots(n_kv, 128, dev, vals.dtype)
+    for new in (0, 38, 128):  # rows of the 128 not held from the step before (38: the 30% measured on a model)
+        other = idx.clone()
+        other[:, :new] = (idx[:, :new] + L // 2) % L  # positions the rows do not hold
+        steps = [other.contiguous(), idx]             # alternate: each step fetches `new` rows per head
+
+        def two_steps():
+            for x in steps:
+                K.retrieve(x, vals, slots, host_k, host_v, out_k, out_v)
+        add(f"retrieve k=128, {new} new", bench(two_steps, args.reps) / 2, nbytes(out_k, out_v) * new / 128, "pcie",
+            "only the rows not held from the step before cross PCIe (plan + gather)")
     idx2 = torch.randint(0, L, (n_kv, 2048), device=dev)
     vals2 = torch.zeros(n_kv, 2048, device=dev)
     out_k2 = torch.empty(n_kv, 2048, hd, device=dev, dtype=bf)

@@ -168,7 +168,7 @@ class ShortlistSelector(SketchSelector):
         lst.vals.fill_(float("-inf"))
         m = min(self.M, hi - lo)
         if m > 0:
-            vals, idx = self.rank(self.store.dequantize()[:, lo:hi], q).topk(m, dim=-1)
+            vals, idx = self.rank_sketch(self.store, q, lo, hi).topk(m, dim=-1)
             lst.vals[:, :m], lst.pos[:, :m] = vals, idx + lo
             rows, heads = lst.pos[:, :m].cpu(), torch.arange(self.n_kv)[:, None]
             lst.k[:, :m] = self.layer.host_k[rows, heads].to(lst.k.device)

@@ -40,7 +40,7 @@ MUTANTS = [
            "kl = (ref_lp.exp() * (ref_lp - lp)).sum().item()", "kl = (lp.exp() * (lp - ref_lp)).sum().item()",
            ("tests/test_generate.py", "bench/test_accuracy.py"), "--check computes KL(policy || full)"),
     Mutant("sketch-skips-last", "kvcache.py",
-           "return self.rank(self.store.dequantize()[:, lo:hi], q)", "return self.rank(self.store.dequantize()[:, lo:hi - 1], q)",
+           "return self.rank_sketch(self.store, q, lo, hi)", "return self.rank_sketch(self.store, q, lo, hi - 1)",
            ("tests/test_kvcache.py",), "sketch scoring skips the last offloaded position (PyTorch path)"),
     Mutant("channels-skips-last", "kvcache.py",
            "ch.cpu(), lo:hi]", "ch.cpu(), lo:hi - 1]",

@@ -109,38 +109,15 @@ def test_dense_attention_across_split_edges(device):
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), L
 
 
-def int8_sketch_scores(store, q, sink, hi, per_head):
-    """kernels.sketch_scores in PyTorch: per group of the sketch, the query times the group's scales
-    brought to int8 (its largest |q_c * s_c| is 127, halves to even), dotted with the codes exactly; the
-    minima's sum in fp32; the ring's group exact. Per head: scaled, log-softmax over [sink, hi), the largest.
-    Returns (scores (n_kv, hi - sink), the largest int8 step of any group)."""
-    from quant import unpack
-    n_kv, _, hd = store.res.shape
-    n, g = store.n_q, store.g
-    qh = q.view(n_kv, -1, hd).float()
-    qh = qh * hd ** -0.5 if per_head else qh.sum(1, keepdim=True) / qh.shape[1]         # (n_kv, Q, hd)
-    codes = unpack(store.codes[:, :n], store.bits).float().view(n_kv, n // g, g, hd)
-    s, mn = store.scale[:, :n // g].float(), store.mn[:, :n // g].float()               # (n_kv, groups, hd)
-    qs = qh[:, None] * s[:, :, None]                                                    # (n_kv, groups, Q, hd)
-    top = qs.abs().amax(-1, keepdim=True)
-    qi = torch.round(qs * (127 / top.clamp_min(1e-30)))
-    dots = torch.einsum("ngtc,ngqc->ngtq", codes, qi) * (top / 127).transpose(2, 3)      # (n_kv, groups, g, Q)
-    dots = dots + torch.einsum("nqc,ngc->ngq", qh, mn)[:, :, None]
-    ring = store.dequantize()[:, n:] @ qh.transpose(1, 2)                               # (n_kv, L - n, Q)
-    raw = torch.cat([dots.reshape(n_kv, n, qh.shape[1]), ring], 1)[:, sink:hi]
-    scores = raw.log_softmax(1).amax(-1) if per_head else raw[..., 0]
-    return scores, float(top.max()) / 127 if top.numel() else 0.0
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (False, 8), (True, 1), (True, 2),
                                            (True, 4)])
 def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
-    """Scores over the sketch as int8_sketch_scores computes them (at most one int8 step apart where a
-    rounding tie breaks the other way), and within the int8 query's bound of Selector.rank on the
-    dequantized store (the group's mean query, or each head's log-softmax and the largest); -inf outside
-    the offloaded range; lengths across group, ring and 2-group block edges, a group of 3 query heads
-    (padded to 4)."""
+    """Scores over the sketch as Selector.rank_sketch computes them (the group's mean query, or each head's
+    log-softmax and the largest; the query in int8 per group; a score may differ by a few int8 steps where
+    a rounding tie breaks the other way), and within the int8 query's bound of Selector.rank on the
+    dequantized store; -inf outside the offloaded range; lengths across group, ring and 2-group block
+    edges, a group of 3 query heads (padded to 4)."""
     from types import SimpleNamespace
     from kvcache import Selector
     n_kv, G, hd, g, sink, recent, width = 2, 3, 64, 32, 4, 8, 256
@@ -156,7 +133,9 @@ def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
         q = rand(n_kv * G, hd, seed=L, device=device)
         K.sketch_scores(q, store, torch.tensor(L - 1, device=device), scores, sink, recent, heads, NB=2)
         hi = max(sink, L - recent)
-        ref, step = int8_sketch_scores(store, q, sink, hi, per_head)
+        ref = rank.rank_sketch(store, q, sink, hi)
+        qs = (rank._queries(q)[:, None] * store.scale[:, :store.n_q // g, None]).abs().flatten()
+        step = float(qs.max()) / 127 if qs.numel() else 0.0                            # the largest int8 step
         err = (scores[:, sink:hi] - ref).abs()
         assert (err > 1e-4 * (1 + ref.abs())).sum() <= 0.03 * err.numel() and (err < 2 ** bits * step).all(), L
         bound = 2 * (0.5 * step * hd * (2 ** bits - 1)) + 1e-4   # every channel's int8 rounding, both ways
@@ -211,6 +190,37 @@ def test_wrappers_refuse_bad_inputs():
         K.quantize(odd, torch.randn(2, 64, 96), 0)
 
 
+class Choice:
+    """A kernel-path layer's trace: the positions it retrieved at its last step (-1: none)."""
+
+    def record(self, index, idx, pos):
+        self.idx = idx.cpu()
+
+
+def pin_to(ref: SparseLayer, choice: Choice):
+    """Make ref's PyTorch decode retrieve what the kernel path chose, once that is checked to be a top-k of
+    ref's own scores: the sketch's scores tie (an int8 query against small integer codes), and which of
+    tied scores a top-k takes is unspecified."""
+    scores, select, seen = ref.selector.scores, ref._select, {}
+
+    def scored(q, lo, hi):
+        seen["s"], seen["lo"] = scores(q, lo, hi), lo
+        return seen["s"]
+
+    def pinned(q, n_off):
+        mine = select(q, n_off)
+        theirs = torch.stack([row[row >= 0].sort().values for row in choice.idx])
+        if torch.equal(mine.sort(-1).values.cpu(), theirs):
+            return mine
+        assert "s" in seen, "everything fit in the budget, yet the kernel path chose otherwise"
+        s = seen["s"].cpu()
+        kth = s.topk(mine.shape[1], -1).values[:, -1:]
+        assert (s.gather(1, theirs - seen["lo"]) >= kth).all(), "the kernel path's choice is not a top-k"
+        return theirs.to(mine.device)
+
+    ref.selector.scores, ref._select = scored, pinned
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("select,prompt,steps", [(s, p, 70) for s in ("sketch", "channels") for p in (5, 40, 300)]
                          + [("sketch", 2, 12)]  # decoding while the sinks still fill
@@ -233,6 +243,8 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     v = rand(1, n_kv, prompt + steps, hd, seed=6, device=device)
     ref.load(k[:, :, :prompt], v[:, :, :prompt], 0)
     ker.load(k[:, :, :prompt], v[:, :, :prompt], 0)
+    ker.trace = Choice()
+    pin_to(ref, ker.trace)
     pos = torch.zeros((), dtype=torch.long, device=device)
     for t in range(prompt, prompt + steps):
         q = rand(1, H, 1, hd, seed=100 + t, device=device)
@@ -241,9 +253,9 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
             x = rand(1, 1, H * hd, seed=200 + t, device=device)
             ref.selector.see_previous_input(x, t)
             ker.selector.see_previous_input(x, pos)
-        a = ref.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
         b = ker.step(q, k[:, :, t:t + 1], v[:, :, t:t + 1], pos)
         ker.advance(t + 1)
+        a = ref.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), t
     assert ker.h2d_bytes == ref.h2d_bytes                 # the same bytes cross to the device
     if select != "channels":
@@ -299,6 +311,55 @@ def test_gather_reads_the_host_rows_and_zeros_what_was_not_retrieved(device):
     live = (vals > float("-inf")).cpu()[..., None]
     assert torch.equal(out_k.cpu(), torch.where(live, host_k[idx.cpu(), heads], 0.0))
     assert torch.equal(out_v.cpu(), torch.where(live, host_v[idx.cpu(), heads], 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_retrieve_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit(device):
+    """Steps whose top-k shares some positions with the step before (in another order, some slots empty):
+    the rows hold exactly the chosen positions, only those not held before cross (the fetch list), and
+    attention over them equals attention over the same rows gathered whole, bit for bit. k = 100 crosses
+    the plan's blocks of slots."""
+    cap, n_kv, hd, k, sink, recent, G = 400, 3, 64, 100, 4, 8, 2
+    host_k, host_v = rand(cap, n_kv, hd, seed=11), rand(cap, n_kv, hd, seed=12)
+    if device == "cuda":
+        host_k, host_v = host_k.pin_memory(), host_v.pin_memory()
+    gen = torch.Generator().manual_seed(5)
+    att = torch.zeros(2, n_kv, sink + k + recent, hd, device=device)
+    att[:, :, :sink], att[:, :, sink + k:] = rand(2, n_kv, sink, hd, seed=13), rand(2, n_kv, recent, hd, seed=14)
+    whole = att.clone()
+    slots = K.Slots(n_kv, k, device, torch.float32)
+    held = [set() for _ in range(n_kv)]
+    idx = torch.stack([torch.randperm(cap - 20, generator=gen)[:k] + 10 for _ in range(n_kv)])
+    for step in range(6):
+        rows = []
+        for r in idx:                                   # ~70% of last step's positions again, the rest new
+            kept = r[torch.rand(k, generator=gen) < 0.7].tolist()
+            fresh = [x for x in (torch.randperm(cap - 20, generator=gen) + 10).tolist() if x not in set(kept)]
+            rows.append(torch.tensor(kept + fresh[:k - len(kept)])[torch.randperm(k, generator=gen)])
+        idx = torch.stack(rows)
+        vals = torch.randn(n_kv, k, generator=gen)
+        vals[step % n_kv, step * 7:] = float("-inf")                        # fewer chosen on one head
+        chosen = [set(r[v > float("-inf")].tolist()) for r, v in zip(idx, vals)]
+        got_vals, got_pos = K.retrieve(idx.to(device), vals.to(device), slots, host_k, host_v,
+                                       att[0, :, sink:sink + k], att[1, :, sink:sink + k])
+        pos, gv = got_pos.cpu(), got_vals.cpu()
+        for h in range(n_kv):
+            live = gv[h] > float("-inf")
+            assert set(pos[h][live].tolist()) == chosen[h] and (pos[h][~live] == -1).all(), (step, h)
+            by_pos = dict(zip(idx[h].tolist(), vals[h].tolist()))
+            assert [by_pos[p] for p in pos[h][live].tolist()] == gv[h][live].tolist(), (step, h)
+            n = int(slots.count[h])
+            assert sorted(slots.fetch[h, :n].tolist()) == sorted(chosen[h] - held[h]), (step, h)   # only the new
+            rows = pos[h][live]
+            assert torch.equal(att[0, h, sink:][:k][live.to(device)].cpu(), host_k[rows, h])
+            assert torch.equal(att[1, h, sink:][:k][live.to(device)].cpu(), host_v[rows, h])
+            held[h] = chosen[h]
+        K.gather_rows(got_pos.clamp(min=0), got_vals, host_k, host_v, whole[0, :, sink:sink + k],
+                      whole[1, :, sink:sink + k])
+        q = rand(n_kv * G, hd, seed=20 + step, device=device)
+        p = torch.tensor(cap - 1, device=device)
+        assert torch.equal(K.sparse_attend(q, att[0], att[1], got_vals, p, sink, k, recent),
+                           K.sparse_attend(q, whole[0], whole[1], got_vals, p, sink, k, recent)), step
 
 
 TINY = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=256, head_dim=64,
