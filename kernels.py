@@ -13,7 +13,6 @@
                 memory (channel_append writes each step's key into it)
   topk          the k largest scores of each row (a radix select), for the selection
   gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
-  retrieve      the same across steps: only the rows a layer does not hold already (Slots)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
 
 Lengths are read from a device tensor `pos` (the new token's position), never passed as Python
@@ -396,111 +395,107 @@ def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
 
 
 @triton.jit
-def _dp4a(a, b, c, ASM: tl.constexpr):
-    """c + the dot product of a's four unsigned bytes with b's four signed bytes, elementwise: PTX dp4a (one
-    instruction); the interpreter runs no inline assembly, so there the same sum is spelled out."""
-    if ASM:
-        c = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        for i in tl.static_range(4):
-            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
-    return c
-
-
-@triton.jit
-def _sketch_queries(q, h, chan, G, sm_scale, HEADS: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
-    """The queries of KV head h on channels chan (A, B): (BG, A, B), each query head's times sm_scale with
-    HEADS, else (1, A, B), the group's mean."""
-    g = tl.arange(0, BG)[:, None, None]
-    x = tl.load(q + (h * G + g) * HD + chan[None], mask=(g < G) & (chan >= 0)[None], other=0.0).to(tl.float32)
-    if HEADS:
-        x = x * sm_scale
-    else:
-        x = tl.sum(x, 0, keep_dims=True) / G
-    return x
-
-
-@triton.jit
-def _sketch_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, out, o_h, part_m, part_l,
-                   pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
-                   MASK: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, HEADS: tl.constexpr, BG: tl.constexpr,
-                   BQ: tl.constexpr, HD: tl.constexpr, ASM: tl.constexpr):
-    """The sketch against KV head h's queries (BQ of them: each head's with HEADS, else the group's mean), NB
-    groups of tokens per program. A word holds W codes, LSB first; shifted right by j * BITS and masked, its
-    four bytes are codes j, j + E, j + 2E, j + 3E (E = 8 / BITS): four codes in two instructions, dotted
-    with the matching channels of the query in one dp4a. The query is brought to int8 per group: its
-    product with the group's scales (q_c * s_c), over the largest |q_c * s_c|; the minima add a constant
-    per group (sum_c q_c * mn_c); within a group, equal dot products (small integers) are ordered newest
-    first by a fraction of a step. Scores -inf outside the offloaded positions; with HEADS each head's
-    scores go to rows h * G + g of out and per program each head's max and sum of exponentials to
-    part_m/part_l (_head_max_kernel finishes the ranking); else one row per KV head."""
+def _sketch_scores_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, scores, s_h,
+                          pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
+                          GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    """NB groups of tokens per program. The sketch is token-major: a group's codes are GROUP rows of
+    HD * BITS / 32 words, read in one contiguous block and unpacked by shifting; the sum over channels
+    runs along each row."""
     h, b = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
     hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
     n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
     W: tl.constexpr = 32 // BITS
-    E: tl.constexpr = 8 // BITS
-    w = tl.arange(0, HD // W)
+    c = tl.arange(0, HD)
+    g = tl.arange(0, BG)
     i = tl.arange(0, GROUP)
-    c = w[:, None] * W + tl.arange(0, W)[None, :]         # (HD / W, W): every channel, word by word
-    chan = w[:, None] * W + E * tl.arange(0, 4)[None, :]  # (HD / W, 4): the channels of extract j = 0
-    shift = 8 * tl.arange(0, 4)[None, None, :]
-    qn = _sketch_queries(q, h, c, G, sm_scale, HEADS, BG, HD)                           # (BQ, HD / W, W)
-    ring = tl.zeros((GROUP, BQ), tl.float32)  # the group still in the ring: exact keys
-    t_r = n_q + i
-    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
-        CB: tl.constexpr = 16
-        for c0 in tl.static_range(0, HD, CB):
-            cc = c0 + tl.arange(0, CB)
-            kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + cc[None, :], mask=(t_r < L)[:, None],
-                         other=0.0).to(tl.float32)
-            qc = tl.reshape(_sketch_queries(q, h, cc[None, :], G, sm_scale, HEADS, BG, HD), (BQ, CB))
-            ring += tl.sum(kr[:, None, :] * qc[None, :, :], 2)
-    m = tl.full((BQ,), float("-inf"), tl.float32)
-    l = tl.zeros((BQ,), tl.float32)
+    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
+                0) / G                                                               # the group's mean query
+    t_r = n_q + i  # the group still in the ring, exact (only the program holding it loads anything)
+    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
+    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
+    ring = tl.sum(kr.to(tl.float32) * qm[None, :], 1)                               # (GROUP,)
+    shifts = tl.arange(0, W) * BITS
     for gi in tl.static_range(NB):
         grp = b * NB + gi
         t = grp * GROUP + i
-        meta = h * ks_h + grp * ks_g
-        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + w[None, :] * kc_w)              # (GROUP, HD / W)
-        qs = qn * tl.load(ks + meta + c * ks_c).to(tl.float32)[None]
-        top = tl.max(tl.max(tl.abs(qs), 2), 1)                                              # (BQ,)
-        inv, unit = 127 / tl.maximum(top, 1e-30), top / 127                                 # unit: the int8 step
-        bias = tl.sum(tl.sum(qn * tl.load(km + meta + c * ks_c).to(tl.float32)[None], 2), 1)
-        acc = tl.zeros((GROUP, BQ, HD // W), tl.int32)
-        for j in tl.static_range(E):
-            s = tl.load(ks + meta + (chan + j) * ks_c).to(tl.float32)                     # (HD / W, 4)
-            qj = _sketch_queries(q, h, chan + j, G, sm_scale, HEADS, BG, HD)               # (BQ, HD / W, 4)
-            qi = _round_half_even(qj * s[None] * inv[:, None, None]).to(tl.int32)
-            packed = tl.sum((qi & 0xFF) << shift, 2)                                    # (BQ, HD / W) int8 x 4
-            codes = (words >> (j * BITS)) & MASK                                         # (GROUP, HD / W) u8 x 4
-            acc = _dp4a(tl.broadcast_to(codes[:, None, :], (GROUP, BQ, HD // W)),
-                        tl.broadcast_to(packed[None, :, :], (GROUP, BQ, HD // W)), acc, ASM)
-        tie = i[:, None] * (0.5 / GROUP)  # equal dot products: the newer token first (half an int8 step at most)
-        score = (tl.sum(acc, 2).to(tl.float32) + tie) * unit[None, :] + bias[None, :]    # (GROUP, BQ)
+        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + tl.arange(0, HD // W)[None, :] * kc_w)  # (GROUP, HD/W)
+        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)   # (GROUP, HD/W, W), LSB first
+        code = tl.reshape(code, (GROUP, HD)).to(tl.float32)
+        s = tl.load(ks + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
+        mn = tl.load(km + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
+        score = tl.sum(code * (qm * s)[None, :], 1) + tl.sum(qm * mn, 0)
         score = tl.where(grp * GROUP == n_q, ring, score)
-        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
-        if HEADS:
-            g = tl.arange(0, BQ)
-            tl.store(out + (h * G + g)[None, :] * o_h + t[:, None], score, mask=(g < G)[None, :])
-            m_new = tl.maximum(m, tl.max(score, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
-            m = m_new
-        else:
-            tl.store(out + h * o_h + t, tl.sum(score, 1))
-    if HEADS:
-        g = tl.arange(0, BQ)
-        tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
-        tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
+        tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
+
+
+@triton.jit
+def _head_queries(q, h, j, sm_scale, G, BG: tl.constexpr, W: tl.constexpr, HD: tl.constexpr):
+    """(HD / W, BG): channels w * W + j of KV head h's query heads, times sm_scale."""
+    g = tl.arange(0, BG)
+    c = tl.arange(0, HD // W) * W + j
+    return tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
+
+
+@triton.jit
+def _sketch_heads_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, raw, raw_h, part_m,
+                         part_l, pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr,
+                         HD: tl.constexpr):
+    """Each of the G query heads of KV head h against the sketch, NB groups of tokens per program: the
+    scores (times sm_scale) into raw rows h * G + g, and per program each head's max and sum of
+    exponentials into part_m/part_l (_head_max_kernel finishes the ranking). Code j of every word
+    (channels w * W + j) is one shift and mask away, so the dot products build up over j = 0..W-1 in the
+    words' own layout, a multiply-add per step with the matching channels of the scaled queries, and one
+    sum over the words at the end."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
+    n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
+    W: tl.constexpr = 32 // BITS
+    w = tl.arange(0, HD // W)
+    g = tl.arange(0, BG)
+    i = tl.arange(0, GROUP)
+    ring = tl.zeros((GROUP, BG), tl.float32)  # the group still in the ring: exact keys
+    t_r = n_q + i
+    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
+        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
+        for j in tl.static_range(W):
+            kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + (w * W + j)[None, :],
+                         mask=(t_r < L)[:, None], other=0.0).to(tl.float32)
+            acc += kr[:, :, None] * _head_queries(q, h, j, sm_scale, G, BG, W, HD)[None]
+        ring = tl.sum(acc, 1)
+    m = tl.full((BG,), float("-inf"), tl.float32)
+    l = tl.zeros((BG,), tl.float32)
+    for gi in tl.static_range(NB):
+        grp = b * NB + gi
+        t = grp * GROUP + i
+        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + w[None, :] * kc_w)  # (GROUP, HD/W)
+        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
+        bias = tl.zeros((BG,), tl.float32)
+        for j in tl.static_range(W):
+            s = tl.load(ks + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
+            mn = tl.load(km + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
+            qj = _head_queries(q, h, j, sm_scale, G, BG, W, HD)
+            code = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            acc += code[:, :, None] * (qj * s[:, None])[None]
+            bias += tl.sum(qj * mn[:, None], 0)
+        score = tl.where(grp * GROUP == n_q, ring, tl.sum(acc, 1) + bias[None, :])
+        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))      # (GROUP, BG)
+        tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
+        m_new = tl.maximum(m, tl.max(score, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
+        m = m_new
+    tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
+    tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
 
 
 @triton.jit
 def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G, BLOCK: tl.constexpr, BP: tl.constexpr,
                      BG: tl.constexpr):
     """out[h, t] = max over the G heads of KV head h of (raw[h * G + g, t] - logsumexp_t raw[h * G + g]), the
-    log-sum-exp of each head put together from the per-program partials of _sketch_kernel."""
+    log-sum-exp of each head put together from the per-program partials of _sketch_dot_kernel."""
     h, b = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, BG)
     rows = h * G + g
@@ -535,12 +530,8 @@ class HeadScratch:
         self.l = torch.empty_like(self.m)
 
 
-def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None, NB: int = SKETCH_NB,
-                  num_warps: int = 8):
-    """Scores (n_kv, width) of every offloaded position [sink, pos + 1 - recent), -inf elsewhere, from a
-    token-major, per-channel quant.QuantStore sketch whose residual is one group. heads=None: against the
-    group's mean query; else each query head's log-softmax over the offloaded positions, the largest of
-    the group's heads. Reference: kvcache.Selector.rank over the dequantized sketch."""
+def _sketch_args(q, sketch, scores, NB):
+    """Check a sketch scoring's inputs -> (n_kv, programs per KV head, the sketch's kernel arguments)."""
     n_kv, R, hd = sketch.res.shape
     _check_q(q, n_kv, hd)
     _check_store(sketch)
@@ -549,24 +540,40 @@ def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScr
     width, block = scores.shape[1], NB * sketch.g
     _check(scores.shape[0] == n_kv and width % block == 0 and sketch.codes.shape[1] >= width,
            f"scores: (n_kv, a multiple of {block}) within the sketch's capacity")
-    G, n_parts = q.shape[0] // n_kv, width // block
+    return n_kv, width // block, (q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn,
+                                  *sketch.scale.stride(), sketch.res, sketch.res.stride(0), sketch.res.stride(1))
+
+
+def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None, NB: int = SKETCH_NB,
+                  num_warps: int = 8):
+    """Scores (n_kv, width) of every offloaded position [sink, pos + 1 - recent), -inf elsewhere, from a
+    token-major, per-channel quant.QuantStore sketch whose residual is one group. heads=None: against the
+    group's mean query; else each query head's log-softmax over the offloaded positions, the largest of
+    the group's heads. Reference: kvcache.Selector.rank over the dequantized sketch."""
+    n_kv, n_parts, store = _sketch_args(q, sketch, scores, NB)
+    G, hd = q.shape[0] // n_kv, q.shape[1]
     BG = triton.next_power_of_2(G)
-    mask = ((1 << sketch.bits) - 1) * 0x01010101  # a code in every byte of a word, as an int32
-    store = (q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn, *sketch.scale.stride(),
-             sketch.res, sketch.res.stride(0), sketch.res.stride(1))
-    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, MASK=mask - (mask >> 31 << 32), GROUP=sketch.g, NB=NB,
-                 BG=BG, HD=hd, ASM=not INTERPRET, num_warps=num_warps)
+    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, BG=BG, HD=hd, num_warps=num_warps)
     if heads is None:
-        _sketch_kernel[(n_kv, n_parts)](*store, scores, scores.stride(0), scores, scores, pos, 1.0, n_parts, G,
-                                        HEADS=False, BQ=1, **shape)
+        _sketch_scores_kernel[(n_kv, n_parts)](*store, scores, scores.stride(0), pos, G, **shape)
         return scores
-    _check(heads.raw.shape == (q.shape[0], width) and heads.m.shape == (q.shape[0], n_parts),
-           f"heads: a HeadScratch({q.shape[0]}, {width}, block={block})")
-    _sketch_kernel[(n_kv, n_parts)](*store, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5, n_parts,
-                                    G, HEADS=True, BQ=BG, **shape)
-    _head_max_kernel[(n_kv, n_parts)](heads.raw, heads.raw.stride(0), heads.m, heads.l, n_parts, scores,
-                                      scores.stride(0), G, BLOCK=block, BP=min(triton.next_power_of_2(n_parts), 256),
-                                      BG=BG)
+    _check_heads(heads, q, scores, n_parts, NB * sketch.g)
+    _sketch_heads_kernel[(n_kv, n_parts)](*store, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5,
+                                          n_parts, G, **shape)
+    return _rank_heads(heads, scores, G, n_parts, NB * sketch.g)
+
+
+def _check_heads(heads, q, scores, n_parts, block):
+    _check(heads.raw.shape == (q.shape[0], scores.shape[1]) and heads.m.shape == (q.shape[0], n_parts),
+           f"heads: a HeadScratch({q.shape[0]}, {scores.shape[1]}, block={block})")
+
+
+def _rank_heads(heads, scores, G, n_parts, block):
+    """Per-head raw scores and softmax partials (a HeadScratch) -> scores: each key's largest log-softmax."""
+    _head_max_kernel[(scores.shape[0], n_parts)](heads.raw, heads.raw.stride(0), heads.m, heads.l, n_parts, scores,
+                                                 scores.stride(0), G, BLOCK=block,
+                                                 BP=min(triton.next_power_of_2(n_parts), 256),
+                                                 BG=triton.next_power_of_2(G))
     return scores
 
 
@@ -718,22 +725,9 @@ def topk(x: torch.Tensor, k: int, out=None, BLOCK: int = 4096):
 
 
 @triton.jit
-def _gather_kernel(idx, vals, n_h, dest, count, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, K,
-                   PLANNED: tl.constexpr, BJ: tl.constexpr, HD: tl.constexpr):
-    """Rows idx[h, j] of the host store into device rows: PLANNED, the first count[h] of them into rows
-    dest[h, j] (nothing else is written); else each into row j, where vals[h, j] > -inf (zeros elsewhere)."""
-    h, b = tl.program_id(0), tl.program_id(1)
-    j = b * BJ + tl.arange(0, BJ)
+def _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, live, inside, HD: tl.constexpr):
+    """Host rows `row` of KV head h (where live; zeros elsewhere) into device rows `to` (where inside)."""
     c = tl.arange(0, HD)
-    if PLANNED:
-        inside = j < tl.load(count + h)
-        live = inside
-        to = tl.load(dest + h * n_h + j, mask=inside, other=0)
-    else:
-        inside = j < K
-        live = inside & (tl.load(vals + h * n_h + j, mask=inside, other=float("-inf")) > float("-inf"))
-        to = j
-    row = tl.load(idx + h * n_h + j, mask=live, other=0)
     src = row[:, None] * hs_t + h * hs_h + c[None, :]
     kr = tl.load(host_k + src, mask=live[:, None], other=0.0)  # both reads in flight before either write:
     vr = tl.load(host_v + src, mask=live[:, None], other=0.0)  # PCIe latency, not bandwidth, bounds small k
@@ -742,102 +736,31 @@ def _gather_kernel(idx, vals, n_h, dest, count, host_k, host_v, hs_t, hs_h, out_
     tl.store(out_v + dst, vr, mask=inside[:, None])
 
 
-def _check_gather(idx, host_k, host_v, out_k, out_v):
-    cap, n_kv, hd = host_k.shape
-    K = idx.shape[1]
-    _check(idx.shape == (n_kv, K) and idx.dtype == torch.long and idx.is_contiguous(), "idx: contiguous (n_kv, k) int64")
-    _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
-    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
-    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
-    return n_kv, K, hd
+@triton.jit
+def _gather_kernel(idx, vals, n_h, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, K,
+                   BJ: tl.constexpr, HD: tl.constexpr):
+    h, b = tl.program_id(0), tl.program_id(1)
+    j = b * BJ + tl.arange(0, BJ)
+    inside = j < K
+    live = inside & (tl.load(vals + h * n_h + j, mask=inside, other=float("-inf")) > float("-inf"))
+    row = tl.load(idx + h * n_h + j, mask=live, other=0)
+    _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, j, o_h, o_t, live, inside, HD)
 
 
 def gather_rows(idx, vals, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
     """out_k[h, j] = host_k[idx[h, j], h] (and V), for rows whose score vals[h, j] > -inf (zeros otherwise).
     host_k, host_v: (cap, n_kv, hd), pinned host memory on CUDA: the kernel reads it directly over PCIe
     (zero-copy), K and V in one launch. Reference: kvcache.SparseLayer._gather."""
-    n_kv, K, hd = _check_gather(idx, host_k, host_v, out_k, out_v)
-    _check(vals.shape == idx.shape and vals.is_contiguous(), "vals: contiguous (n_kv, k), as idx")
+    cap, n_kv, hd = host_k.shape
+    K = idx.shape[1]
+    _check(idx.shape == vals.shape == (n_kv, K) and idx.stride() == vals.stride(), "idx, vals: (n_kv, k), one layout")
+    _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
+    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
+    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
     # many small programs: more PCIe reads outstanding at once
-    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, K, idx, idx, host_k, host_v, host_k.stride(0),
+    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, idx.stride(0), host_k, host_v, host_k.stride(0),
                                               host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), K,
-                                              PLANNED=False, BJ=BJ, HD=hd, num_warps=num_warps)
-
-
-class Slots:
-    """Which offloaded position each of a sparse layer's k retrieved device rows holds (pos; -1: none) and
-    its score (vals; -inf: none), kept across steps so that a row chosen again is not fetched again; and
-    a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count)."""
-
-    def __init__(self, n_kv, k, device, dtype):
-        self.pos = torch.full((n_kv, k), -1, dtype=torch.long, device=device)
-        self.vals = torch.full((n_kv, k), float("-inf"), dtype=dtype, device=device)
-        self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
-        self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
-
-    def clear(self):
-        """The device rows were written by someone else: nothing is known to be there."""
-        self.pos.fill_(-1)
-        self.vals.fill_(float("-inf"))
-
-
-@triton.jit
-def _slot_plan_kernel(idx, vals, pos, pvals, fetch, dest, count, K, BK: tl.constexpr, BC: tl.constexpr):
-    """KV head h's new top-k (idx, vals; in any order) against the positions its rows hold (pos): a chosen
-    position already held stays in its row; the others (misses) go, in rank order, to the rows whose
-    position was not chosen again, in row order. Writes the new pos and pvals, and the misses as a
-    fetch list (fetch, dest, count). Slots are compared BC at a time: first which chosen positions are held,
-    then, slot block by slot block, which rows keep theirs and which miss each freed row receives."""
-    h = tl.program_id(0)
-    i = tl.arange(0, BK)
-    val = tl.load(vals + h * K + i, mask=i < K, other=float("-inf"))
-    new = tl.where(val > float("-inf"), tl.load(idx + h * K + i, mask=i < K, other=-1), -1)   # -1: nothing chosen
-    hit = tl.zeros((BK,), tl.int32)
-    for j0 in range(0, K, BC):
-        j = j0 + tl.arange(0, BC)
-        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
-        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
-        hit = tl.maximum(hit, tl.max(eq.to(tl.int32), 1))
-    miss = (new >= 0) & (hit == 0)
-    rank = tl.cumsum(miss.to(tl.int32), 0) - 1          # a miss's place in the fetch list
-    to = tl.zeros((BK,), tl.int32)
-    freed = tl.sum(tl.zeros((BC,), tl.int32), 0)          # freed rows in the blocks before this one
-    for j0 in range(0, K, BC):
-        j = j0 + tl.arange(0, BC)
-        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
-        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
-        kept = tl.max(eq.to(tl.int32), 0) > 0
-        free = (j < K) & ~kept
-        order = freed + tl.cumsum(free.to(tl.int32), 0) - 1
-        gets = miss[:, None] & free[None, :] & (rank[:, None] == order[None, :])   # miss i -> row j
-        to += tl.sum(tl.where(gets, j[None, :], 0), 1)
-        into = tl.max(gets.to(tl.int32), 0) > 0
-        p = tl.where(kept, old, tl.where(into, tl.sum(tl.where(gets, new[:, None], 0), 0), -1))
-        v = tl.sum(tl.where(eq | gets, val[:, None].to(tl.float32), 0.0), 0)
-        tl.store(pos + h * K + j, p, mask=j < K)
-        tl.store(pvals + h * K + j, tl.where(kept | into, v, float("-inf")).to(pvals.dtype.element_ty), mask=j < K)
-        freed += tl.sum(free.to(tl.int32), 0)
-    tl.store(fetch + h * K + rank, new, mask=miss)
-    tl.store(dest + h * K + rank, to.to(tl.int64), mask=miss)
-    tl.store(count + h, tl.sum(miss.to(tl.int32), 0))
-
-
-def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
-    """The step's top-k (idx, vals: (n_kv, k), any order; vals -inf: nothing chosen) into the device rows
-    out_k, out_v (n_kv, k, hd), fetching from the host store only the positions the rows do not hold
-    already: the rows end up holding exactly the chosen positions (slots.pos, slots.vals say which row holds
-    which), and a row that holds a position holds its exact K and V, as gather_rows would have fetched
-    them. -> (slots.vals, slots.pos). Reference: the same rows, gathered whole (gather_rows)."""
-    n_kv, K, hd = _check_gather(idx, host_k, host_v, out_k, out_v)
-    _check(vals.shape == idx.shape and vals.is_contiguous(), "vals: contiguous (n_kv, k), as idx")
-    _check(slots.pos.shape == (n_kv, K) and slots.vals.dtype == vals.dtype, f"slots: Slots({n_kv}, {K}, {vals.dtype})")
-    BK = max(16, triton.next_power_of_2(K))
-    _slot_plan_kernel[(n_kv,)](idx, vals, slots.pos, slots.vals, slots.fetch, slots.dest, slots.count, K, BK=BK,
-                               BC=max(1, min(BK, 4096 // BK)))
-    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](slots.fetch, vals, K, slots.dest, slots.count, host_k, host_v,
-                                              host_k.stride(0), host_k.stride(1), out_k, out_v, out_k.stride(0),
-                                              out_k.stride(1), K, PLANNED=True, BJ=BJ, HD=hd, num_warps=num_warps)
-    return slots.vals, slots.pos
+                                              BJ=BJ, HD=hd, num_warps=num_warps)
 
 
 @triton.jit

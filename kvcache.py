@@ -29,7 +29,7 @@ import torch
 
 from layer_plans import ProxyMeter
 from model import apply_rope, attention
-from quant import QuantStore, unpack
+from quant import QuantStore
 
 try:  # the Triton kernels of the GPU decode path; CUDA builds of torch bring Triton along
     import kernels as K
@@ -265,6 +265,7 @@ class Selector:
       step_select(q, pos)                    kernel path: scores -> top-k -> rows gathered to the device
       append(k) / step_append(k, pos)        keys (n_kv, T, hd) entering the layer / the step's (n_kv, hd)
       advance(length)                        after device steps: the layer holds `length` tokens
+      rows_replaced()                        the PyTorch path wrote the layer's retrieved rows (decode)
       see_previous_input(x, pos)             the layer before's normalised input (1, 1, dim), this step
       tensors(), host_tensors(), h2d_bytes(n_off)   telemetry: what it holds, what a step's scoring moves
     and declares to the cache, as class methods (the cache names no selector):
@@ -356,26 +357,10 @@ class Selector:
         """(n_kv, n, Q) scores of each query -> (n_kv, n): the only one, or the heads' largest log-softmax."""
         return s.log_softmax(1).amax(-1) if self.per_head else s[..., 0]
 
-    def rank_sketch(self, sketch: QuantStore, q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """rank() over positions lo..hi-1 of a token-major, per-channel sketch, as kernels.sketch_scores does
-        it: per group of g tokens the query times the group's scales, q_c * s_c, is brought to int8 (its
-        largest |q_c * s_c| to 127, halves to even) and dotted with the codes exactly, plus token i's
-        i / (2 g) so that equal integers rank the newer token first; the minima add sum_c q_c * mn_c; the
-        tokens still in the ring are exact. -> (n_kv, hi - lo)."""
-        n, g = sketch.n_q, sketch.g
-        qs = self._queries(q)                                                           # (n_kv, Q, hd)
-        codes = unpack(sketch.codes[:, :n], sketch.bits).float().unflatten(1, (n // g, g))  # (n_kv, n/g, g, hd)
-        s, mn = sketch.scale[:, :n // g].float(), sketch.mn[:, :n // g].float()          # (n_kv, n/g, hd)
-        top = (qs[:, None] * s[:, :, None]).abs().amax(-1, keepdim=True)                # (n_kv, n/g, Q, 1)
-        qi = (qs[:, None] * s[:, :, None] * (127 / top.clamp_min(1e-30))).round()      # int8 values
-        tie = torch.arange(g, device=q.device)[:, None] * (0.5 / g)  # equal dots (integers): the newer token first
-        dots = (codes @ qi.transpose(2, 3) + tie) * (top / 127).transpose(2, 3) + (mn @ qs.transpose(1, 2))[:, :, None]
-        ring = sketch.dequantize()[:, n:] @ qs.transpose(1, 2)                          # (n_kv, L - n, Q)
-        return self._combine(torch.cat([dots.flatten(1, 2), ring], 1)[:, lo:hi])
-
     def append(self, k): pass
     def step_append(self, k, pos): pass
     def advance(self, length): pass
+    def rows_replaced(self): pass
     def scores(self, q, lo, hi): raise NotImplementedError
 
     def step_scores(self, q, pos, out, sink, recent):
@@ -384,11 +369,12 @@ class Selector:
     def step_select(self, q, pos):
         """Kernel path: choose this step's top-k offloaded rows and gather them into the layer's device rows
         (sel_k, sel_v) -> (scores, positions), each (n_kv, topk): row j holds position j (a score of -inf:
-        nothing). Rows chosen again last step stay where they are; only the others cross PCIe (K.retrieve)."""
+        nothing)."""
         L, scores = self.layer, self.layer.shared["scores"]
         self.step_scores(q, pos, scores, L.sink, L.recent)
         vals, idx = K.topk(scores, L.topk)
-        return K.retrieve(idx, vals, L.slots, L.host_k, L.host_v, L.sel_k, L.sel_v)  # what the rows hold already stays
+        K.gather_rows(idx, vals, L.host_k, L.host_v, L.sel_k, L.sel_v)
+        return vals, idx
 
     def tensors(self) -> list: return []
     def host_tensors(self) -> list: return []
@@ -428,7 +414,7 @@ class SketchSelector(Selector):
         self.store.advance(length)
 
     def scores(self, q, lo, hi):
-        return self.rank_sketch(self.store, q, lo, hi)                        # (n_kv, n_off)
+        return self.rank(self.store.dequantize()[:, lo:hi], q)                # (n_kv, n_off)
 
     def step_scores(self, q, pos, out, sink, recent):
         K.sketch_scores(q, self.store, pos, out, sink, recent)
@@ -456,10 +442,13 @@ class HeadwiseSketchSelector(SketchSelector):
         return f" ({cfg.sketch_bits}-bit, per query head)"
 
     def step_scores(self, q, pos, out, sink, recent):
+        K.sketch_scores(q, self.store, pos, out, sink, recent, heads=self.head_scratch(q, out))
+
+    def head_scratch(self, q, out):
         shared = self.layer.shared
         if "heads" not in shared:  # a layer built on its own: a scratch of its own
             shared["heads"] = K.HeadScratch(q.shape[0], out.shape[1], out.device, out.dtype, K.SKETCH_NB * self.store.g)
-        K.sketch_scores(q, self.store, pos, out, sink, recent, heads=shared["heads"])
+        return shared["heads"]
 
 
 class ChannelSelector(Selector):
@@ -559,7 +548,7 @@ class SparseLayer:
         self.sink_v, self.sel_v, self.win_v = self.att_v[:, :a], self.att_v[:, a:b], self.att_v[:, b:]
         self.length, self.h2d_bytes, self.steps = 0, 0, 0
         self.streamed = 0  # prompt positions already copied to the host store (KVCache's copy stream)
-        self.host_k = self.host_v = self.selector = self.slots = None
+        self.host_k = self.host_v = self.selector = None
         self.trace, self.index = None, None  # a TraceRecorder and this layer's number, when recording
         self.shared = shared  # what the selectors of all layers share (Selector.shared): KVCache's, or our own
         if topk:
@@ -572,8 +561,6 @@ class SparseLayer:
             self.host_k = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.host_v = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.selector = select(self, cfg, wq, inv_freq)
-            if kernels and "scores" in self.shared:  # which position each retrieved row holds, across steps
-                self.slots = K.Slots(n_kv, topk, device, self.shared["scores"].dtype)
 
     def offloaded(self, length: int) -> int:
         """How many positions [sink, first recent) of `length` tokens are offloaded."""
@@ -613,8 +600,7 @@ class SparseLayer:
                 self.trace.record(self.index, idx, pos)
             n = idx.shape[1]
             self.sel_k[:, :n], self.sel_v[:, :n] = self._gather(idx)
-            if self.slots is not None:  # the kernel path's record of what the rows hold no longer holds
-                self.slots.clear()
+            self.selector.rows_replaced()
             parts_k.append(self.sel_k[:, :n])
             parts_v.append(self.sel_v[:, :n])
         parts_k.append(self.win_k[:, slots])

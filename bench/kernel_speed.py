@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels as K  # noqa: E402
+from research import kernels as RK  # noqa: E402
 from kvcache import attention  # noqa: E402
 from quant import QuantStore  # noqa: E402
 
@@ -107,6 +108,12 @@ def main():
         add("sketch_scores 2-bit per head" + ("" if nb == 8 else f" NB={nb} warps={nw}"),
             bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, heads, nb, nw), args.reps),
             moved + 2 * nbytes(heads.raw), "hbm", "each query head: its scores written and read back, then the largest")
+    for nb, nw in ((8, 8), (8, 4), (16, 8)):
+        heads = K.HeadScratch(H, L, dev, scores.dtype, block=nb * 64)
+        for name, hs in (("", None), (" per head", heads)):
+            add(f"int8_sketch_scores 2-bit{name} NB={nb} warps={nw} (research)",
+                bench(lambda: RK.int8_sketch_scores(q, sketch, pos, scores, 8, 56, hs, nb, nw), args.reps),
+                moved + (2 * nbytes(heads.raw) if hs else 0), "hbm", "an int8 query, four codes per dp4a")
     add("torch.topk k=128", bench(lambda: scores.topk(128, dim=-1, sorted=False), args.reps), nbytes(scores), "hbm",
         f"({n_kv}, {L}) fp32")
     half = scores.half()
@@ -130,17 +137,18 @@ def main():
     for bj, nw in ((1, 1), (4, 1), (8, 2), (16, 4)):
         add(f"  BJ={bj} warps={nw}", bench(lambda: K.gather_rows(idx, vals, host_k, host_v, out_k, out_v, bj, nw),
                                            args.reps), nbytes(out_k, out_v), "pcie", "rows per program, warps")
-    slots = K.Slots(n_kv, 128, dev, vals.dtype)
+    slots = RK.Slots(n_kv, 128, dev, vals.dtype)
+    spare = (-scores.float()).topk(128, dim=-1).indices  # 128 positions per head that idx does not hold
     for new in (0, 38, 128):  # rows of the 128 not held from the step before (38: the 30% measured on a model)
         other = idx.clone()
-        other[:, :new] = (idx[:, :new] + L // 2) % L  # positions the rows do not hold
-        steps = [other.contiguous(), idx]             # alternate: each step fetches `new` rows per head
+        other[:, :new] = spare[:, :new]
+        steps = [other.contiguous(), idx]                # alternate: each step fetches `new` rows per head
 
         def two_steps():
             for x in steps:
-                K.retrieve(x, vals, slots, host_k, host_v, out_k, out_v)
-        add(f"retrieve k=128, {new} new", bench(two_steps, args.reps) / 2, nbytes(out_k, out_v) * new / 128, "pcie",
-            "only the rows not held from the step before cross PCIe (plan + gather)")
+                RK.retrieve(x, vals, slots, host_k, host_v, out_k, out_v)
+        add(f"retrieve k=128, {new} new (research)", bench(two_steps, args.reps) / 2, nbytes(out_k, out_v) * new / 128,
+            "pcie", "only the rows not held from the step before cross PCIe (plan + gather)")
     idx2 = torch.randint(0, L, (n_kv, 2048), device=dev)
     vals2 = torch.zeros(n_kv, 2048, device=dev)
     out_k2 = torch.empty(n_kv, 2048, hd, device=dev, dtype=bf)

@@ -3,13 +3,17 @@
   shortlist_scores  q . K of the shortlist selector's candidates, their exact keys on the device
   kvcomp_attend     decode attention over a KVComp layer (research/kvcomp.py): the new token into the
                     rings, then q . K and p . V read from the bit planes, split as kernels.quant_attend
+  int8_sketch_scores  kernels.sketch_scores with the query in int8 per group, four codes per dp4a
+  retrieve          kernels.gather_rows across steps: a sparse layer's rows keep what was chosen again,
+                    only the rest crosses PCIe (Slots)
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels import (Workspace, _check, _check_q, _combine, _load_queries, _precision, _ring_update, _softmax_update,
-                     _store_partial, pow2, split_plan)
+from kernels import (INTERPRET, SKETCH_NB, HeadScratch, Workspace, _check, _check_heads, _check_q, _combine, _copy_rows,
+                     _load_queries, _precision, _rank_heads, _ring_update, _round_half_even, _sketch_args,
+                     _softmax_update, _store_partial, pow2, split_plan)
 
 
 @triton.jit
@@ -132,3 +136,219 @@ def kvcomp_attend(q, k, v, keys, values, pos: torch.Tensor, ws: Workspace, split
         keys.res.stride(1), ws.m, ws.l, ws.acc, pos, hd ** -0.5, G, n_splits, GROUP=keys.g, R=R, SPLIT=split,
         META_W=META_W, BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=_precision(q.dtype), num_warps=num_warps)
     return _combine(q, ws, n_splits)
+
+
+# ---------------------------------------- selection: an int8 query and dp4a; rows kept across steps
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + the dot product of a's four unsigned bytes with b's four signed bytes, elementwise: PTX dp4a (one
+    instruction); the interpreter runs no inline assembly, so there the same sum is spelled out."""
+    if ASM:
+        c = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return c
+
+
+@triton.jit
+def _sketch_queries(q, h, chan, G, sm_scale, HEADS: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
+    """The queries of KV head h on channels chan (A, B): (BG, A, B), each query head's times sm_scale with
+    HEADS, else (1, A, B), the group's mean."""
+    g = tl.arange(0, BG)[:, None, None]
+    x = tl.load(q + (h * G + g) * HD + chan[None], mask=(g < G) & (chan >= 0)[None], other=0.0).to(tl.float32)
+    if HEADS:
+        x = x * sm_scale
+    else:
+        x = tl.sum(x, 0, keep_dims=True) / G
+    return x
+
+
+@triton.jit
+def _int8_sketch_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, out, o_h, part_m,
+                        part_l, pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr,
+                        BITS: tl.constexpr, MASK: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr,
+                        HEADS: tl.constexpr, BG: tl.constexpr, BQ: tl.constexpr, HD: tl.constexpr, ASM: tl.constexpr):
+    """The sketch against KV head h's queries (BQ of them: each head's with HEADS, else the group's mean), NB
+    groups of tokens per program. A word holds W codes, LSB first; shifted right by j * BITS and masked, its
+    four bytes are codes j, j + E, j + 2E, j + 3E (E = 8 / BITS): four codes in two instructions, dotted
+    with the matching channels of the query in one dp4a. The query is brought to int8 per group: its
+    product with the group's scales (q_c * s_c), over the largest |q_c * s_c|; the minima add a constant
+    per group (sum_c q_c * mn_c); within a group, equal dot products (small integers) are ordered newest
+    first by a fraction of a step. Scores -inf outside the offloaded positions; with HEADS each head's
+    scores go to rows h * G + g of out and per program each head's max and sum of exponentials to
+    part_m/part_l (kernels._rank_heads finishes the ranking); else one row per KV head."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    L = tl.load(pos_ptr) + 1
+    hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
+    n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
+    W: tl.constexpr = 32 // BITS
+    E: tl.constexpr = 8 // BITS
+    w = tl.arange(0, HD // W)
+    i = tl.arange(0, GROUP)
+    c = w[:, None] * W + tl.arange(0, W)[None, :]         # (HD / W, W): every channel, word by word
+    chan = w[:, None] * W + E * tl.arange(0, 4)[None, :]  # (HD / W, 4): the channels of extract j = 0
+    shift = 8 * tl.arange(0, 4)[None, None, :]
+    qn = _sketch_queries(q, h, c, G, sm_scale, HEADS, BG, HD)                           # (BQ, HD / W, W)
+    ring = tl.zeros((GROUP, BQ), tl.float32)  # the group still in the ring: exact keys
+    t_r = n_q + i
+    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
+        CB: tl.constexpr = 16
+        for c0 in tl.static_range(0, HD, CB):
+            cc = c0 + tl.arange(0, CB)
+            kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + cc[None, :], mask=(t_r < L)[:, None],
+                         other=0.0).to(tl.float32)
+            qc = tl.reshape(_sketch_queries(q, h, cc[None, :], G, sm_scale, HEADS, BG, HD), (BQ, CB))
+            ring += tl.sum(kr[:, None, :] * qc[None, :, :], 2)
+    m = tl.full((BQ,), float("-inf"), tl.float32)
+    l = tl.zeros((BQ,), tl.float32)
+    for gi in tl.static_range(NB):
+        grp = b * NB + gi
+        t = grp * GROUP + i
+        meta = h * ks_h + grp * ks_g
+        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + w[None, :] * kc_w)              # (GROUP, HD / W)
+        qs = qn * tl.load(ks + meta + c * ks_c).to(tl.float32)[None]
+        top = tl.max(tl.max(tl.abs(qs), 2), 1)                                              # (BQ,)
+        inv, unit = 127 / tl.maximum(top, 1e-30), top / 127                                 # unit: the int8 step
+        bias = tl.sum(tl.sum(qn * tl.load(km + meta + c * ks_c).to(tl.float32)[None], 2), 1)
+        acc = tl.zeros((GROUP, BQ, HD // W), tl.int32)
+        for j in tl.static_range(E):
+            s = tl.load(ks + meta + (chan + j) * ks_c).to(tl.float32)                     # (HD / W, 4)
+            qj = _sketch_queries(q, h, chan + j, G, sm_scale, HEADS, BG, HD)               # (BQ, HD / W, 4)
+            qi = _round_half_even(qj * s[None] * inv[:, None, None]).to(tl.int32)
+            packed = tl.sum((qi & 0xFF) << shift, 2)                                    # (BQ, HD / W) int8 x 4
+            codes = (words >> (j * BITS)) & MASK                                         # (GROUP, HD / W) u8 x 4
+            acc = _dp4a(tl.broadcast_to(codes[:, None, :], (GROUP, BQ, HD // W)),
+                        tl.broadcast_to(packed[None, :, :], (GROUP, BQ, HD // W)), acc, ASM)
+        tie = i[:, None] * (0.5 / GROUP)  # equal dot products: the newer token first (half an int8 step at most)
+        score = (tl.sum(acc, 2).to(tl.float32) + tie) * unit[None, :] + bias[None, :]    # (GROUP, BQ)
+        score = tl.where(grp * GROUP == n_q, ring, score)
+        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))
+        if HEADS:
+            g = tl.arange(0, BQ)
+            tl.store(out + (h * G + g)[None, :] * o_h + t[:, None], score, mask=(g < G)[None, :])
+            m_new = tl.maximum(m, tl.max(score, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
+            m = m_new
+        else:
+            tl.store(out + h * o_h + t, tl.sum(score, 1))
+    if HEADS:
+        g = tl.arange(0, BQ)
+        tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
+        tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
+
+
+def int8_sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None,
+                       NB: int = SKETCH_NB, num_warps: int = 8):
+    """kernels.sketch_scores with the query in int8 per group of the sketch and the codes dotted with it by
+    dp4a, four at a time. Reference: selection.Int8SketchSelector.rank_int8 (PyTorch)."""
+    n_kv, n_parts, store = _sketch_args(q, sketch, scores, NB)
+    G, hd = q.shape[0] // n_kv, q.shape[1]
+    BG = triton.next_power_of_2(G)
+    mask = ((1 << sketch.bits) - 1) * 0x01010101  # a code in every byte of a word, as an int32
+    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, MASK=mask - (mask >> 31 << 32), GROUP=sketch.g, NB=NB,
+                 BG=BG, HD=hd, ASM=not INTERPRET, num_warps=num_warps)
+    if heads is None:
+        _int8_sketch_kernel[(n_kv, n_parts)](*store, scores, scores.stride(0), scores, scores, pos, 1.0, n_parts, G,
+                                             HEADS=False, BQ=1, **shape)
+        return scores
+    _check_heads(heads, q, scores, n_parts, NB * sketch.g)
+    _int8_sketch_kernel[(n_kv, n_parts)](*store, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5,
+                                         n_parts, G, HEADS=True, BQ=BG, **shape)
+    return _rank_heads(heads, scores, G, n_parts, NB * sketch.g)
+
+
+class Slots:
+    """Which offloaded position each of a sparse layer's k retrieved device rows holds (pos; -1: none) and
+    its score (vals; -inf: none), kept across steps so that a row chosen again is not fetched again; and
+    a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count)."""
+
+    def __init__(self, n_kv, k, device, dtype):
+        self.pos = torch.full((n_kv, k), -1, dtype=torch.long, device=device)
+        self.vals = torch.full((n_kv, k), float("-inf"), dtype=dtype, device=device)
+        self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
+        self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
+
+    def clear(self):
+        """The device rows were written by someone else: nothing is known to be there."""
+        self.pos.fill_(-1)
+        self.vals.fill_(float("-inf"))
+
+
+@triton.jit
+def _slot_plan_kernel(idx, vals, pos, pvals, fetch, dest, count, K, BK: tl.constexpr, BC: tl.constexpr):
+    """KV head h's new top-k (idx, vals; in any order) against the positions its rows hold (pos): a chosen
+    position already held stays in its row; the others (misses) go, in rank order, to the rows whose
+    position was not chosen again, in row order. Writes the new pos and pvals, and the misses as a
+    fetch list (fetch, dest, count). Slots are compared BC at a time: first which chosen positions are held,
+    then, slot block by slot block, which rows keep theirs and which miss each freed row receives."""
+    h = tl.program_id(0)
+    i = tl.arange(0, BK)
+    val = tl.load(vals + h * K + i, mask=i < K, other=float("-inf"))
+    new = tl.where(val > float("-inf"), tl.load(idx + h * K + i, mask=i < K, other=-1), -1)   # -1: nothing chosen
+    hit = tl.zeros((BK,), tl.int32)
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        hit = tl.maximum(hit, tl.max(eq.to(tl.int32), 1))
+    miss = (new >= 0) & (hit == 0)
+    rank = tl.cumsum(miss.to(tl.int32), 0) - 1          # a miss's place in the fetch list
+    to = tl.zeros((BK,), tl.int32)
+    freed = tl.sum(tl.zeros((BC,), tl.int32), 0)          # freed rows in the blocks before this one
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        kept = tl.max(eq.to(tl.int32), 0) > 0
+        free = (j < K) & ~kept
+        order = freed + tl.cumsum(free.to(tl.int32), 0) - 1
+        gets = miss[:, None] & free[None, :] & (rank[:, None] == order[None, :])   # miss i -> row j
+        to += tl.sum(tl.where(gets, j[None, :], 0), 1)
+        into = tl.max(gets.to(tl.int32), 0) > 0
+        p = tl.where(kept, old, tl.where(into, tl.sum(tl.where(gets, new[:, None], 0), 0), -1))
+        v = tl.sum(tl.where(eq | gets, val[:, None].to(tl.float32), 0.0), 0)
+        tl.store(pos + h * K + j, p, mask=j < K)
+        tl.store(pvals + h * K + j, tl.where(kept | into, v, float("-inf")).to(pvals.dtype.element_ty), mask=j < K)
+        freed += tl.sum(free.to(tl.int32), 0)
+    tl.store(fetch + h * K + rank, new, mask=miss)
+    tl.store(dest + h * K + rank, to.to(tl.int64), mask=miss)
+    tl.store(count + h, tl.sum(miss.to(tl.int32), 0))
+
+
+@triton.jit
+def _fetch_kernel(fetch, dest, count, K, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, BJ: tl.constexpr,
+                  HD: tl.constexpr):
+    """The first count[h] positions of the fetch list into device rows dest[h, j]; nothing else is written."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    j = b * BJ + tl.arange(0, BJ)
+    live = j < tl.load(count + h)
+    row = tl.load(fetch + h * K + j, mask=live, other=0)
+    to = tl.load(dest + h * K + j, mask=live, other=0)
+    _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, live, live, HD)
+
+
+def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
+    """The step's top-k (idx, vals: (n_kv, k), any order; vals -inf: nothing chosen) into the device rows
+    out_k, out_v (n_kv, k, hd), fetching from the host store only the positions the rows do not hold
+    already: the rows end up holding exactly the chosen positions (slots.pos, slots.vals say which row holds
+    which), and a row that holds a position holds its exact K and V, as gather_rows would have fetched
+    them. -> (slots.vals, slots.pos). Reference: the same rows, gathered whole (gather_rows)."""
+    cap, n_kv, hd = host_k.shape
+    k = idx.shape[1]
+    _check(idx.shape == vals.shape == (n_kv, k) and idx.dtype == torch.long and idx.is_contiguous()
+           and vals.is_contiguous(), "idx, vals: contiguous (n_kv, k), idx int64")
+    _check(out_k.shape == out_v.shape == (n_kv, k, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
+    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
+    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    _check(slots.pos.shape == (n_kv, k) and slots.vals.dtype == vals.dtype, f"slots: Slots({n_kv}, {k}, {vals.dtype})")
+    BK = max(16, triton.next_power_of_2(k))
+    _slot_plan_kernel[(n_kv,)](idx, vals, slots.pos, slots.vals, slots.fetch, slots.dest, slots.count, k, BK=BK,
+                               BC=max(1, min(BK, 4096 // BK)))
+    _fetch_kernel[(n_kv, triton.cdiv(k, BJ))](slots.fetch, slots.dest, slots.count, k, host_k, host_v, host_k.stride(0),
+                                             host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), BJ=BJ,
+                                             HD=hd, num_warps=num_warps)
+    return slots.vals, slots.pos

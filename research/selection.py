@@ -9,13 +9,15 @@ declares both there (shared, shared_tensors, check), so the cache holds no code 
   sketch-predicted   the sketch, ranked with this layer's query predicted one layer early
   exact, exact-heads every offloaded key in full precision (the oracle of a single-token top-k)
   shortlist, shortlist-heads  candidates fetched one layer early, re-ranked on their exact keys
+  sketch-int8, sketch-heads-int8  the sketch scored with an int8 query (dp4a), rows kept across steps
 """
 from contextlib import nullcontext
 
 import torch
 
 import kvcache
-from kvcache import ConfigError, Selector, SketchSelector
+from kvcache import ConfigError, HeadwiseSketchSelector, Selector, SketchSelector
+from quant import unpack
 
 try:
     import kernels as K
@@ -168,7 +170,7 @@ class ShortlistSelector(SketchSelector):
         lst.vals.fill_(float("-inf"))
         m = min(self.M, hi - lo)
         if m > 0:
-            vals, idx = self.rank_sketch(self.store, q, lo, hi).topk(m, dim=-1)
+            vals, idx = self.rank(self.store.dequantize()[:, lo:hi], q).topk(m, dim=-1)
             lst.vals[:, :m], lst.pos[:, :m] = vals, idx + lo
             rows, heads = lst.pos[:, :m].cpu(), torch.arange(self.n_kv)[:, None]
             lst.k[:, :m] = self.layer.host_k[rows, heads].to(lst.k.device)
@@ -218,7 +220,73 @@ class HeadwiseShortlistSelector(ShortlistSelector):
     step_scores = Selector.step_scores
 
 
+class Int8SketchSelector(SketchSelector):
+    """The sketch, scored with the query in int8 (research.kernels.int8_sketch_scores: four codes per dp4a
+    instruction in place of a shift, mask, convert and multiply-add each), and with `reuse` (default) the
+    layer's retrieved rows kept across steps: a position chosen again stays in its row, only the others
+    cross PCIe (research.kernels.retrieve). Exact given the choice: the rows hold what the top-k chose."""
+    options = {"reuse": 1}
+
+    @classmethod
+    def check(cls, cfg, head_dim, kernels):
+        super().check(cfg, head_dim, kernels)
+        if cfg.select_options.get("reuse", 1) not in (0, 1):
+            raise ConfigError("select_options", "reuse is 0 (gather every row each step) or 1 (keep rows chosen again)")
+
+    @classmethod
+    def describe(cls, cfg):
+        reuse = cfg.select_options.get("reuse", 1)
+        return f" ({cfg.sketch_bits}-bit, int8 query{', per query head' if cls.per_head else ''}" \
+               f"{', rows kept across steps' if reuse else ''})"
+
+    def __init__(self, layer, cfg, wq, inv_freq):
+        super().__init__(layer, cfg, wq, inv_freq)
+        scores = layer.shared.get("scores")
+        self.slots = None if scores is None or not self.opts["reuse"] else \
+            RK.Slots(self.n_kv, layer.topk, layer.att_k.device, scores.dtype)
+
+    def scores(self, q, lo, hi):
+        """rank() over positions lo..hi-1 of the sketch, as research.kernels.int8_sketch_scores does it: per
+        group of g tokens the query times the group's scales, q_c * s_c, is brought to int8 (its largest
+        |q_c * s_c| to 127, halves to even) and dotted with the codes exactly, plus token i's i / (2 g) so
+        that equal integers rank the newer token first (the scores tie far more often than in floats); the
+        minima add sum_c q_c * mn_c; the tokens still in the ring are exact. -> (n_kv, hi - lo)."""
+        sketch = self.store
+        n, g = sketch.n_q, sketch.g
+        qs = self._queries(q)                                                           # (n_kv, Q, hd)
+        codes = unpack(sketch.codes[:, :n], sketch.bits).float().unflatten(1, (n // g, g))  # (n_kv, n/g, g, hd)
+        s, mn = sketch.scale[:, :n // g].float(), sketch.mn[:, :n // g].float()          # (n_kv, n/g, hd)
+        top = (qs[:, None] * s[:, :, None]).abs().amax(-1, keepdim=True)                # (n_kv, n/g, Q, 1)
+        qi = (qs[:, None] * s[:, :, None] * (127 / top.clamp_min(1e-30))).round()      # int8 values
+        tie = torch.arange(g, device=q.device)[:, None] * (0.5 / g)
+        dots = (codes @ qi.transpose(2, 3) + tie) * (top / 127).transpose(2, 3) + (mn @ qs.transpose(1, 2))[:, :, None]
+        ring = sketch.dequantize()[:, n:] @ qs.transpose(1, 2)                          # (n_kv, L - n, Q)
+        return self._combine(torch.cat([dots.flatten(1, 2), ring], 1)[:, lo:hi])
+
+    def step_scores(self, q, pos, out, sink, recent):
+        heads = self.head_scratch(q, out) if self.per_head else None
+        RK.int8_sketch_scores(q, self.store, pos, out, sink, recent, heads)
+
+    def step_select(self, q, pos):
+        if self.slots is None:
+            return super().step_select(q, pos)
+        L, scores = self.layer, self.layer.shared["scores"]
+        self.step_scores(q, pos, scores, L.sink, L.recent)
+        vals, idx = K.topk(scores, L.topk)
+        return RK.retrieve(idx, vals, self.slots, L.host_k, L.host_v, L.sel_k, L.sel_v)
+
+    def rows_replaced(self):
+        if self.slots is not None:
+            self.slots.clear()
+
+
+class HeadwiseInt8SketchSelector(Int8SketchSelector, HeadwiseSketchSelector):
+    """The same, ranked per query head (Selector.rank, per_head; the scratch of kvcache's sketch-heads): each
+    head's int8 dot products from the codes unpacked once for the group."""
+
+
 RESEARCH_SELECTORS = {"sketch-next": NeighbourSketchSelector, "sketch-predicted": PredictedSketchSelector,
                       "exact": ExactSelector, "exact-heads": HeadwiseExactSelector, "shortlist": ShortlistSelector,
-                      "shortlist-heads": HeadwiseShortlistSelector}
+                      "shortlist-heads": HeadwiseShortlistSelector, "sketch-int8": Int8SketchSelector,
+                      "sketch-heads-int8": HeadwiseInt8SketchSelector}
 kvcache.SELECTORS.update(RESEARCH_SELECTORS)

@@ -1,6 +1,5 @@
 """Kernel variants for scoring the sketch, per query head and with the group's mean query, against the
-kernels in kernels.py (bench/NOTES.md, v9; since then kernels.py scores with an int8 query and dp4a, so the float
-variants here differ from it by its int8 rounding): each checked against them on the same sketch, then timed.
+kernels in kernels.py (bench/NOTES.md, v9): each checked against them on the same sketch, then timed.
 At Llama-3.1-8B shapes and 128k tokens on a GPU; on a CPU (TRITON_INTERPRET=1) at small shapes, as a
 check of the variants only.
 
@@ -24,14 +23,6 @@ from quant import QuantStore  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))  # kernel_speed
 from kernel_speed import bench  # noqa: E402
-
-
-@triton.jit
-def _head_queries(q, h, j, sm_scale, G, BG: tl.constexpr, W: tl.constexpr, HD: tl.constexpr):
-    """(HD / W, BG): channels w * W + j of KV head h's query heads, times sm_scale."""
-    g = tl.arange(0, BG)
-    c = tl.arange(0, HD // W) * W + j
-    return tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
 
 
 @triton.jit
@@ -93,7 +84,7 @@ def _mean_setup(q, res, r_h, r_t, pos_ptr, h, b, G, SINK: tl.constexpr, RECENT: 
 def _mean_magic_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, scores, s_h,
                        pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
                        GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
-    """The mean query's float kernel (v4) with the codes turned into floats through the mantissa."""
+    """kernels._sketch_scores_kernel with the codes turned into floats through the mantissa."""
     h, b = tl.program_id(0), tl.program_id(1)
     hi, n_q, qm, ring = _mean_setup(q, res, r_h, r_t, pos_ptr, h, b, G, SINK, RECENT, GROUP, NB, BG, HD)
     W: tl.constexpr = 32 // BITS
@@ -134,7 +125,7 @@ def _heads_fma_magic_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, r
         for j in tl.static_range(W):
             kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + (w * W + j)[None, :],
                          mask=(t_r < L)[:, None], other=0.0).to(tl.float32)
-            acc += kr[:, :, None] * _head_queries(q, h, j, sm_scale, G, BG, W, HD)[None]
+            acc += kr[:, :, None] * K._head_queries(q, h, j, sm_scale, G, BG, W, HD)[None]
         ring = tl.sum(acc, 1)
     m = tl.full((BG,), float("-inf"), tl.float32)
     l = tl.zeros((BG,), tl.float32)
@@ -147,7 +138,7 @@ def _heads_fma_magic_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, r
         for j in tl.static_range(W):
             s = tl.load(ks + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
             mn = tl.load(km + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
-            qj = _head_queries(q, h, j, sm_scale, G, BG, W, HD)
+            qj = K._head_queries(q, h, j, sm_scale, G, BG, W, HD)
             wj = qj * (s * (1 << BITS))[:, None]
             f = _unit((words >> (j * BITS)) & ((1 << BITS) - 1), BITS)
             acc += f[:, :, None] * wj[None]
@@ -181,7 +172,7 @@ def _heads_dot_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_
                       part_l, pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr,
                       BITS: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr,
                       HD: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr):
-    """The float per-head kernel (v5) with each group's (GROUP, HD) codes against the (HD, BG) scaled queries
+    """kernels._sketch_heads_kernel with each group's (GROUP, HD) codes against the (HD, BG) scaled queries
     as one tl.dot; the minimum adds a constant per head and group."""
     h, b = tl.program_id(0), tl.program_id(1)
     hi, n_q, qh, ring = _heads_setup(q, res, r_h, r_t, pos_ptr, sm_scale, h, b, G, SINK, RECENT, GROUP, NB, BG, HD)
@@ -433,8 +424,8 @@ def main():
         same = len(set(out[0].float().topk(128).indices.tolist()) & set(ref[0].float().topk(128).indices.tolist()))
         rows.append((name, bench(lambda: fn(out), 30) if big else float("nan"), err, same))
 
-    run("mean, dp4a (kernels.sketch_scores)", lambda o: K.sketch_scores(q, sk, pos, o, 8, 56), ref_m)
-    run("per head, dp4a (kernels.sketch_scores)", lambda o: K.sketch_scores(q, sk, pos, o, 8, 56, h8), ref_h)
+    run("mean, v4 (kernels.sketch_scores)", lambda o: K.sketch_scores(q, sk, pos, o, 8, 56), ref_m)
+    run("per head, v5 (kernels.sketch_scores)", lambda o: K.sketch_scores(q, sk, pos, o, 8, 56, h8), ref_h)
     cfgs = ((8, 8), (8, 4), (4, 4))
     for nb, nw in cfgs:
         run(f"mean bcast NB={nb} w={nw}", lambda o: mean_bcast(q, sk, pos, o, 8, 56, nb, nw), ref_m)

@@ -110,14 +110,11 @@ def test_dense_attention_across_split_edges(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (False, 8), (True, 1), (True, 2),
-                                           (True, 4)])
+@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (True, 1), (True, 2), (True, 4)])
 def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
-    """Scores over the sketch as Selector.rank_sketch computes them (the group's mean query, or each head's
-    log-softmax and the largest; the query in int8 per group; a score may differ by a few int8 steps where
-    a rounding tie breaks the other way), and within the int8 query's bound of Selector.rank on the
-    dequantized store; -inf outside the offloaded range; lengths across group, ring and 2-group block
-    edges, a group of 3 query heads (padded to 4)."""
+    """Scores over the sketch as Selector.rank computes them on the dequantized store (the group's mean
+    query, or each head's log-softmax and the largest), -inf outside the offloaded range; lengths across
+    group, ring and 2-group block edges, a group of 3 query heads (padded to 4)."""
     from types import SimpleNamespace
     from kvcache import Selector
     n_kv, G, hd, g, sink, recent, width = 2, 3, 64, 32, 4, 8, 256
@@ -133,7 +130,38 @@ def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
         q = rand(n_kv * G, hd, seed=L, device=device)
         K.sketch_scores(q, store, torch.tensor(L - 1, device=device), scores, sink, recent, heads, NB=2)
         hi = max(sink, L - recent)
-        ref = rank.rank_sketch(store, q, sink, hi)
+        ref = rank.rank(store.dequantize()[:, sink:hi], q)
+        assert torch.allclose(scores[:, sink:hi], ref, atol=1e-4, rtol=1e-4), L
+        assert (scores[:, :sink] == float("-inf")).all() and (scores[:, hi:] == float("-inf")).all(), L
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (False, 8), (True, 1), (True, 2),
+                                           (True, 4)])
+def test_int8_sketch_scores_equal_their_reference(device, per_head, bits):
+    """research.kernels.int8_sketch_scores as its selector's PyTorch path computes them (the group's mean
+    query, or each head's log-softmax and the largest; the query in int8 per group; a score may differ by a
+    few int8 steps where a rounding tie breaks the other way), within the int8 query's bound of
+    Selector.rank on the dequantized store; -inf outside the offloaded range; lengths across group, ring
+    and 2-group block edges, a group of 3 query heads (padded to 4), 8-bit codes (every byte a code)."""
+    from types import SimpleNamespace
+    from kvcache import Selector
+    n_kv, G, hd, g, sink, recent, width = 2, 3, 64, 32, 4, 8, 256
+    cls = SELECTORS["sketch-heads-int8" if per_head else "sketch-int8"]
+    rank = cls.__new__(cls)  # a selector without a layer: scores() of the store set below
+    Selector.__init__(rank, SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), CacheConfig(), None, None)
+    x = rand(n_kv, width, hd, seed=bits, device=device)
+    scores = torch.empty(n_kv, width, device=device)
+    heads = K.HeadScratch(n_kv * G, width, device, torch.float32, block=2 * g) if per_head else None
+    for L in (9, 33, 64, 65, 140, 256):
+        store = QuantStore(n_kv, hd, width, bits=bits, group=g, residual=g, per_channel=True, token_major=True,
+                           device=device, dtype=torch.float32, kernels=True, capacity=width)
+        store.append(x[:, :L])
+        q = rand(n_kv * G, hd, seed=L, device=device)
+        RK.int8_sketch_scores(q, store, torch.tensor(L - 1, device=device), scores, sink, recent, heads, NB=2)
+        hi = max(sink, L - recent)
+        rank.store = store
+        ref = rank.scores(q, sink, hi)
         qs = (rank._queries(q)[:, None] * store.scale[:, :store.n_q // g, None]).abs().flatten()
         step = float(qs.max()) / 127 if qs.numel() else 0.0                            # the largest int8 step
         err = (scores[:, sink:hi] - ref).abs()
@@ -224,14 +252,18 @@ def pin_to(ref: SparseLayer, choice: Choice):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("select,prompt,steps", [(s, p, 70) for s in ("sketch", "channels") for p in (5, 40, 300)]
                          + [("sketch", 2, 12)]  # decoding while the sinks still fill
-                         + [("sketch-heads", 300, 10), ("shortlist", 40, 70), ("shortlist", 300, 30)])
+                         + [("sketch-heads", 300, 10), ("shortlist", 40, 70), ("shortlist", 300, 30)]
+                         + [("sketch-int8", 40, 70), ("sketch-int8:0", 300, 20), ("sketch-heads-int8", 300, 20)])
 def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     """Prompts shorter than the sinks, than the budget, longer; the shortlist fetched one layer early (from an
-    input the layer before would have seen) at odd steps, at the step itself at even ones."""
+    input the layer before would have seen) at odd steps, at the step itself at even ones; the int8 sketch
+    with its rows kept across steps (`:0`: gathered whole), one step in the middle on the PyTorch path."""
     from test_kvcache import identity_prediction
     H, n_kv, hd = 6, 2, 64
+    select, _, reuse = select.partition(":")
     cfg = CacheConfig("sparse", budget=48, sink=4, recent=12, select=select, channels=8,
-                      select_options={"shortlist": 3} if select == "shortlist" else {})
+                      select_options={"shortlist": 3} if select == "shortlist" else
+                      {"reuse": int(reuse)} if reuse else {})
     wq, inv_freq = (x.to(device) for x in identity_prediction(H, hd))
     kw = dict(wq=wq, inv_freq=inv_freq)
     ker = SparseLayer(n_kv, hd, 400, cfg, cfg.topk, device, torch.float32, "cpu", kernels=True, **kw)
@@ -253,8 +285,11 @@ def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
             x = rand(1, 1, H * hd, seed=200 + t, device=device)
             ref.selector.see_previous_input(x, t)
             ker.selector.see_previous_input(x, pos)
-        b = ker.step(q, k[:, :, t:t + 1], v[:, :, t:t + 1], pos)
-        ker.advance(t + 1)
+        if "int8" in select and t == prompt + steps // 2:  # the rows written by the PyTorch path in between
+            b = ker.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
+        else:
+            b = ker.step(q, k[:, :, t:t + 1], v[:, :, t:t + 1], pos)
+            ker.advance(t + 1)
         a = ref.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), t
     assert ker.h2d_bytes == ref.h2d_bytes                 # the same bytes cross to the device
@@ -315,7 +350,7 @@ def test_gather_reads_the_host_rows_and_zeros_what_was_not_retrieved(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_retrieve_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit(device):
-    """Steps whose top-k shares some positions with the step before (in another order, some slots empty):
+    """research.kernels.retrieve over steps whose top-k shares some positions with the step before (in another order, some slots empty):
     the rows hold exactly the chosen positions, only those not held before cross (the fetch list), and
     attention over them equals attention over the same rows gathered whole, bit for bit. k = 100 crosses
     the plan's blocks of slots."""
@@ -327,7 +362,7 @@ def test_retrieve_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit
     att = torch.zeros(2, n_kv, sink + k + recent, hd, device=device)
     att[:, :, :sink], att[:, :, sink + k:] = rand(2, n_kv, sink, hd, seed=13), rand(2, n_kv, recent, hd, seed=14)
     whole = att.clone()
-    slots = K.Slots(n_kv, k, device, torch.float32)
+    slots = RK.Slots(n_kv, k, device, torch.float32)
     held = [set() for _ in range(n_kv)]
     idx = torch.stack([torch.randperm(cap - 20, generator=gen)[:k] + 10 for _ in range(n_kv)])
     for step in range(6):
@@ -340,7 +375,7 @@ def test_retrieve_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit
         vals = torch.randn(n_kv, k, generator=gen)
         vals[step % n_kv, step * 7:] = float("-inf")                        # fewer chosen on one head
         chosen = [set(r[v > float("-inf")].tolist()) for r, v in zip(idx, vals)]
-        got_vals, got_pos = K.retrieve(idx.to(device), vals.to(device), slots, host_k, host_v,
+        got_vals, got_pos = RK.retrieve(idx.to(device), vals.to(device), slots, host_k, host_v,
                                        att[0, :, sink:sink + k], att[1, :, sink:sink + k])
         pos, gv = got_pos.cpu(), got_vals.cpu()
         for h in range(n_kv):
