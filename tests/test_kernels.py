@@ -6,7 +6,7 @@ import torch
 import kernels as K
 import research  # noqa: F401  (registers the research selectors)
 from research import kernels as RK
-from kvcache import SELECTORS, CacheConfig, KVCache, SparseLayer, attention
+from kvcache import SELECTORS, CacheConfig, KVCache, Selector, SparseLayer, attention
 from model import ModelArgs, Transformer
 from quant import QuantStore
 
@@ -109,17 +109,9 @@ def test_dense_attention_across_split_edges(device):
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), L
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (True, 1), (True, 2), (True, 4)])
-def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
-    """Scores over the sketch as Selector.rank computes them on the dequantized store (the group's mean
-    query, or each head's log-softmax and the largest), -inf outside the offloaded range; lengths across
-    group, ring and 2-group block edges, a group of 3 query heads (padded to 4)."""
-    from types import SimpleNamespace
-    from kvcache import Selector
-    n_kv, G, hd, g, sink, recent, width = 2, 3, 64, 32, 4, 8, 256
-    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), CacheConfig(), None, None)
-    rank.per_head = per_head
+def sketch_cases(device, bits, per_head, n_kv=2, G=3, hd=64, g=32, sink=4, recent=8, width=256):
+    """A sketch at lengths across group, ring and 2-group block edges, a group of 3 query heads (padded to
+    4): per length, (store, q, hi, scores, heads), hi the end of the offloaded range [sink, hi)."""
     x = rand(n_kv, width, hd, seed=bits, device=device)
     scores = torch.empty(n_kv, width, device=device)
     heads = K.HeadScratch(n_kv * G, width, device, torch.float32, block=2 * g) if per_head else None
@@ -127,12 +119,29 @@ def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
         store = QuantStore(n_kv, hd, width, bits=bits, group=g, residual=g, per_channel=True, token_major=True,
                            device=device, dtype=torch.float32, kernels=True, capacity=width)
         store.append(x[:, :L])
-        q = rand(n_kv * G, hd, seed=L, device=device)
-        K.sketch_scores(q, store, torch.tensor(L - 1, device=device), scores, sink, recent, heads, NB=2)
-        hi = max(sink, L - recent)
+        yield store, rand(n_kv * G, hd, seed=L, device=device), max(sink, L - recent), scores, heads
+
+
+def layerless(cls, per_head=False, n_kv=2, hd=64):
+    """A selector of class cls without a layer: rank() and, given a store, scores()."""
+    from types import SimpleNamespace
+    sel = cls.__new__(cls)
+    Selector.__init__(sel, SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), CacheConfig(), None, None)
+    sel.per_head = per_head
+    return sel
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_head,bits", [(False, 1), (False, 2), (False, 4), (True, 1), (True, 2), (True, 4)])
+def test_sketch_scores_equal_the_selector_ranking(device, per_head, bits):
+    """Scores over the sketch as Selector.rank computes them on the dequantized store (the group's mean
+    query, or each head's log-softmax and the largest), -inf outside the offloaded range (sketch_cases)."""
+    rank, sink = layerless(Selector, per_head), 4
+    for store, q, hi, scores, heads in sketch_cases(device, bits, per_head):
+        K.sketch_scores(q, store, torch.tensor(store.length - 1, device=device), scores, sink, 8, heads, NB=2)
         ref = rank.rank(store.dequantize()[:, sink:hi], q)
-        assert torch.allclose(scores[:, sink:hi], ref, atol=1e-4, rtol=1e-4), L
-        assert (scores[:, :sink] == float("-inf")).all() and (scores[:, hi:] == float("-inf")).all(), L
+        assert torch.allclose(scores[:, sink:hi], ref, atol=1e-4, rtol=1e-4), store.length
+        assert (scores[:, :sink] == float("-inf")).all() and (scores[:, hi:] == float("-inf")).all(), store.length
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -142,27 +151,15 @@ def test_int8_sketch_scores_equal_their_reference(device, per_head, bits):
     """research.kernels.int8_sketch_scores as its selector's PyTorch path computes them (the group's mean
     query, or each head's log-softmax and the largest; the query in int8 per group; a score may differ by a
     few int8 steps where a rounding tie breaks the other way), within the int8 query's bound of
-    Selector.rank on the dequantized store; -inf outside the offloaded range; lengths across group, ring
-    and 2-group block edges, a group of 3 query heads (padded to 4), 8-bit codes (every byte a code)."""
-    from types import SimpleNamespace
-    from kvcache import Selector
-    n_kv, G, hd, g, sink, recent, width = 2, 3, 64, 32, 4, 8, 256
-    cls = SELECTORS["sketch-heads-int8" if per_head else "sketch-int8"]
-    rank = cls.__new__(cls)  # a selector without a layer: scores() of the store set below
-    Selector.__init__(rank, SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), CacheConfig(), None, None)
-    x = rand(n_kv, width, hd, seed=bits, device=device)
-    scores = torch.empty(n_kv, width, device=device)
-    heads = K.HeadScratch(n_kv * G, width, device, torch.float32, block=2 * g) if per_head else None
-    for L in (9, 33, 64, 65, 140, 256):
-        store = QuantStore(n_kv, hd, width, bits=bits, group=g, residual=g, per_channel=True, token_major=True,
-                           device=device, dtype=torch.float32, kernels=True, capacity=width)
-        store.append(x[:, :L])
-        q = rand(n_kv * G, hd, seed=L, device=device)
-        RK.int8_sketch_scores(q, store, torch.tensor(L - 1, device=device), scores, sink, recent, heads, NB=2)
-        hi = max(sink, L - recent)
+    Selector.rank on the dequantized store; -inf outside the offloaded range (sketch_cases; 8-bit codes:
+    every byte a code)."""
+    rank, sink, hd = layerless(SELECTORS["sketch-heads-int8" if per_head else "sketch-int8"], per_head), 4, 64
+    for store, q, hi, scores, heads in sketch_cases(device, bits, per_head):
+        L = store.length
+        RK.int8_sketch_scores(q, store, torch.tensor(L - 1, device=device), scores, sink, 8, heads, NB=2)
         rank.store = store
         ref = rank.scores(q, sink, hi)
-        qs = (rank._queries(q)[:, None] * store.scale[:, :store.n_q // g, None]).abs().flatten()
+        qs = (rank._queries(q)[:, None] * store.scale[:, :store.n_q // store.g, None]).abs().flatten()
         step = float(qs.max()) / 127 if qs.numel() else 0.0                            # the largest int8 step
         err = (scores[:, sink:hi] - ref).abs()
         assert (err > 1e-4 * (1 + ref.abs())).sum() <= 0.03 * err.numel() and (err < 2 ** bits * step).all(), L
@@ -176,10 +173,8 @@ def test_int8_sketch_scores_equal_their_reference(device, per_head, bits):
 def test_shortlist_scores_equal_the_selector_ranking(device, M):
     """The candidates' exact keys (a strided view, as the selector passes them) against the group's mean
     query, as Selector.rank computes it; -inf where a candidate's slot is empty."""
-    from types import SimpleNamespace
-    from kvcache import Selector
     n_kv, G, hd = 2, 3, 64
-    rank = Selector(SimpleNamespace(att_k=torch.empty(n_kv, 1, hd)), CacheConfig(), None, None)
+    rank = layerless(Selector, n_kv=n_kv, hd=hd)
     k = rand(M, n_kv, hd, seed=M, device=device).transpose(0, 1)           # (n_kv, M, hd), not contiguous
     vals = rand(n_kv, M, seed=M + 1, device=device)
     vals[:, ::3] = float("-inf")
