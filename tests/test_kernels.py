@@ -516,7 +516,7 @@ def test_a_cuda_graph_records_its_retrievals_like_eager():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("policy", ["full", "tailor", "kivi", "sparse", "streaming", "sparse/sketch-heads",
-                                    "tailor/shortlist", "tailor+split"])
+                                    "tailor/shortlist", "tailor+split", "tailor/sketch-heads-int8"])
 def test_cuda_graph_decode_equals_eager_token_for_token(policy):
     from generate import Decoder
     model = tiny_model("cuda", torch.bfloat16)
