@@ -197,6 +197,13 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "EPS of each channel's range. Device KV includes each layer's fp32 ring of 128 tokens (5.6 MiB in all, the "
      "same for every row); kivi-N counts its stores at their full capacity (context + new tokens), kvcomp the "
      "words in use."),
+    ("The sketch ranked with an int8 query: accuracy, default model, CPU", "int8_rank_cpu.md",
+     "python bench/accuracy.py --contexts 4096 --docs prose code table stdlib reference ledger --policies full "
+     "tailor-2 tailor-2/sketch-int8 tailor-2/sketch-heads tailor-2/sketch-heads-int8 streaming --tasks repeat "
+     "fidelity --sweep-budgets --out bench/results/int8_rank_cpu", "int8_rank_cpu.png",
+     "fp32 on the PyTorch path, which ranks as research/kernels.py's int8_sketch_scores does (the query in int8 "
+     "per group of the sketch, equal integers ordered newest first): -int8 against the float ranking of the same "
+     "sketch, mean query and per head, at the same device bytes."),
     ("KVComp against KIVI at 32k: Qwen2.5-Coder-0.5B-Instruct, H200", "kvcomp_accuracy_qwen05_h200.md",
      "python bench/accuracy.py --model qwen2.5-coder-0.5b --device cuda --dtype bfloat16 --docs stdlib --contexts "
      "32768 --copy 128 --next 128 --policies full kivi-2 kivi-4 kvcomp:0.05 kvcomp:0.0333 --tasks repeat fidelity "
