@@ -594,7 +594,7 @@ def test_the_core_registers_the_method_and_research_the_rest():
     core, everything = (eval(part + "]") for part in out.strip()[:-1].split("] "))
     assert core == ["sketch", "channels", "sketch-heads"]
     assert everything == core + ["sketch-next", "sketch-predicted", "exact", "exact-heads", "shortlist",
-                                 "shortlist-heads"]
+                                 "shortlist-heads", "sketch-int8", "sketch-heads-int8"]
     from research import selection
     core_source = "".join((ROOT / f).read_text() for f in ("kvcache.py", "generate.py", "kernels.py"))
     own = [name for name, obj in vars(selection).items() if getattr(obj, "__module__", None) == selection.__name__]
