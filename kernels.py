@@ -747,16 +747,22 @@ def _gather_kernel(idx, vals, n_h, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h
     _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, j, o_h, o_t, live, inside, HD)
 
 
-def gather_rows(idx, vals, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
-    """out_k[h, j] = host_k[idx[h, j], h] (and V), for rows whose score vals[h, j] > -inf (zeros otherwise).
-    host_k, host_v: (cap, n_kv, hd), pinned host memory on CUDA: the kernel reads it directly over PCIe
-    (zero-copy), K and V in one launch. Reference: kvcache.SparseLayer._gather."""
+def _check_rows(idx, vals, host_k, host_v, out_k, out_v):
+    """Check a gather's inputs -> (n_kv, k, hd)."""
     cap, n_kv, hd = host_k.shape
     K = idx.shape[1]
     _check(idx.shape == vals.shape == (n_kv, K) and idx.stride() == vals.stride(), "idx, vals: (n_kv, k), one layout")
     _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
     _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
     _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    return n_kv, K, hd
+
+
+def gather_rows(idx, vals, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
+    """out_k[h, j] = host_k[idx[h, j], h] (and V), for rows whose score vals[h, j] > -inf (zeros otherwise).
+    host_k, host_v: (cap, n_kv, hd), pinned host memory on CUDA: the kernel reads it directly over PCIe
+    (zero-copy), K and V in one launch. Reference: kvcache.SparseLayer._gather."""
+    n_kv, K, hd = _check_rows(idx, vals, host_k, host_v, out_k, out_v)
     # many small programs: more PCIe reads outstanding at once
     _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, idx.stride(0), host_k, host_v, host_k.stride(0),
                                               host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), K,

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import (INTERPRET, SKETCH_NB, HeadScratch, Workspace, _check, _check_heads, _check_q, _combine, _copy_rows,
-                     _load_queries, _precision, _rank_heads, _ring_update, _round_half_even, _sketch_args,
-                     _softmax_update, _store_partial, pow2, split_plan)
+from kernels import (INTERPRET, SKETCH_NB, HeadScratch, Workspace, _check, _check_heads, _check_q, _check_rows,
+                     _combine, _copy_rows, _load_queries, _precision, _rank_heads, _ring_update, _round_half_even,
+                     _sketch_args, _softmax_update, _store_partial, pow2, split_plan)
 
 
 @triton.jit
@@ -337,13 +337,8 @@ def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2,
     already: the rows end up holding exactly the chosen positions (slots.pos, slots.vals say which row holds
     which), and a row that holds a position holds its exact K and V, as gather_rows would have fetched
     them. -> (slots.vals, slots.pos). Reference: the same rows, gathered whole (gather_rows)."""
-    cap, n_kv, hd = host_k.shape
-    k = idx.shape[1]
-    _check(idx.shape == vals.shape == (n_kv, k) and idx.dtype == torch.long and idx.is_contiguous()
-           and vals.is_contiguous(), "idx, vals: contiguous (n_kv, k), idx int64")
-    _check(out_k.shape == out_v.shape == (n_kv, k, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
-    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
-    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    n_kv, k, hd = _check_rows(idx, vals, host_k, host_v, out_k, out_v)
+    _check(idx.dtype == torch.long and idx.is_contiguous(), "idx: contiguous int64 (n_kv, k)")
     _check(slots.pos.shape == (n_kv, k) and slots.vals.dtype == vals.dtype, f"slots: Slots({n_kv}, {k}, {vals.dtype})")
     BK = max(16, triton.next_power_of_2(k))
     _slot_plan_kernel[(n_kv,)](idx, vals, slots.pos, slots.vals, slots.fetch, slots.dest, slots.count, k, BK=BK,
