@@ -6,13 +6,15 @@
   int8_sketch_scores  kernels.sketch_scores with the query in int8 per group, four codes per dp4a
   retrieve          kernels.gather_rows across steps: a sparse layer's rows keep what was chosen again,
                     only the rest crosses PCIe (Slots)
+  warm_topk         kernels.topk started from the last step's choice: one pass keeps the scores at or above
+                    the lowest of the last choice's new scores, one program per head selects among those
 """
 import torch
 import triton
 import triton.language as tl
 
 from kernels import (INTERPRET, SKETCH_NB, HeadScratch, Workspace, _check, _check_heads, _check_q, _check_rows,
-                     _combine, _copy_rows, _load_queries, _precision, _rank_heads, _ring_update, _round_half_even,
+                     _combine, _copy_rows, _load_queries, _precision, _radix_key, _radix_prefix, _rank_heads, _ring_update, _round_half_even,
                      _sketch_args, _softmax_update, _store_partial, pow2, split_plan)
 
 
@@ -347,3 +349,99 @@ def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2,
                                              host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), BJ=BJ,
                                              HD=hd, num_warps=num_warps)
     return slots.vals, slots.pos
+
+
+class Candidates:
+    """warm_topk's working memory for rows of width W: the scores kept (vals, their positions idx), how many
+    per row (count; zero between calls), and the radix histograms of the select."""
+
+    def __init__(self, rows, W, device, dtype):
+        self.vals = torch.empty(rows, W, dtype=dtype, device=device)
+        self.idx = torch.empty(rows, W, dtype=torch.int32, device=device)
+        self.count = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.hist = torch.empty(rows * 4 * 256, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _warm_keep_kernel(x, x_h, W, last, K, c_vals, c_idx, count, BK: tl.constexpr, BLOCK: tl.constexpr):
+    """Row h's scores at or above its lowest score at the positions last chosen (last; -1 there: none, so
+    every score), appended to the row's candidates in no particular order."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    j = tl.arange(0, BK)
+    p = tl.load(last + h * K + j, mask=j < K, other=0)
+    floor = tl.min(tl.where(j < K, tl.load(x + h * x_h + p, mask=(j < K) & (p >= 0), other=float("-inf")),
+                            float("inf")).to(tl.float32), 0)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    s = tl.load(x + h * x_h + i, mask=i < W, other=float("-inf"))
+    keep = (i < W) & (s.to(tl.float32) >= floor)
+    at = tl.atomic_add(count + h, tl.sum(keep.to(tl.int32), 0)) + tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(c_vals + h * W + at, s, mask=keep)
+    tl.store(c_idx + h * W + at, i, mask=keep)
+
+
+@triton.jit
+def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.constexpr, BITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """The K largest of row h's candidates into vals/idx (h, K), in no particular order: kernels.topk's radix
+    select in one program (the histograms through memory, read back by _radix_prefix), then count[h] = 0."""
+    h = tl.program_id(0)
+    n = tl.load(count + h)
+    bins = tl.arange(0, 512)
+    for level in tl.static_range(LEVELS):
+        shift = BITS - 8 * (level + 1)
+        prefix = tl.zeros((1,), tl.uint32)
+        if level > 0:
+            prefix, _ = _radix_prefix(hist, h, K, LEVELS, level)
+        acc = tl.zeros((512,), tl.int32)
+        for b in range(0, n, BLOCK):
+            i = b + tl.arange(0, BLOCK)
+            key = _radix_key(tl.load(c_vals + h * W + i, mask=i < n, other=float("-inf")), BITS)
+            match = i < n
+            if level > 0:
+                match = match & ((key >> (shift + 8)) == prefix)
+            acc += tl.histogram(tl.where(match, ((key >> shift) & 255).to(tl.int32), 256), 512)
+        tl.store(hist + (h * LEVELS + level) * 256 + bins, acc, mask=bins < 256)
+        tl.debug_barrier()                                   # the histogram is read back by every thread
+    kth, need = _radix_prefix(hist, h, K, LEVELS, LEVELS)
+    kth, need = tl.sum(kth, 0), tl.sum(need, 0)
+    above_n = tl.sum(tl.zeros((1,), tl.int32), 0)
+    equal_n = tl.sum(tl.zeros((1,), tl.int32), 0)
+    for b in range(0, n, BLOCK):
+        i = b + tl.arange(0, BLOCK)
+        s = tl.load(c_vals + h * W + i, mask=i < n, other=float("-inf"))
+        at = tl.load(c_idx + h * W + i, mask=i < n, other=0).to(tl.int64)
+        key = _radix_key(s, BITS)
+        above, equal = (i < n) & (key > kth), (i < n) & (key == kth)
+        slot = above_n + tl.cumsum(above.to(tl.int32), 0) - 1
+        tl.store(vals + h * K + slot, s, mask=above)
+        tl.store(idx + h * K + slot, at, mask=above)
+        rank = equal_n + tl.cumsum(equal.to(tl.int32), 0) - 1
+        keep = equal & (rank < need)
+        tl.store(vals + h * K + K - need + rank, s, mask=keep)
+        tl.store(idx + h * K + K - need + rank, at, mask=keep)
+        above_n += tl.sum(above.to(tl.int32), 0)
+        equal_n += tl.sum(equal.to(tl.int32), 0)
+    tl.store(count + h, 0)
+
+
+def warm_topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, out=None, BLOCK: int = 4096,
+              SELECT: int = 1024, num_warps: int = 8):
+    """kernels.topk(x, k) started from the positions chosen last (last: (rows, k) int64, -1: none). The k
+    new scores at the last choice are k scores at or above their lowest, so the k largest are all at or above
+    it: one pass keeps those scores (the last choice, plus what overtook it), and one program per row selects
+    the k largest among them. Exact for any `last` of distinct positions: a poor one only keeps more (all,
+    where last holds a -1), and the select then reads more. Reference: torch.topk(sorted=False)."""
+    rows, W = x.shape
+    _check(x.dtype in (torch.float16, torch.float32) and x.is_contiguous(), "x: fp16 or fp32 rows, contiguous")
+    _check(0 < k <= W and last.shape == (rows, k) and last.dtype == torch.long and last.is_contiguous(),
+           f"k in 1..{W}; last: contiguous int64 ({rows}, {k})")
+    _check(work.vals.shape == (rows, W) and work.vals.dtype == x.dtype, f"work: Candidates({rows}, {W}, {x.dtype})")
+    if out is None:
+        out = torch.empty(rows, k, dtype=x.dtype, device=x.device), torch.empty(rows, k, dtype=torch.long, device=x.device)
+    vals, idx = out
+    bits = 8 * x.element_size()
+    _warm_keep_kernel[(rows, triton.cdiv(W, BLOCK))](x, W, W, last, k, work.vals, work.idx, work.count,
+                                                      BK=max(16, triton.next_power_of_2(k)), BLOCK=BLOCK)
+    _warm_select_kernel[(rows,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, LEVELS=bits // 8,
+                                 BITS=bits, BLOCK=SELECT, num_warps=num_warps)
+    return vals, idx

@@ -222,22 +222,36 @@ class HeadwiseShortlistSelector(ShortlistSelector):
 
 class Int8SketchSelector(SketchSelector):
     """The sketch, scored with the query in int8 (research.kernels.int8_sketch_scores: four codes per dp4a
-    instruction in place of a shift, mask, convert and multiply-add each), and with `reuse` (default) the
-    layer's retrieved rows kept across steps: a position chosen again stays in its row, only the others
-    cross PCIe (research.kernels.retrieve). Exact given the choice: the rows hold what the top-k chose."""
-    options = {"reuse": 1}
+    instruction in place of a shift, mask, convert and multiply-add each), and the last step's choice reused:
+    `reuse` 1 keeps the layer's retrieved rows across steps, so that a position chosen again stays in its row
+    and only the others cross PCIe (research.kernels.retrieve); 2 (default) also starts the top-k from the
+    last choice (research.kernels.warm_topk); 0 neither. Exact given the scores: the rows hold their top-k."""
+    options = {"reuse": 2}
 
     @classmethod
     def check(cls, cfg, head_dim, kernels):
         super().check(cfg, head_dim, kernels)
-        if cfg.select_options.get("reuse", 1) not in (0, 1):
-            raise ConfigError("select_options", "reuse is 0 (gather every row each step) or 1 (keep rows chosen again)")
+        if cls.reuse(cfg) not in (0, 1, 2):
+            raise ConfigError("select_options", "reuse is 0 (gather every row each step), 1 (keep the rows chosen "
+                                                "again) or 2 (those, and the top-k started from the last choice)")
+
+    @classmethod
+    def reuse(cls, cfg):
+        return cfg.select_options.get("reuse", cls.options["reuse"])
+
+    @classmethod
+    def shared(cls, cfg, **kw):
+        shared = super().shared(cfg, **kw)
+        if "scores" in shared and cls.reuse(cfg) == 2:
+            s = shared["scores"]
+            shared["candidates"] = RK.Candidates(*s.shape, s.device, s.dtype)
+        return shared
 
     @classmethod
     def describe(cls, cfg):
-        reuse = cfg.select_options.get("reuse", 1)
+        reuse = cls.reuse(cfg)
         return f" ({cfg.sketch_bits}-bit, int8 query{', per query head' if cls.per_head else ''}" \
-               f"{', rows kept across steps' if reuse else ''})"
+               f"{', rows kept across steps' if reuse else ''}{', top-k from the last' if reuse == 2 else ''})"
 
     def __init__(self, layer, cfg, wq, inv_freq):
         super().__init__(layer, cfg, wq, inv_freq)
@@ -272,7 +286,10 @@ class Int8SketchSelector(SketchSelector):
             return super().step_select(q, pos)
         L, scores = self.layer, self.layer.shared["scores"]
         self.step_scores(q, pos, scores, L.sink, L.recent)
-        vals, idx = K.topk(scores, L.topk)
+        if self.opts["reuse"] == 2:
+            vals, idx = RK.warm_topk(scores, L.topk, self.slots.pos, L.shared["candidates"])
+        else:
+            vals, idx = K.topk(scores, L.topk)
         return RK.retrieve(idx, vals, self.slots, L.host_k, L.host_v, L.sel_k, L.sel_v)
 
     def rows_replaced(self):

@@ -201,6 +201,31 @@ def test_radix_topk_takes_what_torch_topk_takes(device, dtype, W, k, block):
     assert torch.equal(x.gather(1, idx), vals) and all(len(set(r.tolist())) == k for r in idx)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("W,k,block,select", [(300, 5, 128, 64), (1100, 128, 256, 256), (513, 513, 128, 128)])
+def test_warm_topk_takes_what_torch_topk_takes_from_any_last_choice(device, dtype, W, k, block, select):
+    """research.kernels.warm_topk, its candidates kept in passes of `block` and selected `select` at a time,
+    from last choices of every kind, one working memory for all: none (-1), the top-k of slightly different
+    scores (most of it still in), random positions, one -1 among them. The rows of the radix test."""
+    x = rand(3, W, seed=W + k).to(dtype)
+    x[0, :W // 2] = float("-inf")
+    x[1, ::7] = x[1, 3]
+    x[2] = x[2].round()
+    gen = torch.Generator().manual_seed(k)
+    near = (x.float() + 0.2 * torch.randn(3, W, generator=gen)).topk(k, -1).indices
+    anywhere = torch.stack([torch.randperm(W, generator=gen)[:k] for _ in range(3)])
+    hole = anywhere.clone()
+    hole[1, k // 2] = -1
+    work = RK.Candidates(3, W, device, dtype)
+    for last in (torch.full((3, k), -1), near, anywhere, hole):
+        vals, idx = RK.warm_topk(x.to(device), k, last.to(device), work, BLOCK=block, SELECT=select)
+        vals, idx = vals.cpu(), idx.cpu()
+        assert torch.equal(vals.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values)
+        assert torch.equal(x.gather(1, idx), vals) and all(len(set(r.tolist())) == k for r in idx)
+        assert not work.count.any()                    # ready for the next step
+
+
 def test_wrappers_refuse_bad_inputs():
     keys, values = quant_layer_pair(2, 64, 100, 2, "cpu", torch.float32)
     ws = K.Workspace(4, 2, 64, "cpu")
@@ -248,7 +273,8 @@ def pin_to(ref: SparseLayer, choice: Choice):
 @pytest.mark.parametrize("select,prompt,steps", [(s, p, 70) for s in ("sketch", "channels") for p in (5, 40, 300)]
                          + [("sketch", 2, 12)]  # decoding while the sinks still fill
                          + [("sketch-heads", 300, 10), ("shortlist", 40, 70), ("shortlist", 300, 30)]
-                         + [("sketch-int8", 40, 70), ("sketch-int8:0", 300, 20), ("sketch-heads-int8", 300, 20)])
+                         + [("sketch-int8", 40, 70), ("sketch-int8:0", 300, 20), ("sketch-int8:1", 300, 20),
+                            ("sketch-heads-int8", 300, 20)])
 def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     """Prompts shorter than the sinks, than the budget, longer; the shortlist fetched one layer early (from an
     input the layer before would have seen) at odd steps, at the step itself at even ones; the int8 sketch

@@ -582,6 +582,8 @@ def test_bad_settings_are_refused():
         CacheConfig("sparse", select_options={"shortlist": 2})
     with pytest.raises(ConfigError, match="shortlist must be an integer >= 1"):
         KVCache(tiny_model(4, 4, 64), 10, CacheConfig("sparse", select="shortlist", select_options={"shortlist": 0}))
+    with pytest.raises(ConfigError, match=r"reuse is 0 \(gather every row each step\), 1 .* or 2"):
+        KVCache(tiny_model(4, 4, 64), 10, CacheConfig("sparse", select="sketch-int8", select_options={"reuse": 3}))
 
 
 def test_the_core_registers_the_method_and_research_the_rest():
