@@ -121,9 +121,9 @@ def main():
         f"({n_kv}, {L}) fp16 (what a bf16 model uses)")
     add("kernels.topk k=128 fp16", bench(lambda: K.topk(half, 128), args.reps), 3 * nbytes(half), "hbm",
         "radix select: 2 histogram passes + collect")
-    order = half.topk(16 * 128, dim=-1).indices                   # positions by rank, best first
+    order = half.topk(64 * 128, dim=-1).indices                   # positions by rank, best first
     work = RK.Candidates(n_kv, L, dev, half.dtype)
-    for ratio in (1.5, 4, 16):  # the last choice: the top 127 and the position ranked ratio * 128 (what it keeps)
+    for ratio in (1.5, 4, 16, 64):  # the last choice: the top 127 and the position ranked ratio * 128 (what it keeps)
         last = torch.cat([order[:, :127], order[:, int(ratio * 128) - 1:int(ratio * 128)]], 1).contiguous()
         add(f"warm_topk k=128 fp16, keeps {ratio:g} k (research)", bench(lambda: RK.warm_topk(half, 128, last, work),
                                                                           args.reps), nbytes(half), "hbm",
