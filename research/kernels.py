@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from kernels import (INTERPRET, SKETCH_NB, HeadScratch, Workspace, _check, _check_heads, _check_q, _check_rows,
-                     _combine, _copy_rows, _load_queries, _precision, _radix_key, _radix_prefix, _rank_heads, _ring_update, _round_half_even,
-                     _sketch_args, _softmax_update, _store_partial, pow2, split_plan)
+                     _combine, _copy_rows, _load_queries, _precision, _radix_key, _radix_prefix, _rank_heads,
+                     _ring_update, _round_half_even, _sketch_args, _softmax_update, _store_partial, pow2, split_plan)
 
 
 @triton.jit
@@ -424,21 +424,21 @@ def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.
     tl.store(count + h, 0)
 
 
-def warm_topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, out=None, BLOCK: int = 4096,
-              SELECT: int = 1024, num_warps: int = 8):
+def warm_topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, BLOCK: int = 4096, SELECT: int = 1024,
+              num_warps: int = 8):
     """kernels.topk(x, k) started from the positions chosen last (last: (rows, k) int64, -1: none). The k
     new scores at the last choice are k scores at or above their lowest, so the k largest are all at or above
     it: one pass keeps those scores (the last choice, plus what overtook it), and one program per row selects
     the k largest among them. Exact for any `last` of distinct positions: a poor one only keeps more (all,
-    where last holds a -1), and the select then reads more. Reference: torch.topk(sorted=False)."""
+    where last holds a -1), and the select then reads more. -> (values, indices), each (rows, k), in no
+    particular order. Reference: torch.topk(sorted=False)."""
     rows, W = x.shape
     _check(x.dtype in (torch.float16, torch.float32) and x.is_contiguous(), "x: fp16 or fp32 rows, contiguous")
     _check(0 < k <= W and last.shape == (rows, k) and last.dtype == torch.long and last.is_contiguous(),
            f"k in 1..{W}; last: contiguous int64 ({rows}, {k})")
     _check(work.vals.shape == (rows, W) and work.vals.dtype == x.dtype, f"work: Candidates({rows}, {W}, {x.dtype})")
-    if out is None:
-        out = torch.empty(rows, k, dtype=x.dtype, device=x.device), torch.empty(rows, k, dtype=torch.long, device=x.device)
-    vals, idx = out
+    vals = torch.empty(rows, k, dtype=x.dtype, device=x.device)
+    idx = torch.empty(rows, k, dtype=torch.long, device=x.device)
     bits = 8 * x.element_size()
     _warm_keep_kernel[(rows, triton.cdiv(W, BLOCK))](x, W, W, last, k, work.vals, work.idx, work.count,
                                                       BK=max(16, triton.next_power_of_2(k)), BLOCK=BLOCK)

@@ -77,10 +77,10 @@ def layer_rows(watches: list[Watch], k: int) -> list[dict]:
     """Per layer, over the steps of every watched decode: kept, kept of 4 (means), cand / k (every step's)."""
     rows = []
     for index in sorted(watches[0].chosen):
-        runs = [w.chosen[index] for w in watches]
+        steps = [(s[t], s[:t]) for w in watches for s in (w.chosen[index],) for t in range(1, len(s))]
         rows.append({"layer": index,
-                     "kept": statistics.mean(overlap(s[t], s[t - 1:t]) for s in runs for t in range(1, len(s))),
-                     "kept4": statistics.mean(overlap(s[t], s[max(0, t - 4):t]) for s in runs for t in range(1, len(s))),
+                     "kept": statistics.mean(overlap(now, before[-1:]) for now, before in steps),
+                     "kept4": statistics.mean(overlap(now, before[-4:]) for now, before in steps),
                      "cand": [c.float().mean().item() / k for w in watches for c in w.kept[index]]})
     return rows
 
@@ -100,7 +100,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir, .gguf or hub repo id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--docs", nargs="+", default=["prose", "code", "table"], help=" ".join(DOCUMENTS))
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096])
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 7680])
     p.add_argument("--selectors", nargs="+", default=["sketch", "sketch-heads"])
     p.add_argument("--steps", type=int, default=64, help="decode steps per document")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "warm_start_cpu"), help="prefix of the .md")
