@@ -273,7 +273,7 @@ def pin_to(ref: SparseLayer, choice: Choice):
 @pytest.mark.parametrize("select,prompt,steps", [(s, p, 70) for s in ("sketch", "channels") for p in (5, 40, 300)]
                          + [("sketch", 2, 12)]  # decoding while the sinks still fill
                          + [("sketch-heads", 300, 10), ("shortlist", 40, 70), ("shortlist", 300, 30)]
-                         + [("sketch-int8", 40, 70), ("sketch-int8:0", 300, 20), ("sketch-int8:1", 300, 20),
+                         + [("sketch-int8", 40, 45), ("sketch-int8:0", 300, 20), ("sketch-int8:1", 300, 20),
                             ("sketch-heads-int8", 300, 20)])
 def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     """Prompts shorter than the sinks, than the budget, longer; the shortlist fetched one layer early (from an
@@ -441,7 +441,7 @@ def tiny_model(device, dtype=torch.float32):
 def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
     from generate import Decoder
     model = tiny_model(device)
-    prompt = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1)).to(device)
+    prompt = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(1)).to(device)
     caches = [KVCache(model, 230, cfg, device=device, kernels=kern) for kern in (False, True)]
     decoders = [Decoder(model, c, cuda_graph=False) for c in caches]
     # Both paths compute in fp32 (the kernels' dots in IEEE precision, not TF32) and differ only in the order
@@ -452,7 +452,7 @@ def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
     # wrong scale, index or mask moves them by 1e-2 and more.
     with torch.inference_mode():
         logits = [model.prefill(prompt, c, chunk_size=64)[0] for c in caches]
-        for pos in range(150, 220):
+        for pos in range(120, 160):  # the quantized stores and the sketch take a group at 128 tokens
             err = (logits[0] - logits[1]).abs().max().item()
             assert err <= 2e-4 * logits[0].abs().max().item(), (pos, err)
             tok = int(logits[0].argmax())
