@@ -352,40 +352,58 @@ def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2,
 
 
 class Candidates:
-    """warm_topk's working memory for rows of width W: the scores kept (vals, their positions idx), how many
-    per row (count; zero between calls), and the radix histograms of the select."""
+    """warm_topk's working memory for rows of width W: the scores kept (vals, their positions idx: those that
+    reach the guess from the front, those that reach only the floor from the back), how many of each per row
+    (count (rows, 2); zero between calls), each row's floor and guess (bounds), and the select's histograms."""
 
     def __init__(self, rows, W, device, dtype):
         self.vals = torch.empty(rows, W, dtype=dtype, device=device)
         self.idx = torch.empty(rows, W, dtype=torch.int32, device=device)
-        self.count = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.count = torch.zeros(rows, 2, dtype=torch.int32, device=device)
+        self.bounds = torch.empty(rows, 2, dtype=torch.float32, device=device)
         self.hist = torch.empty(rows * 4 * 256, dtype=torch.int32, device=device)
 
 
 @triton.jit
-def _warm_keep_kernel(x, x_h, W, last, K, c_vals, c_idx, count, BK: tl.constexpr, BLOCK: tl.constexpr):
-    """Row h's scores at or above its lowest score at the positions last chosen (last; -1 there: none, so
-    every score), appended to the row's candidates in no particular order."""
-    h, b = tl.program_id(0), tl.program_id(1)
+def _warm_bounds_kernel(x, x_h, last, K, guess_at, bounds, BK: tl.constexpr):
+    """Row h's scores at the positions last chosen, ranked: the lowest (the floor) and the guess_at-th lowest
+    (the guess) into bounds[h]. A -1 in last (none) counts as -inf."""
+    h = tl.program_id(0)
     j = tl.arange(0, BK)
     p = tl.load(last + h * K + j, mask=j < K, other=0)
-    floor = tl.min(tl.where(j < K, tl.load(x + h * x_h + p, mask=(j < K) & (p >= 0), other=float("-inf")),
-                            float("inf")).to(tl.float32), 0)
+    ranked = tl.sort(tl.where(j < K, tl.load(x + h * x_h + p, mask=(j < K) & (p >= 0), other=float("-inf")),
+                              float("inf")).to(tl.float32))
+    tl.store(bounds + 2 * h, tl.min(ranked, 0))
+    tl.store(bounds + 2 * h + 1, tl.sum(tl.where(j == guess_at, ranked, 0.0), 0))
+
+
+@triton.jit
+def _warm_keep_kernel(x, x_h, W, bounds, c_vals, c_idx, count, BLOCK: tl.constexpr):
+    """Row h's scores at or above its guess, appended to the front of the row's candidates, and those between
+    its floor and the guess to the back, in no particular order."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    floor, guess = tl.load(bounds + 2 * h), tl.load(bounds + 2 * h + 1)
     i = b * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(x + h * x_h + i, mask=i < W, other=float("-inf"))
-    keep = (i < W) & (s.to(tl.float32) >= floor)
-    at = tl.atomic_add(count + h, tl.sum(keep.to(tl.int32), 0)) + tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(c_vals + h * W + at, s, mask=keep)
-    tl.store(c_idx + h * W + at, i, mask=keep)
+    front = (i < W) & (s.to(tl.float32) >= guess)
+    back = (i < W) & (s.to(tl.float32) >= floor) & ~front
+    at = tl.atomic_add(count + 2 * h, tl.sum(front.to(tl.int32), 0)) + tl.cumsum(front.to(tl.int32), 0) - 1
+    tl.store(c_vals + h * W + at, s, mask=front)
+    tl.store(c_idx + h * W + at, i, mask=front)
+    at = W - tl.atomic_add(count + 2 * h + 1, tl.sum(back.to(tl.int32), 0)) - tl.cumsum(back.to(tl.int32), 0)
+    tl.store(c_vals + h * W + at, s, mask=back)
+    tl.store(c_idx + h * W + at, i, mask=back)
 
 
 @triton.jit
 def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.constexpr, BITS: tl.constexpr,
                         BLOCK: tl.constexpr):
     """The K largest of row h's candidates into vals/idx (h, K), in no particular order: kernels.topk's radix
-    select in one program (the histograms through memory, read back by _radix_prefix), then count[h] = 0."""
+    select in one program (the histograms through memory, read back by _radix_prefix) over the front's
+    candidates if they are K or more, else over both; then the counts to zero."""
     h = tl.program_id(0)
-    n = tl.load(count + h)
+    front, back = tl.load(count + 2 * h), tl.load(count + 2 * h + 1)
+    n = tl.where(front >= K, front, front + back)  # the guess held k or more: they hold the top k
     bins = tl.arange(0, 512)
     for level in tl.static_range(LEVELS):
         shift = BITS - 8 * (level + 1)
@@ -395,7 +413,8 @@ def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.
         acc = tl.zeros((512,), tl.int32)
         for b in range(0, n, BLOCK):
             i = b + tl.arange(0, BLOCK)
-            key = _radix_key(tl.load(c_vals + h * W + i, mask=i < n, other=float("-inf")), BITS)
+            at = tl.where(i < front, i, W - 1 - (i - front))     # the front's candidates, then the back's
+            key = _radix_key(tl.load(c_vals + h * W + at, mask=i < n, other=float("-inf")), BITS)
             match = i < n
             if level > 0:
                 match = match & ((key >> (shift + 8)) == prefix)
@@ -408,8 +427,9 @@ def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.
     equal_n = tl.sum(tl.zeros((1,), tl.int32), 0)
     for b in range(0, n, BLOCK):
         i = b + tl.arange(0, BLOCK)
-        s = tl.load(c_vals + h * W + i, mask=i < n, other=float("-inf"))
-        at = tl.load(c_idx + h * W + i, mask=i < n, other=0).to(tl.int64)
+        at = tl.where(i < front, i, W - 1 - (i - front))
+        s = tl.load(c_vals + h * W + at, mask=i < n, other=float("-inf"))
+        at = tl.load(c_idx + h * W + at, mask=i < n, other=0).to(tl.int64)
         key = _radix_key(s, BITS)
         above, equal = (i < n) & (key > kth), (i < n) & (key == kth)
         slot = above_n + tl.cumsum(above.to(tl.int32), 0) - 1
@@ -421,27 +441,31 @@ def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.
         tl.store(idx + h * K + K - need + rank, at, mask=keep)
         above_n += tl.sum(above.to(tl.int32), 0)
         equal_n += tl.sum(equal.to(tl.int32), 0)
-    tl.store(count + h, 0)
+    tl.store(count + 2 * h + tl.arange(0, 2), tl.zeros((2,), tl.int32))
 
 
-def warm_topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, BLOCK: int = 4096, SELECT: int = 1024,
-              num_warps: int = 8):
+def warm_topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: float = 0.25, BLOCK: int = 4096,
+              SELECT: int = 1024, num_warps: int = 8):
     """kernels.topk(x, k) started from the positions chosen last (last: (rows, k) int64, -1: none). The k
-    new scores at the last choice are k scores at or above their lowest, so the k largest are all at or above
-    it: one pass keeps those scores (the last choice, plus what overtook it), and one program per row selects
-    the k largest among them. Exact for any `last` of distinct positions: a poor one only keeps more (all,
-    where last holds a -1), and the select then reads more. -> (values, indices), each (rows, k), in no
-    particular order. Reference: torch.topk(sorted=False)."""
+    new scores at the last choice are k scores at or above their lowest (the floor), so the k largest are all
+    at or above it. One pass keeps the scores that reach the floor; but one position that fell far drags the
+    floor down (keeping 7-14 k on a real model), so it keeps those that reach a guess apart: the `guess`
+    quantile of the last choice's new scores. Where k or more reach the guess, the k largest are among them
+    and one program per row selects from those alone; else from all it kept. Exact for any `last` of
+    distinct positions: a poor one only keeps more (all, where last holds a -1). -> (values, indices), each
+    (rows, k), in no particular order. Reference: torch.topk(sorted=False)."""
     rows, W = x.shape
     _check(x.dtype in (torch.float16, torch.float32) and x.is_contiguous(), "x: fp16 or fp32 rows, contiguous")
     _check(0 < k <= W and last.shape == (rows, k) and last.dtype == torch.long and last.is_contiguous(),
            f"k in 1..{W}; last: contiguous int64 ({rows}, {k})")
     _check(work.vals.shape == (rows, W) and work.vals.dtype == x.dtype, f"work: Candidates({rows}, {W}, {x.dtype})")
+    _check(0 <= guess < 1, f"guess is a quantile in [0, 1), got {guess}")
     vals = torch.empty(rows, k, dtype=x.dtype, device=x.device)
     idx = torch.empty(rows, k, dtype=torch.long, device=x.device)
     bits = 8 * x.element_size()
-    _warm_keep_kernel[(rows, triton.cdiv(W, BLOCK))](x, W, W, last, k, work.vals, work.idx, work.count,
-                                                      BK=max(16, triton.next_power_of_2(k)), BLOCK=BLOCK)
+    _warm_bounds_kernel[(rows,)](x, W, last, k, int(guess * k), work.bounds, BK=max(16, triton.next_power_of_2(k)))
+    _warm_keep_kernel[(rows, triton.cdiv(W, BLOCK))](x, W, W, work.bounds, work.vals, work.idx, work.count,
+                                                      BLOCK=BLOCK)
     _warm_select_kernel[(rows,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, LEVELS=bits // 8,
                                  BITS=bits, BLOCK=SELECT, num_warps=num_warps)
     return vals, idx

@@ -31,6 +31,9 @@ from results import publish  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
+GUESSES = (0.1, 0.25, 0.5)  # quantiles of the last choice's new scores tried as a higher floor
+
+
 class Watch:
     """Per offloaded layer and step: the top-k its selector's scores give, and how many positions warm_topk
     would keep from them given the step before's top-k."""
@@ -49,8 +52,13 @@ class Watch:
             top = s.topk(layer.topk, dim=-1).indices + lo
             steps = self.chosen.setdefault(index, [])
             if steps:
-                floor = s.gather(1, steps[-1] - lo).amin(1, keepdim=True)  # the last choice, rescored
-                self.kept.setdefault(index, []).append((s >= floor).sum(1))
+                last = s.gather(1, steps[-1] - lo).sort(1).values          # the last choice, rescored
+                every = (s >= last[:, :1]).sum(1)                           # at or above its lowest
+                reads = [every]
+                for q in GUESSES:  # a guess at a higher floor, kept apart: read alone where it holds k or more
+                    above = (s >= last[:, int(q * last.shape[1]):][:, :1]).sum(1)
+                    reads.append(torch.where(above >= layer.topk, above, every))
+                self.kept.setdefault(index, []).append(torch.stack(reads))
             steps.append(top)
             return s
         layer.selector.scores = scores
@@ -81,18 +89,19 @@ def layer_rows(watches: list[Watch], k: int) -> list[dict]:
         rows.append({"layer": index,
                      "kept": statistics.mean(overlap(now, before[-1:]) for now, before in steps),
                      "kept4": statistics.mean(overlap(now, before[-4:]) for now, before in steps),
-                     "cand": [c.float().mean().item() / k for w in watches for c in w.kept[index]]})
+                     "cand": torch.stack([c.float().mean(1) / k for w in watches for c in w.kept[index]])})
     return rows
 
 
 def table(name: str, rows: list[dict]) -> list[str]:
-    cand = [c for r in rows for c in r["cand"]]
-    out = [f"| {name} | layer | kept | kept of 4 | cand / k mean | cand / k max |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| | {r['layer']} | {r['kept']:.2f} | {r['kept4']:.2f} | {statistics.mean(r['cand']):.2f} | "
-                   f"{max(r['cand']):.2f} |")
-    out.append(f"| | all | {statistics.mean(r['kept'] for r in rows):.2f} | "
-               f"{statistics.mean(r['kept4'] for r in rows):.2f} | {statistics.mean(cand):.2f} | {max(cand):.2f} |")
+    """cand: (steps, 1 + len(GUESSES)) per layer: what the lowest floor keeps, then what is read with each guess."""
+    out = [f"| {name} | layer | kept | kept of 4 | cand / k mean | cand / k max | "
+           + " | ".join(f"read / k, guess {q:g}" for q in GUESSES) + " |", "|---|" + "---|" * (5 + len(GUESSES))]
+    for r in rows + [{"layer": "all", "kept": statistics.mean(r["kept"] for r in rows),
+                      "kept4": statistics.mean(r["kept4"] for r in rows), "cand": torch.cat([r["cand"] for r in rows])}]:
+        c = r["cand"]
+        out.append(f"| | {r['layer']} | {r['kept']:.2f} | {r['kept4']:.2f} | {c[:, 0].mean():.2f} | {c[:, 0].max():.2f} | "
+                   + " | ".join(f"{c[:, 1 + i].mean():.2f}" for i in range(len(GUESSES))) + " |")
     return out
 
 

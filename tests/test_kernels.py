@@ -203,11 +203,13 @@ def test_radix_topk_takes_what_torch_topk_takes(device, dtype, W, k, block):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("W,k,block,select", [(300, 5, 128, 64), (1100, 128, 256, 256), (513, 513, 128, 128)])
+@pytest.mark.parametrize("W,k,block,select", [(300, 5, 128, 64), (1100, 128, 256, 256), (255, 255, 128, 64)])
 def test_warm_topk_takes_what_torch_topk_takes_from_any_last_choice(device, dtype, W, k, block, select):
     """research.kernels.warm_topk, its candidates kept in passes of `block` and selected `select` at a time,
     from last choices of every kind, one working memory for all: none (-1), the top-k of slightly different
-    scores (most of it still in), random positions, one -1 among them. The rows of the radix test."""
+    scores (most of it still in), random positions, one -1 among them, the top-k itself (then fewer than k
+    reach the guess: the select reads the candidates below it too), and a guess at the floor. The rows of the
+    radix test."""
     x = rand(3, W, seed=W + k).to(dtype)
     x[0, :W // 2] = float("-inf")
     x[1, ::7] = x[1, 3]
@@ -218,8 +220,10 @@ def test_warm_topk_takes_what_torch_topk_takes_from_any_last_choice(device, dtyp
     hole = anywhere.clone()
     hole[1, k // 2] = -1
     work = RK.Candidates(3, W, device, dtype)
-    for last in (torch.full((3, k), -1), near, anywhere, hole):
-        vals, idx = RK.warm_topk(x.to(device), k, last.to(device), work, BLOCK=block, SELECT=select)
+    same = x.float().topk(k, -1).indices
+    for last, guess in ((torch.full((3, k), -1), 0.25), (near, 0.25), (anywhere, 0.25), (hole, 0.25), (same, 0.25),
+                        (near, 0.0)):
+        vals, idx = RK.warm_topk(x.to(device), k, last.to(device), work, guess, BLOCK=block, SELECT=select)
         vals, idx = vals.cpu(), idx.cpu()
         assert torch.equal(vals.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values)
         assert torch.equal(x.gather(1, idx), vals) and all(len(set(r.tolist())) == k for r in idx)
