@@ -282,7 +282,8 @@ def pin_to(ref: SparseLayer, choice: Choice):
 def test_sparse_step_equals_the_reference_decode(device, select, prompt, steps):
     """Prompts shorter than the sinks, than the budget, longer; the shortlist fetched one layer early (from an
     input the layer before would have seen) at odd steps, at the step itself at even ones; the int8 sketch
-    with its rows kept across steps (`:0`: gathered whole), one step in the middle on the PyTorch path."""
+    with its rows kept across steps and its top-k started from the last choice (`:1`: rows only, `:0`: neither),
+    one step in the middle on the PyTorch path."""
     from test_kvcache import identity_prediction
     H, n_kv, hd = 6, 2, 64
     select, _, reuse = select.partition(":")
