@@ -6,8 +6,8 @@
   int8_sketch_scores  kernels.sketch_scores with the query in int8 per group, four codes per dp4a
   retrieve          kernels.gather_rows across steps: a sparse layer's rows keep what was chosen again,
                     only the rest crosses PCIe (Slots)
-  warm_topk         kernels.topk started from the last step's choice: one pass keeps the scores at or above
-                    the lowest of the last choice's new scores, one program per head selects among those
+  warm_topk         kernels.topk started from the last step's choice: one pass keeps the scores that reach
+                    bounds read from the last choice's new scores, one program per head selects among those
 """
 import torch
 import triton
