@@ -11,13 +11,19 @@
                 the group's mean query or each query head (then the largest log-softmax)
   channel_scores q . K on C channels of every offloaded key, read from a channel-major copy in pinned host
                 memory (channel_append writes each step's key into it)
-  topk          the k largest scores of each row (a radix select), for the selection
-  gather_rows   the retrieved K and V rows, read straight from pinned host memory (zero-copy)
+  topk          the k largest scores of each row, started from the positions chosen the step before
+                (what reaches their new scores, then a radix select)
+  retrieve      the chosen K and V rows into a sparse layer's device rows: only the positions its rows
+                do not hold already, read straight from pinned host memory (zero-copy)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
 
 Lengths are read from a device tensor `pos` (the new token's position), never passed as Python
 ints, so a whole decode step can be captured once in a CUDA graph and replayed. Every wrapper
 checks its inputs. On CPU the kernels run under TRITON_INTERPRET=1 (exact, slow): the tests do.
+
+Public helpers for other kernels (research/kernels.py builds on them): check, check_q, precision, pow2;
+the split attention's softmax_update, load_queries, ring_update, store_partial, combine, split_plan and
+Workspace. Names with an underscore are private to this file.
 """
 import os
 
@@ -37,12 +43,12 @@ def pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _check(cond, msg):
+def check(cond, msg):
     if not cond:
         raise ValueError(msg)
 
 
-def _precision(dtype):  # fp32 dot products stay fp32 (no TF32) so the fp32 path matches its reference
+def precision(dtype):  # fp32 dot products stay fp32 (no TF32) so the fp32 path matches its reference
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -121,7 +127,7 @@ def _quantize_kernel(src, s_h, s_t,                 # bulk: rows (n_kv, n, HD); 
 
 
 def _check_store(store):
-    _check(pow2(store.g) and pow2(store.res.shape[-1]),
+    check(pow2(store.g) and pow2(store.res.shape[-1]),
            f"the kernels need a power-of-two --group and head_dim, got {store.g} and {store.res.shape[-1]}")
 
 
@@ -130,7 +136,7 @@ def quantize(store, x: torch.Tensor, first_group: int):
     as groups first_group, first_group + 1, ... Reference: QuantStore._quantize_into."""
     _check_store(store)
     n_kv, n, hd = x.shape
-    _check(n % store.g == 0 and x.stride(-1) == 1, "quantize takes whole groups of rows with contiguous channels")
+    check(n % store.g == 0 and x.stride(-1) == 1, "quantize takes whole groups of rows with contiguous channels")
     if n == 0:
         return
     _launch_quantize(store, x, (n_kv, n // store.g), first_group, pos=store.codes.new_zeros(()), step=False)
@@ -140,7 +146,7 @@ def quantize_step(store, x: torch.Tensor, pos: torch.Tensor):
     """Decode step: the new token's row x (n_kv, hd) at device position pos goes into the residual ring;
     when the ring is full its oldest group is quantized. Reference: QuantStore.append of one token."""
     _check_store(store)
-    _check(x.is_contiguous() and x.shape == (store.res.shape[0], store.res.shape[2]), "quantize_step takes (n_kv, hd)")
+    check(x.is_contiguous() and x.shape == (store.res.shape[0], store.res.shape[2]), "quantize_step takes (n_kv, hd)")
     _launch_quantize(store, x, (x.shape[0], 1), 0, pos=pos, step=True)
 
 
@@ -162,7 +168,7 @@ def _scale_strides(store):
 # ------------------------------------------------------------------------------- attention
 
 @triton.jit
-def _softmax_update(q, kT, v, valid, m, l, acc, sm_scale, PREC: tl.constexpr):
+def softmax_update(q, kT, v, valid, m, l, acc, sm_scale, PREC: tl.constexpr):
     """One block of the online softmax: q (BG, HD), kT (HD, N), v (N, HD), valid (N,)."""
     s = tl.dot(q, kT.to(q.dtype), input_precision=PREC) * sm_scale
     s = tl.where(valid[None, :], s, float("-inf"))
@@ -176,7 +182,7 @@ def _softmax_update(q, kT, v, valid, m, l, acc, sm_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _store_partial(ws_m, ws_l, ws_acc, h0, split, n_splits, m, l, acc, G, BG: tl.constexpr, HD: tl.constexpr):
+def store_partial(ws_m, ws_l, ws_acc, h0, split, n_splits, m, l, acc, G, BG: tl.constexpr, HD: tl.constexpr):
     g = tl.arange(0, BG)
     rows = h0 + g
     tl.store(ws_m + rows * n_splits + split, m, mask=g < G)
@@ -185,13 +191,13 @@ def _store_partial(ws_m, ws_l, ws_acc, h0, split, n_splits, m, l, acc, G, BG: tl
 
 
 @triton.jit
-def _load_queries(q, h, G, BG: tl.constexpr, HD: tl.constexpr):
+def load_queries(q, h, G, BG: tl.constexpr, HD: tl.constexpr):
     g = tl.arange(0, BG)
     return tl.load(q + (h * G + g)[:, None] * HD + tl.arange(0, HD)[None, :], mask=(g < G)[:, None], other=0.0)
 
 
 @triton.jit
-def _ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R: tl.constexpr, GROUP: tl.constexpr,
+def ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R: tl.constexpr, GROUP: tl.constexpr,
                  HD: tl.constexpr, PREC: tl.constexpr):
     """The online softmax over a quantized layer's residual ring: positions [n_q, L), position t in slot t % R."""
     c = tl.arange(0, HD)
@@ -202,7 +208,7 @@ def _ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R: tl.con
         slot = t % R
         kT = tl.load(rk + h * r_h + slot[None, :] * r_t + c[:, None], mask=valid[None, :], other=0.0)
         vb = tl.load(rv + h * r_h + slot[:, None] * r_t + c[None, :], mask=valid[:, None], other=0.0)
-        m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+        m, l, acc = softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
         r0 += GROUP
     return m, l, acc
 
@@ -213,7 +219,7 @@ def _dense_split_kernel(q, k, v, k_h, k_t, ws_m, ws_l, ws_acc, pos_ptr, sm_scale
                         PREC: tl.constexpr):
     h, split = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
-    qb = _load_queries(q, h, G, BG, HD)
+    qb = load_queries(q, h, G, BG, HD)
     m = tl.full((BG,), float("-inf"), tl.float32)
     l = tl.zeros((BG,), tl.float32)
     acc = tl.zeros((BG, HD), tl.float32)
@@ -225,9 +231,9 @@ def _dense_split_kernel(q, k, v, k_h, k_t, ws_m, ws_l, ws_acc, pos_ptr, sm_scale
         valid = t < end
         kT = tl.load(k + h * k_h + t[None, :] * k_t + c[:, None], mask=valid[None, :], other=0.0)
         vb = tl.load(v + h * k_h + t[:, None] * k_t + c[None, :], mask=valid[:, None], other=0.0)
-        m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+        m, l, acc = softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
         t0 += BN
-    _store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
+    store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
 
 
 @triton.jit
@@ -240,7 +246,7 @@ def _quant_split_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t,      
     h, split = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
     n_q = tl.maximum(L - R + GROUP, 0) // GROUP * GROUP  # quantized tokens (QuantStore.quantized); [n_q, L) in the ring
-    qb = _load_queries(q, h, G, BG, HD)
+    qb = load_queries(q, h, G, BG, HD)
     m = tl.full((BG,), float("-inf"), tl.float32)
     l = tl.zeros((BG,), tl.float32)
     acc = tl.zeros((BG, HD), tl.float32)
@@ -249,7 +255,7 @@ def _quant_split_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t,      
     W: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     if split == n_splits - 1:  # the residual ring, full precision
-        m, l, acc = _ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R, GROUP, HD, PREC)
+        m, l, acc = ring_update(qb, rk, rv, h, r_h, r_t, n_q, L, m, l, acc, sm_scale, R, GROUP, HD, PREC)
     else:
         end = tl.minimum(n_q, (split + 1) * SPLIT)
         t0 = split * SPLIT
@@ -264,9 +270,9 @@ def _quant_split_kernel(q, kc, kc_h, kc_c, kc_t, ks, km, ks_h, ks_c, ks_t,      
             code = (words >> ((c % W) * BITS)[None, :]) & MASK
             sidx = h * vs_h + t[:, None] * vs_t + (c // GROUP)[None, :] * vs_c
             vb = code.to(tl.float32) * tl.load(vs + sidx).to(tl.float32) + tl.load(vm + sidx).to(tl.float32)
-            m, l, acc = _softmax_update(qb, kT, vb, t < end, m, l, acc, sm_scale, PREC)
+            m, l, acc = softmax_update(qb, kT, vb, t < end, m, l, acc, sm_scale, PREC)
             t0 += GROUP
-    _store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
+    store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
 
 
 @triton.jit
@@ -299,13 +305,13 @@ class Workspace:
         self.acc = torch.empty(n_heads, n_splits, hd, device=device)
 
 
-def _check_q(q, n_kv, hd):
-    _check(q.dim() == 2 and q.is_contiguous() and q.shape[1] == hd and q.shape[0] % n_kv == 0,
+def check_q(q, n_kv, hd):
+    check(q.dim() == 2 and q.is_contiguous() and q.shape[1] == hd and q.shape[0] % n_kv == 0,
            f"q must be contiguous (H, {hd}) with H a multiple of {n_kv} KV heads, got {tuple(q.shape)}")
-    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
 
 
-def _combine(q, ws, n_splits):
+def combine(q, ws, n_splits):
     out = torch.empty_like(q)
     _combine_kernel[(q.shape[0],)](out, ws.m, ws.l, ws.acc, n_splits, BS=triton.next_power_of_2(n_splits),
                                    HD=q.shape[1])
@@ -316,36 +322,36 @@ def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.T
     """q (H, hd) of the token at device position pos over k, v (n_kv, >= pos + 1, hd) rows 0..pos.
     Reference: model.attention over the first pos + 1 rows."""
     n_kv, S, hd = k.shape
-    _check_q(q, n_kv, hd)
-    _check(k.stride() == v.stride() and k.stride(-1) == 1, "k and v must share a layout with contiguous channels")
+    check_q(q, n_kv, hd)
+    check(k.stride() == v.stride() and k.stride(-1) == 1, "k and v must share a layout with contiguous channels")
     G, n_splits = q.shape[0] // n_kv, ws.m.shape[1]
-    _check(n_splits * split >= S, f"{n_splits} splits of {split} do not cover {S} rows")
+    check(n_splits * split >= S, f"{n_splits} splits of {split} do not cover {S} rows")
     _dense_split_kernel[(n_kv, n_splits)](q, k, v, k.stride(0), k.stride(1), ws.m, ws.l, ws.acc, pos, hd ** -0.5,
                                           G, n_splits, SPLIT=split, BN=64, BG=max(16, triton.next_power_of_2(G)),
-                                          HD=hd, PREC=_precision(q.dtype))
-    return _combine(q, ws, n_splits)
+                                          HD=hd, PREC=precision(q.dtype))
+    return combine(q, ws, n_splits)
 
 
 def quant_attend(q: torch.Tensor, keys, values, pos: torch.Tensor, ws: Workspace, split: int):
     """q (H, hd) over a quantized layer (quant.QuantStore keys per channel, values per token) holding
     positions 0..pos. Reference: model.attention over keys.dequantize(), values.dequantize()."""
     n_kv, R, hd = keys.res.shape
-    _check_q(q, n_kv, hd)
+    check_q(q, n_kv, hd)
     _check_store(keys)
-    _check(keys.per_channel and not values.per_channel and keys.bits == values.bits and keys.g == values.g
+    check(keys.per_channel and not values.per_channel and keys.bits == values.bits and keys.g == values.g
            and keys.R == values.R, "quant_attend takes per-channel keys and per-token values of one layout")
-    _check(split % keys.g == 0, "splits must hold whole groups")
+    check(split % keys.g == 0, "splits must hold whole groups")
     G, n_splits = q.shape[0] // n_kv, ws.m.shape[1]
     cap = keys.codes.shape[2] * (32 // keys.bits)
-    _check((n_splits - 1) * split >= cap, f"{n_splits - 1} splits of {split} (and one for the residual) do not cover "
+    check((n_splits - 1) * split >= cap, f"{n_splits - 1} splits of {split} (and one for the residual) do not cover "
                                           f"{cap} tokens")
     _quant_split_kernel[(n_kv, n_splits)](
         q, keys.codes, *keys.codes.stride(), keys.scale, keys.mn, *keys.scale.stride(),
         values.codes, *values.codes.stride(), values.scale, values.mn, *values.scale.stride(),
         keys.res, values.res, keys.res.stride(0), keys.res.stride(1), ws.m, ws.l, ws.acc, pos, hd ** -0.5, G, n_splits,
         BITS=keys.bits, GROUP=keys.g, R=keys.R, SPLIT=split, BG=max(16, triton.next_power_of_2(G)), HD=hd,
-        PREC=_precision(q.dtype))
-    return _combine(q, ws, n_splits)
+        PREC=precision(q.dtype))
+    return combine(q, ws, n_splits)
 
 
 # ------------------------------------------------------------------------------- sparse layers
@@ -359,7 +365,7 @@ def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scal
     TOPK is a plain argument: layers with different budgets share one compiled kernel."""
     h = tl.program_id(0)
     L = tl.load(pos_ptr) + 1
-    qb = _load_queries(q, h, G, BG, HD)
+    qb = load_queries(q, h, G, BG, HD)
     m = tl.full((BG,), float("-inf"), tl.float32)
     l = tl.zeros((BG,), tl.float32)
     acc = tl.zeros((BG, HD), tl.float32)
@@ -373,7 +379,7 @@ def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scal
         valid = tl.where(t < SINK, t < L, tl.where(t < SINK + TOPK, score > float("-inf"), (t < S) & (newest >= SINK)))
         kT = tl.load(k + h * k_h + t[None, :] * k_t + c[:, None], mask=valid[None, :], other=0.0)
         vb = tl.load(v + h * k_h + t[:, None] * k_t + c[None, :], mask=valid[:, None], other=0.0)
-        m, l, acc = _softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
+        m, l, acc = softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
     g = tl.arange(0, BG)
     tl.store(out + (h * G + g)[:, None] * HD + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty),
              mask=(g < G)[:, None])
@@ -383,119 +389,109 @@ def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
     """q (H, hd) over a sparse layer's device rows k, v (n_kv, sink + topk + recent, hd); vals (n_kv, topk) the
     retrieved rows' scores (-inf: nothing retrieved there). Reference: kvcache.SparseLayer.decode's attention."""
     n_kv, S, hd = k.shape
-    _check_q(q, n_kv, hd)
-    _check(S == sink + topk + recent and k.stride() == v.stride() and k.stride(-1) == 1, "k, v: (n_kv, budget, hd)")
+    check_q(q, n_kv, hd)
+    check(S == sink + topk + recent and k.stride() == v.stride() and k.stride(-1) == 1, "k, v: (n_kv, budget, hd)")
     G = q.shape[0] // n_kv
     out = torch.empty_like(q)
     vals = vals if topk else q  # a window layer retrieves nothing; the pointer is never read
     _sparse_attend_kernel[(n_kv,)](q, k, v, k.stride(0), k.stride(1), vals, vals.stride(0), pos, out,
                                    hd ** -0.5, G, topk, SINK=sink, RECENT=recent, BN=64,
-                                   BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=_precision(q.dtype))
+                                   BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=precision(q.dtype))
     return out
 
 
 @triton.jit
-def _sketch_scores_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, scores, s_h,
-                          pos_ptr, G, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
-                          GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr):
-    """NB groups of tokens per program. The sketch is token-major: a group's codes are GROUP rows of
-    HD * BITS / 32 words, read in one contiguous block and unpacked by shifting; the sum over channels
-    runs along each row."""
+def _sketch_queries(q, h, c, sm_scale, G: tl.constexpr, HEADS: tl.constexpr, BQ: tl.constexpr, HD: tl.constexpr):
+    """KV head h's queries on channels c (1, 1, 1, N): (BQ, 1, 1, N), each query head's times sm_scale with HEADS
+    (rows past G zero), else (1, 1, 1, N), the group's mean."""
+    if HEADS:
+        e = tl.arange(0, BQ)[:, None, None, None]
+        x = tl.load(q + (h * G + e) * HD + c, mask=e < G, other=0.0).to(tl.float32) * sm_scale
+    else:
+        x = tl.load(q + h * G * HD + c).to(tl.float32)
+        for g in tl.static_range(1, G):
+            x += tl.load(q + (h * G + g) * HD + c).to(tl.float32)
+        x = x / G
+    return x
+
+
+@triton.jit
+def _sketch_kernel(q, kc, kc_h, kc_t, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, out, o_h, part_m, part_l, pos_ptr,
+                   sm_scale, n_parts, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
+                   GROUP: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, HEADS: tl.constexpr, BQ: tl.constexpr,
+                   HD: tl.constexpr, UNROLLED: tl.constexpr = True):
+    """NB groups of GROUP tokens of KV head h against its BQ queries (each query head's with HEADS, else the
+    group's mean). Every thread keeps its tokens' partial dot products in registers, in the layout the packed
+    words arrive in, (query, token, group, word): code j of each word (channels w * W + j) is masked in place
+    inside the mantissa of 2^23 (no shift, no int-to-float conversion: the float minus 2^23 is the code times
+    2^(j * BITS) exactly) and multiplied into the accumulator with that channel's query times its group's
+    scale, scaled back by 2^-(j * BITS); codes in a word's high half go through one shift of the word by 16.
+    One sum over each token's words at the end: no reduction per code. Scores -inf outside the offloaded
+    positions; with HEADS each head's scores go to rows h * G + e of out and per program each head's max and
+    sum of exponentials to part_m/part_l (_head_max_kernel finishes the ranking); else one row per KV head."""
     h, b = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
     hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
     n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
-    W: tl.constexpr = 32 // BITS
-    c = tl.arange(0, HD)
-    g = tl.arange(0, BG)
-    i = tl.arange(0, GROUP)
-    qm = tl.sum(tl.load(q + (h * G + g)[:, None] * HD + c[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32),
-                0) / G                                                               # the group's mean query
-    t_r = n_q + i  # the group still in the ring, exact (only the program holding it loads anything)
-    mine = (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP)
-    kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + c[None, :], mask=mine & (t_r < L)[:, None], other=0.0)
-    ring = tl.sum(kr.to(tl.float32) * qm[None, :], 1)                               # (GROUP,)
-    shifts = tl.arange(0, W) * BITS
-    for gi in tl.static_range(NB):
-        grp = b * NB + gi
-        t = grp * GROUP + i
-        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + tl.arange(0, HD // W)[None, :] * kc_w)  # (GROUP, HD/W)
-        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)   # (GROUP, HD/W, W), LSB first
-        code = tl.reshape(code, (GROUP, HD)).to(tl.float32)
-        s = tl.load(ks + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
-        mn = tl.load(km + h * ks_h + grp * ks_g + c * ks_c).to(tl.float32)
-        score = tl.sum(code * (qm * s)[None, :], 1) + tl.sum(qm * mn, 0)
-        score = tl.where(grp * GROUP == n_q, ring, score)
-        tl.store(scores + h * s_h + t, tl.where((t >= SINK) & (t < hi), score, float("-inf")))
-
-
-@triton.jit
-def _head_queries(q, h, j, sm_scale, G, BG: tl.constexpr, W: tl.constexpr, HD: tl.constexpr):
-    """(HD / W, BG): channels w * W + j of KV head h's query heads, times sm_scale."""
-    g = tl.arange(0, BG)
-    c = tl.arange(0, HD // W) * W + j
-    return tl.load(q + (h * G + g)[None, :] * HD + c[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32) * sm_scale
-
-
-@triton.jit
-def _sketch_heads_kernel(q, kc, kc_h, kc_t, kc_w, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, raw, raw_h, part_m,
-                         part_l, pos_ptr, sm_scale, n_parts, G, SINK: tl.constexpr, RECENT: tl.constexpr,
-                         BITS: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr,
-                         HD: tl.constexpr):
-    """Each of the G query heads of KV head h against the sketch, NB groups of tokens per program: the
-    scores (times sm_scale) into raw rows h * G + g, and per program each head's max and sum of
-    exponentials into part_m/part_l (_head_max_kernel finishes the ranking). Code j of every word
-    (channels w * W + j) is one shift and mask away, so the dot products build up over j = 0..W-1 in the
-    words' own layout, a multiply-add per step with the matching channels of the scaled queries, and one
-    sum over the words at the end."""
-    h, b = tl.program_id(0), tl.program_id(1)
-    L = tl.load(pos_ptr) + 1
-    hi = tl.maximum(SINK, L - RECENT)  # offloaded positions: [SINK, hi)
-    n_q = (L // GROUP) * GROUP       # the sketch's ring holds one group: [n_q, L) are exact
-    W: tl.constexpr = 32 // BITS
-    w = tl.arange(0, HD // W)
-    g = tl.arange(0, BG)
-    i = tl.arange(0, GROUP)
-    ring = tl.zeros((GROUP, BG), tl.float32)  # the group still in the ring: exact keys
-    t_r = n_q + i
-    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):
-        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
+    W: tl.constexpr = 32 // BITS     # codes per word
+    HALF: tl.constexpr = (W + 1) // 2  # codes per 16-bit half (8-bit codes: 2)
+    NW: tl.constexpr = HD // W
+    MASK: tl.constexpr = (1 << BITS) - 1
+    i = tl.arange(0, GROUP)[None, :, None, None]
+    grp = b * NB + tl.arange(0, NB)[None, None, :, None]
+    w = tl.arange(0, NW)[None, None, None, :]
+    t = grp * GROUP + i                                                    # (1, GROUP, NB, 1)
+    words = tl.load(kc + h * kc_h + t * kc_t + w)                          # (1, GROUP, NB, NW)
+    acc = tl.zeros((BQ, GROUP, NB, NW), tl.float32)
+    bias = tl.zeros((BQ, 1, NB, NW), tl.float32)
+    if UNROLLED:
         for j in tl.static_range(W):
-            kr = tl.load(res + h * r_h + (t_r % GROUP)[:, None] * r_t + (w * W + j)[None, :],
-                         mask=(t_r < L)[:, None], other=0.0).to(tl.float32)
-            acc += kr[:, :, None] * _head_queries(q, h, j, sm_scale, G, BG, W, HD)[None]
-        ring = tl.sum(acc, 1)
-    m = tl.full((BG,), float("-inf"), tl.float32)
-    l = tl.zeros((BG,), tl.float32)
-    for gi in tl.static_range(NB):
-        grp = b * NB + gi
-        t = grp * GROUP + i
-        words = tl.load(kc + h * kc_h + t[:, None] * kc_t + w[None, :] * kc_w)  # (GROUP, HD/W)
-        acc = tl.zeros((GROUP, HD // W, BG), tl.float32)
-        bias = tl.zeros((BG,), tl.float32)
-        for j in tl.static_range(W):
-            s = tl.load(ks + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
-            mn = tl.load(km + h * ks_h + grp * ks_g + (w * W + j) * ks_c).to(tl.float32)
-            qj = _head_queries(q, h, j, sm_scale, G, BG, W, HD)
-            code = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-            acc += code[:, :, None] * (qj * s[:, None])[None]
-            bias += tl.sum(qj * mn[:, None], 0)
-        score = tl.where(grp * GROUP == n_q, ring, tl.sum(acc, 1) + bias[None, :])
-        score = tl.where(((t >= SINK) & (t < hi))[:, None], score, float("-inf"))      # (GROUP, BG)
-        tl.store(raw + (h * G + g)[None, :] * raw_h + t[:, None], score, mask=(g < G)[None, :])
-        m_new = tl.maximum(m, tl.max(score, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(score - m_safe[None, :]), 0)
-        m = m_new
-    tl.store(part_m + (h * G + g) * n_parts + b, m, mask=g < G)
-    tl.store(part_l + (h * G + g) * n_parts + b, l, mask=g < G)
+            c = w * W + j
+            qj = _sketch_queries(q, h, c, sm_scale, G, HEADS, BQ, HD)
+            meta = h * ks_h + grp * ks_g + c * ks_c
+            s = tl.load(ks + meta).to(tl.float32)                              # (1, 1, NB, NW)
+            if j == HALF:
+                words = words >> 16                                            # the high half's codes
+            sh = (j % HALF) * BITS
+            x = ((words & (MASK << sh)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            acc += x * (qj * s * (1.0 / (1 << sh)))
+            bias += qj * tl.load(km + meta).to(tl.float32)
+    else:
+        for jd in range(W):
+            c = w * W + jd
+            qj = _sketch_queries(q, h, c, sm_scale, G, HEADS, BQ, HD)
+            meta = h * ks_h + grp * ks_g + c * ks_c
+            x = (((words >> (jd * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            acc += x * (qj * tl.load(ks + meta).to(tl.float32))
+            bias += qj * tl.load(km + meta).to(tl.float32)
+    score = tl.sum(acc, 3) + tl.sum(bias, 3)                               # (BQ, GROUP, NB)
+    t3 = (b * NB + tl.arange(0, NB))[None, None, :] * GROUP + tl.arange(0, GROUP)[None, :, None]
+    if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):  # the group still in the ring: exact keys
+        ring = tl.zeros((BQ, GROUP, NB, NW), tl.float32)
+        for jr in range(W):  # a loop, not unrolled: it runs in one program, and unrolled it costs every one registers
+            c = w * W + jr
+            kr = tl.load(res + h * r_h + (t % GROUP) * r_t + c, mask=(t >= n_q) & (t < L), other=0.0)
+            ring += kr.to(tl.float32) * _sketch_queries(q, h, c, sm_scale, G, HEADS, BQ, HD)
+        score = tl.where(t3 >= n_q, tl.sum(ring, 3), score)
+    score = tl.where((t3 >= SINK) & (t3 < hi), score, float("-inf"))
+    if HEADS:
+        e = tl.arange(0, BQ)[:, None, None]
+        tl.store(out + (h * G + e) * o_h + t3, score, mask=e < G)
+        m = tl.max(tl.max(score, 2), 1)                                    # (BQ,)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.sum(tl.sum(tl.exp(score - m_safe[:, None, None]), 2), 1)
+        e = tl.arange(0, BQ)
+        tl.store(part_m + (h * G + e) * n_parts + b, m, mask=e < G)
+        tl.store(part_l + (h * G + e) * n_parts + b, l, mask=e < G)
+    else:
+        tl.store(out + h * o_h + t3, score)
 
 
 @triton.jit
-def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G, BLOCK: tl.constexpr, BP: tl.constexpr,
-                     BG: tl.constexpr):
+def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G: tl.constexpr, BLOCK: tl.constexpr,
+                     BP: tl.constexpr, BG: tl.constexpr):
     """out[h, t] = max over the G heads of KV head h of (raw[h * G + g, t] - logsumexp_t raw[h * G + g]), the
-    log-sum-exp of each head put together from the per-program partials of _sketch_dot_kernel."""
+    log-sum-exp of each head put together from the per-program partials of _sketch_kernel."""
     h, b = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, BG)
     rows = h * G + g
@@ -517,65 +513,58 @@ def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G, BLOCK: tl.c
     tl.store(out + h * o_h + t, tl.max(s, 0))
 
 
-SKETCH_NB = 8  # groups of sketch tokens per program of the sketch kernels: score buffers are a multiple of NB groups
+SKETCH_NB = 8  # the most groups of sketch tokens a program scores: score buffers are a multiple of SKETCH_NB groups
+# how sketch_scores launches, by ranking (the group's mean / each query head): groups per program, warps, and
+# whether the loop over a word's codes is unrolled (bench/kernel_speed.py times the others beside these)
+LAUNCH = {"mean": (4, 4, True), "heads": (2, 4, True)}
 
 
 class HeadScratch:
     """What per-head sketch scoring keeps between its two kernels: each query head's raw scores (H, width)
     and per-program softmax partials (H, programs). One is shared by all layers (they score one at a time)."""
 
-    def __init__(self, n_heads, width, device, dtype, block):  # block: SKETCH_NB (or the NB used) groups
+    def __init__(self, n_heads, width, device, dtype, block):  # block: the tokens a program of the sketch scores
         self.raw = torch.empty(n_heads, width, device=device, dtype=dtype)
         self.m = torch.empty(n_heads, width // block, device=device)
         self.l = torch.empty_like(self.m)
 
 
-def _sketch_args(q, sketch, scores, NB):
-    """Check a sketch scoring's inputs -> (n_kv, programs per KV head, the sketch's kernel arguments)."""
-    n_kv, R, hd = sketch.res.shape
-    _check_q(q, n_kv, hd)
-    _check_store(sketch)
-    _check(sketch.per_channel and sketch.token_major and sketch.R == sketch.g,
-           "the sketch is per channel, token-major, with a one-group residual")
-    width, block = scores.shape[1], NB * sketch.g
-    _check(scores.shape[0] == n_kv and width % block == 0 and sketch.codes.shape[1] >= width,
-           f"scores: (n_kv, a multiple of {block}) within the sketch's capacity")
-    return n_kv, width // block, (q, sketch.codes, *sketch.codes.stride(), sketch.scale, sketch.mn,
-                                  *sketch.scale.stride(), sketch.res, sketch.res.stride(0), sketch.res.stride(1))
-
-
-def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None, NB: int = SKETCH_NB,
-                  num_warps: int = 8):
+def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None,
+                  NB: int | None = None, num_warps: int | None = None, unrolled: bool | None = None):
     """Scores (n_kv, width) of every offloaded position [sink, pos + 1 - recent), -inf elsewhere, from a
     token-major, per-channel quant.QuantStore sketch whose residual is one group. heads=None: against the
     group's mean query; else each query head's log-softmax over the offloaded positions, the largest of
-    the group's heads. Reference: kvcache.Selector.rank over the dequantized sketch."""
-    n_kv, n_parts, store = _sketch_args(q, sketch, scores, NB)
-    G, hd = q.shape[0] // n_kv, q.shape[1]
-    BG = triton.next_power_of_2(G)
-    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, BG=BG, HD=hd, num_warps=num_warps)
+    the group's heads. NB, num_warps, unrolled: LAUNCH's unless given. Reference: kvcache.Selector.rank
+    over the dequantized sketch."""
+    nb, nw, unr = LAUNCH["mean" if heads is None else "heads"]
+    NB, num_warps, unrolled = NB or nb, num_warps or nw, unr if unrolled is None else unrolled
+    n_kv, R, hd = sketch.res.shape
+    check_q(q, n_kv, hd)
+    _check_store(sketch)
+    check(sketch.per_channel and sketch.token_major and sketch.R == sketch.g and sketch.codes.stride(-1) == 1,
+           "the sketch is per channel, token-major, with a one-group residual")
+    width, block = scores.shape[1], NB * sketch.g
+    check(scores.shape[0] == n_kv and width % block == 0 and sketch.codes.shape[1] >= width,
+           f"scores: (n_kv, a multiple of {block}) within the sketch's capacity")
+    G, n_parts = q.shape[0] // n_kv, width // block
+    args = (q, sketch.codes, sketch.codes.stride(0), sketch.codes.stride(1), sketch.scale, sketch.mn,
+            *sketch.scale.stride(), sketch.res, sketch.res.stride(0), sketch.res.stride(1))
+    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, G=G, HD=hd, num_warps=num_warps,
+                 UNROLLED=unrolled)
     if heads is None:
-        _sketch_scores_kernel[(n_kv, n_parts)](*store, scores, scores.stride(0), pos, G, **shape)
+        _sketch_kernel[(n_kv, n_parts)](*args, scores, scores.stride(0), scores, scores, pos, 1.0, n_parts,
+                                        HEADS=False, BQ=1, **shape)
         return scores
-    _check_heads(heads, q, scores, n_parts, NB * sketch.g)
-    _sketch_heads_kernel[(n_kv, n_parts)](*store, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5,
-                                          n_parts, G, **shape)
-    return _rank_heads(heads, scores, G, n_parts, NB * sketch.g)
-
-
-def _check_heads(heads, q, scores, n_parts, block):
-    _check(heads.raw.shape == (q.shape[0], scores.shape[1]) and heads.m.shape == (q.shape[0], n_parts),
-           f"heads: a HeadScratch({q.shape[0]}, {scores.shape[1]}, block={block})")
-
-
-def _rank_heads(heads, scores, G, n_parts, block):
-    """Per-head raw scores and softmax partials (a HeadScratch) -> scores: each key's largest log-softmax."""
-    _head_max_kernel[(scores.shape[0], n_parts)](heads.raw, heads.raw.stride(0), heads.m, heads.l, n_parts, scores,
-                                                 scores.stride(0), G, BLOCK=block,
-                                                 BP=min(triton.next_power_of_2(n_parts), 256),
-                                                 BG=triton.next_power_of_2(G))
+    check(heads.raw.shape == (q.shape[0], width) and heads.m.shape == (q.shape[0], n_parts),
+           f"heads: a HeadScratch({q.shape[0]}, {width}, block={block})")
+    _sketch_kernel[(n_kv, n_parts)](*args, heads.raw, heads.raw.stride(0), heads.m, heads.l, pos, hd ** -0.5,
+                                    n_parts, HEADS=True, BQ=triton.next_power_of_2(G), **shape)
+    BLOCK = min(2048, width & -width)  # a power of two that divides the width
+    _head_max_kernel[(n_kv, width // BLOCK)](heads.raw, heads.raw.stride(0), heads.m, heads.l, n_parts, scores,
+                                             scores.stride(0), G, BLOCK=BLOCK,
+                                             BP=min(triton.next_power_of_2(n_parts), 256),
+                                             BG=triton.next_power_of_2(G))
     return scores
-
 
 @triton.jit
 def _channel_scores_kernel(q, ch, host, hs_h, hs_c, scores, s_h, width, pos_ptr, G, C,
@@ -603,10 +592,10 @@ def channel_scores(q, channels, host_kc, pos, scores, sink: int, recent: int, BN
     pinned memory on CUDA, read over PCIe, one contiguous row per channel. Reference:
     kvcache.ChannelSelector.scores."""
     n_kv, hd, cap = host_kc.shape
-    _check_q(q, n_kv, hd)
-    _check(host_kc.stride(-1) == 1, "host_kc: (n_kv, hd, cap), each channel's row contiguous")
-    _check(channels.shape[0] == n_kv and channels.is_contiguous(), "channels: (n_kv, C)")
-    _check(scores.shape[0] == n_kv and scores.shape[1] >= cap, "scores: (n_kv, >= cap)")
+    check_q(q, n_kv, hd)
+    check(host_kc.stride(-1) == 1, "host_kc: (n_kv, hd, cap), each channel's row contiguous")
+    check(channels.shape[0] == n_kv and channels.is_contiguous(), "channels: (n_kv, C)")
+    check(scores.shape[0] == n_kv and scores.shape[1] >= cap, "scores: (n_kv, >= cap)")
     G, C = q.shape[0] // n_kv, channels.shape[1]
     _channel_scores_kernel[(n_kv, triton.cdiv(scores.shape[1], BN))](
         q, channels, host_kc, host_kc.stride(0), host_kc.stride(1), scores, scores.stride(0), scores.shape[1], pos, G,
@@ -625,7 +614,7 @@ def channel_append(k, pos, host_kc):
     """The step's key k (n_kv, hd) into column pos of the channel-major host copy host_kc (n_kv, hd, cap),
     written over PCIe without stalling the stream. Reference: kvcache.ChannelSelector.append of one token."""
     n_kv, hd, cap = host_kc.shape
-    _check(k.shape == (n_kv, hd) and k.is_contiguous() and pow2(hd) and host_kc.stride(-1) == 1,
+    check(k.shape == (n_kv, hd) and k.is_contiguous() and pow2(hd) and host_kc.stride(-1) == 1,
            "k: contiguous (n_kv, hd), hd a power of two; host_kc: (n_kv, hd, cap)")
     _channel_append_kernel[(n_kv,)](k, pos, host_kc, host_kc.stride(0), host_kc.stride(1), HD=hd)
 
@@ -658,69 +647,124 @@ def _radix_prefix(hist, h, k, LEVELS: tl.constexpr, UPTO: tl.constexpr):
     return prefix, need
 
 
-@triton.jit
-def _radix_hist_kernel(x, x_h, W, hist, k, LEVEL: tl.constexpr, LEVELS: tl.constexpr, BITS: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """Level LEVEL of the radix select: the histogram of digit LEVEL of the keys that share the k-th largest
-    key's higher digits."""
-    h, b = tl.program_id(0), tl.program_id(1)
-    i = b * BLOCK + tl.arange(0, BLOCK)
-    key = _radix_key(tl.load(x + h * x_h + i, mask=i < W, other=float("-inf")), BITS)
-    SHIFT: tl.constexpr = BITS - 8 * (LEVEL + 1)
-    match = i < W
-    if LEVEL > 0:
-        prefix, _ = _radix_prefix(hist, h, k, LEVELS, LEVEL)
-        match = match & ((key >> (SHIFT + 8)) == prefix)
-    digit = tl.where(match, ((key >> SHIFT) & 255).to(tl.int32), 256)      # 256: not counted
-    count = tl.histogram(digit, 512)
-    bins = tl.arange(0, 512)
-    tl.atomic_add(hist + (h * LEVELS + LEVEL) * 256 + bins, count, mask=(bins < 256) & (count > 0))
+class Candidates:
+    """topk's working memory for rows of width W: the scores kept (vals, their positions idx: those that
+    reach the guess from the front, those that reach only the floor from the back), how many of each per row
+    (count (rows, 2); zero between calls), each row's floor and guess (bounds), and the select's histograms."""
+
+    def __init__(self, rows, W, device, dtype):
+        self.vals = torch.empty(rows, W, dtype=dtype, device=device)
+        self.idx = torch.empty(rows, W, dtype=torch.int32, device=device)
+        self.count = torch.zeros(rows, 2, dtype=torch.int32, device=device)
+        self.bounds = torch.empty(rows, 2, dtype=torch.float32, device=device)
+        self.hist = torch.empty(rows * 4 * 256, dtype=torch.int32, device=device)
 
 
 @triton.jit
-def _radix_collect_kernel(x, x_h, W, hist, taken, k, vals, idx, LEVELS: tl.constexpr, BITS: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """Every key above the k-th largest, and as many keys equal to it as the top k still needs, into vals/idx
-    (n_kv, k), in no particular order; taken (n_kv, 2) counts what was written, above and equal."""
+def _warm_bounds_kernel(x, x_h, last, K, guess_at, bounds, BK: tl.constexpr):
+    """Row h's scores at the positions last chosen, ranked: the lowest (the floor) and the guess_at-th lowest
+    (the guess) into bounds[h]. A -1 in last (none) counts as -inf."""
+    h = tl.program_id(0)
+    j = tl.arange(0, BK)
+    p = tl.load(last + h * K + j, mask=j < K, other=0)
+    ranked = tl.sort(tl.where(j < K, tl.load(x + h * x_h + p, mask=(j < K) & (p >= 0), other=float("-inf")),
+                              float("inf")).to(tl.float32))
+    tl.store(bounds + 2 * h, tl.min(ranked, 0))
+    tl.store(bounds + 2 * h + 1, tl.sum(tl.where(j == guess_at, ranked, 0.0), 0))
+
+
+@triton.jit
+def _warm_keep_kernel(x, x_h, W, bounds, c_vals, c_idx, count, BLOCK: tl.constexpr):
+    """Row h's scores at or above its guess, appended to the front of the row's candidates, and those between
+    its floor and the guess to the back, in no particular order."""
     h, b = tl.program_id(0), tl.program_id(1)
+    floor, guess = tl.load(bounds + 2 * h), tl.load(bounds + 2 * h + 1)
     i = b * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(x + h * x_h + i, mask=i < W, other=float("-inf"))
-    key = _radix_key(s, BITS)
-    kth, need = _radix_prefix(hist, h, k, LEVELS, LEVELS)
-    kth, need = tl.sum(kth, 0), tl.sum(need, 0)  # (1,) -> scalars
-    above, equal = (i < W) & (key > kth), (i < W) & (key == kth)
-    slot = tl.atomic_add(taken + h * 2, tl.sum(above.to(tl.int32), 0)) + tl.cumsum(above.to(tl.int32), 0) - 1
-    tl.store(vals + h * k + slot, s, mask=above)
-    tl.store(idx + h * k + slot, i.to(tl.int64), mask=above)
-    rank = tl.atomic_add(taken + h * 2 + 1, tl.sum(equal.to(tl.int32), 0)) + tl.cumsum(equal.to(tl.int32), 0) - 1
-    keep = equal & (rank < need)
-    slot = k - need + rank
-    tl.store(vals + h * k + slot, s, mask=keep)
-    tl.store(idx + h * k + slot, i.to(tl.int64), mask=keep)
+    front = (i < W) & (s.to(tl.float32) >= guess)
+    back = (i < W) & (s.to(tl.float32) >= floor) & ~front
+    at = tl.atomic_add(count + 2 * h, tl.sum(front.to(tl.int32), 0)) + tl.cumsum(front.to(tl.int32), 0) - 1
+    tl.store(c_vals + h * W + at, s, mask=front)
+    tl.store(c_idx + h * W + at, i, mask=front)
+    at = W - tl.atomic_add(count + 2 * h + 1, tl.sum(back.to(tl.int32), 0)) - tl.cumsum(back.to(tl.int32), 0)
+    tl.store(c_vals + h * W + at, s, mask=back)
+    tl.store(c_idx + h * W + at, i, mask=back)
 
 
-def topk(x: torch.Tensor, k: int, out=None, BLOCK: int = 4096):
-    """The k largest of each row of x (rows, W), fp16 or fp32 -> (values, indices), each (rows, k) (into out's
-    pair of tensors, if given), in no particular order; where the k-th largest value is tied, which of its
-    equals are taken is unspecified. A radix select: one histogram pass per byte of the keys (2 for fp16, 4
-    for fp32), then one pass that collects; every pass reads x once, with many programs per row.
-    Reference: torch.topk(sorted=False)."""
+@triton.jit
+def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.constexpr, BITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """The K largest of row h's candidates into vals/idx (h, K), in no particular order: a radix select (one
+    byte of the keys per level) in one program, its histograms through memory (read back by _radix_prefix),
+    over the front's candidates if they are K or more, else over both; then the counts to zero."""
+    h = tl.program_id(0)
+    front, back = tl.load(count + 2 * h), tl.load(count + 2 * h + 1)
+    n = tl.where(front >= K, front, front + back)  # the guess held k or more: they hold the top k
+    bins = tl.arange(0, 512)
+    for level in tl.static_range(LEVELS):
+        shift = BITS - 8 * (level + 1)
+        prefix = tl.zeros((1,), tl.uint32)
+        if level > 0:
+            prefix, _ = _radix_prefix(hist, h, K, LEVELS, level)
+        acc = tl.zeros((512,), tl.int32)
+        for b in range(0, n, BLOCK):
+            i = b + tl.arange(0, BLOCK)
+            at = tl.where(i < front, i, W - 1 - (i - front))     # the front's candidates, then the back's
+            key = _radix_key(tl.load(c_vals + h * W + at, mask=i < n, other=float("-inf")), BITS)
+            match = i < n
+            if level > 0:
+                match = match & ((key >> (shift + 8)) == prefix)
+            acc += tl.histogram(tl.where(match, ((key >> shift) & 255).to(tl.int32), 256), 512)
+        tl.store(hist + (h * LEVELS + level) * 256 + bins, acc, mask=bins < 256)
+        tl.debug_barrier()                                   # the histogram is read back by every thread
+    kth, need = _radix_prefix(hist, h, K, LEVELS, LEVELS)
+    kth, need = tl.sum(kth, 0), tl.sum(need, 0)
+    above_n = tl.sum(tl.zeros((1,), tl.int32), 0)
+    equal_n = tl.sum(tl.zeros((1,), tl.int32), 0)
+    for b in range(0, n, BLOCK):
+        i = b + tl.arange(0, BLOCK)
+        at = tl.where(i < front, i, W - 1 - (i - front))
+        s = tl.load(c_vals + h * W + at, mask=i < n, other=float("-inf"))
+        at = tl.load(c_idx + h * W + at, mask=i < n, other=0).to(tl.int64)
+        key = _radix_key(s, BITS)
+        above, equal = (i < n) & (key > kth), (i < n) & (key == kth)
+        slot = above_n + tl.cumsum(above.to(tl.int32), 0) - 1
+        tl.store(vals + h * K + slot, s, mask=above)
+        tl.store(idx + h * K + slot, at, mask=above)
+        rank = equal_n + tl.cumsum(equal.to(tl.int32), 0) - 1
+        keep = equal & (rank < need)
+        tl.store(vals + h * K + K - need + rank, s, mask=keep)
+        tl.store(idx + h * K + K - need + rank, at, mask=keep)
+        above_n += tl.sum(above.to(tl.int32), 0)
+        equal_n += tl.sum(equal.to(tl.int32), 0)
+    tl.store(count + 2 * h + tl.arange(0, 2), tl.zeros((2,), tl.int32))
+
+
+def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: float = 0.25, BLOCK: int = 4096,
+         SELECT: int = 1024, num_warps: int = 8):
+    """The k largest of each row of x (rows, W), fp16 or fp32, started from the positions chosen last step
+    (last: (rows, k) int64, -1: none) -> (values, indices), each (rows, k), in no particular order; where the
+    k-th largest is tied, which of its equals are taken is unspecified. The k new scores at the last choice
+    are k scores at or above their lowest (the floor), so the k largest all reach it; since one position
+    that fell far drags the floor down (7-14 k reach it on a real model), the scores that reach a guess, the
+    `guess` quantile of the last choice's new scores, are kept apart. One pass keeps both; where k or more
+    reach the guess, the k largest are among them and one program per row selects from those alone, else
+    from all it kept. Exact for any `last` of distinct positions: a poor one only keeps more (the whole row,
+    where last holds a -1). Reference: torch.topk(sorted=False)."""
     rows, W = x.shape
-    _check(x.dtype in (torch.float16, torch.float32) and x.stride(-1) == 1, "x: fp16 or fp32 rows, contiguous")
-    _check(0 < k <= W, f"k must be in 1..{W}, got {k}")
+    check(x.dtype in (torch.float16, torch.float32) and x.is_contiguous(), "x: fp16 or fp32 rows, contiguous")
+    check(0 < k <= W and last.shape == (rows, k) and last.dtype == torch.long and last.is_contiguous(),
+           f"k in 1..{W}; last: contiguous int64 ({rows}, {k})")
+    check(work.vals.shape == (rows, W) and work.vals.dtype == x.dtype, f"work: Candidates({rows}, {W}, {x.dtype})")
+    check(0 <= guess < 1, f"guess is a quantile in [0, 1), got {guess}")
+    vals = torch.empty(rows, k, dtype=x.dtype, device=x.device)
+    idx = torch.empty(rows, k, dtype=torch.long, device=x.device)
     bits = 8 * x.element_size()
-    levels = bits // 8
-    work = torch.zeros(rows * (levels * 256 + 2), dtype=torch.int32, device=x.device)
-    hist, taken = work[:rows * levels * 256], work[rows * levels * 256:]
-    if out is None:
-        out = torch.empty(rows, k, dtype=x.dtype, device=x.device), torch.empty(rows, k, dtype=torch.long, device=x.device)
-    vals, idx = out
-    _check(vals.shape == idx.shape == (rows, k) and vals.dtype == x.dtype and idx.dtype == torch.long
-           and vals.is_contiguous() and idx.is_contiguous(), f"out: contiguous ({rows}, {k}) values and int64 indices")
-    grid = (rows, triton.cdiv(W, BLOCK))
-    for level in range(levels):
-        _radix_hist_kernel[grid](x, x.stride(0), W, hist, k, LEVEL=level, LEVELS=levels, BITS=bits, BLOCK=BLOCK)
-    _radix_collect_kernel[grid](x, x.stride(0), W, hist, taken, k, vals, idx, LEVELS=levels, BITS=bits, BLOCK=BLOCK)
+    _warm_bounds_kernel[(rows,)](x, W, last, k, int(guess * k), work.bounds, BK=max(16, triton.next_power_of_2(k)))
+    _warm_keep_kernel[(rows, triton.cdiv(W, BLOCK))](x, W, W, work.bounds, work.vals, work.idx, work.count,
+                                                      BLOCK=BLOCK)
+    _warm_select_kernel[(rows,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, LEVELS=bits // 8,
+                                 BITS=bits, BLOCK=SELECT, num_warps=num_warps)
     return vals, idx
 
 
@@ -736,37 +780,101 @@ def _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, l
     tl.store(out_v + dst, vr, mask=inside[:, None])
 
 
+class Slots:
+    """Which offloaded position each of a sparse layer's k retrieved device rows holds (pos; -1: none) and
+    its score (vals; -inf: none), kept across steps so that a row chosen again is not fetched again; and
+    a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count)."""
+
+    def __init__(self, n_kv, k, device, dtype):
+        self.pos = torch.full((n_kv, k), -1, dtype=torch.long, device=device)
+        self.vals = torch.full((n_kv, k), float("-inf"), dtype=dtype, device=device)
+        self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
+        self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
+
+    def hold(self, idx):
+        """The PyTorch path wrote positions idx (n_kv, n) into rows 0..n-1: the rows hold them, the rest nothing."""
+        n = idx.shape[1]
+        self.pos.fill_(-1)
+        self.pos[:, :n] = idx
+        self.vals.fill_(float("-inf"))
+        self.vals[:, :n] = 0
+
+
 @triton.jit
-def _gather_kernel(idx, vals, n_h, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, K,
-                   BJ: tl.constexpr, HD: tl.constexpr):
+def _slot_plan_kernel(idx, vals, pos, pvals, fetch, dest, count, K, BK: tl.constexpr, BC: tl.constexpr):
+    """KV head h's new top-k (idx, vals; in any order) against the positions its rows hold (pos): a chosen
+    position already held stays in its row; the others (misses) go, in rank order, to the rows whose
+    position was not chosen again, in row order. Writes the new pos and pvals, and the misses as a
+    fetch list (fetch, dest, count). Slots are compared BC at a time: first which chosen positions are held,
+    then, slot block by slot block, which rows keep theirs and which miss each freed row receives."""
+    h = tl.program_id(0)
+    i = tl.arange(0, BK)
+    val = tl.load(vals + h * K + i, mask=i < K, other=float("-inf"))
+    new = tl.where(val > float("-inf"), tl.load(idx + h * K + i, mask=i < K, other=-1), -1)   # -1: nothing chosen
+    hit = tl.zeros((BK,), tl.int32)
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        hit = tl.maximum(hit, tl.max(eq.to(tl.int32), 1))
+    miss = (new >= 0) & (hit == 0)
+    rank = tl.cumsum(miss.to(tl.int32), 0) - 1          # a miss's place in the fetch list
+    to = tl.zeros((BK,), tl.int32)
+    freed = tl.sum(tl.zeros((BC,), tl.int32), 0)          # freed rows in the blocks before this one
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        kept = tl.max(eq.to(tl.int32), 0) > 0
+        free = (j < K) & ~kept
+        order = freed + tl.cumsum(free.to(tl.int32), 0) - 1
+        gets = miss[:, None] & free[None, :] & (rank[:, None] == order[None, :])   # miss i -> row j
+        to += tl.sum(tl.where(gets, j[None, :], 0), 1)
+        into = tl.max(gets.to(tl.int32), 0) > 0
+        p = tl.where(kept, old, tl.where(into, tl.sum(tl.where(gets, new[:, None], 0), 0), -1))
+        v = tl.sum(tl.where(eq | gets, val[:, None].to(tl.float32), 0.0), 0)
+        tl.store(pos + h * K + j, p, mask=j < K)
+        tl.store(pvals + h * K + j, tl.where(kept | into, v, float("-inf")).to(pvals.dtype.element_ty), mask=j < K)
+        freed += tl.sum(free.to(tl.int32), 0)
+    tl.store(fetch + h * K + rank, new, mask=miss)
+    tl.store(dest + h * K + rank, to.to(tl.int64), mask=miss)
+    tl.store(count + h, tl.sum(miss.to(tl.int32), 0))
+
+
+@triton.jit
+def _fetch_kernel(fetch, dest, count, K, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, BJ: tl.constexpr,
+                  HD: tl.constexpr):
+    """The first count[h] positions of the fetch list into device rows dest[h, j]; nothing else is written."""
     h, b = tl.program_id(0), tl.program_id(1)
     j = b * BJ + tl.arange(0, BJ)
-    inside = j < K
-    live = inside & (tl.load(vals + h * n_h + j, mask=inside, other=float("-inf")) > float("-inf"))
-    row = tl.load(idx + h * n_h + j, mask=live, other=0)
-    _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, j, o_h, o_t, live, inside, HD)
+    live = j < tl.load(count + h)
+    row = tl.load(fetch + h * K + j, mask=live, other=0)
+    to = tl.load(dest + h * K + j, mask=live, other=0)
+    _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, live, live, HD)
 
 
-def _check_rows(idx, vals, host_k, host_v, out_k, out_v):
-    """Check a gather's inputs -> (n_kv, k, hd)."""
+def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
+    """The step's top-k (idx, vals: (n_kv, k), any order; vals -inf: nothing chosen) into the device rows
+    out_k, out_v (n_kv, k, hd), fetching from the host store (cap, n_kv, hd) only the positions the rows do
+    not hold already, straight from pinned host memory on CUDA (zero-copy, K and V in one launch): the rows
+    end up holding exactly the chosen positions (slots.pos, slots.vals say which row holds which, -1 and
+    -inf: nothing), each its exact K and V. -> (slots.vals, slots.pos). Reference: the chosen rows gathered
+    whole (kvcache.SparseLayer._gather)."""
     cap, n_kv, hd = host_k.shape
-    K = idx.shape[1]
-    _check(idx.shape == vals.shape == (n_kv, K) and idx.stride() == vals.stride(), "idx, vals: (n_kv, k), one layout")
-    _check(out_k.shape == out_v.shape == (n_kv, K, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
-    _check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
-    _check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
-    return n_kv, K, hd
-
-
-def gather_rows(idx, vals, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
-    """out_k[h, j] = host_k[idx[h, j], h] (and V), for rows whose score vals[h, j] > -inf (zeros otherwise).
-    host_k, host_v: (cap, n_kv, hd), pinned host memory on CUDA: the kernel reads it directly over PCIe
-    (zero-copy), K and V in one launch. Reference: kvcache.SparseLayer._gather."""
-    n_kv, K, hd = _check_rows(idx, vals, host_k, host_v, out_k, out_v)
-    # many small programs: more PCIe reads outstanding at once
-    _gather_kernel[(n_kv, triton.cdiv(K, BJ))](idx, vals, idx.stride(0), host_k, host_v, host_k.stride(0),
-                                              host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), K,
-                                              BJ=BJ, HD=hd, num_warps=num_warps)
+    k = idx.shape[1]
+    check(idx.shape == vals.shape == (n_kv, k) and idx.dtype == torch.long and idx.is_contiguous()
+           and vals.is_contiguous(), "idx, vals: contiguous (n_kv, k), idx int64")
+    check(out_k.shape == out_v.shape == (n_kv, k, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
+    check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
+    check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+    check(slots.pos.shape == (n_kv, k) and slots.vals.dtype == vals.dtype, f"slots: Slots({n_kv}, {k}, {vals.dtype})")
+    BK = max(16, triton.next_power_of_2(k))
+    _slot_plan_kernel[(n_kv,)](idx, vals, slots.pos, slots.vals, slots.fetch, slots.dest, slots.count, k, BK=BK,
+                               BC=max(1, min(BK, 4096 // BK)))
+    _fetch_kernel[(n_kv, triton.cdiv(k, BJ))](slots.fetch, slots.dest, slots.count, k, host_k, host_v, host_k.stride(0),
+                                             host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), BJ=BJ,
+                                             HD=hd, num_warps=num_warps)
+    return slots.vals, slots.pos
 
 
 @triton.jit
@@ -793,8 +901,8 @@ def sparse_append(k, v, pos, host_k, host_v, sink_k, sink_v, win_k, win_v):
     written over PCIe, no stall of the stream), the sinks if pos < sink, else the window ring.
     Reference: kvcache.SparseLayer.load of one token."""
     n_kv, hd = k.shape
-    _check(k.is_contiguous() and v.is_contiguous() and pow2(hd), "k, v: contiguous (n_kv, hd), hd a power of two")
-    _check(sink_k.stride() == win_k.stride() == sink_v.stride() == win_v.stride(), "sinks and window: one layout")
+    check(k.is_contiguous() and v.is_contiguous() and pow2(hd), "k, v: contiguous (n_kv, hd), hd a power of two")
+    check(sink_k.stride() == win_k.stride() == sink_v.stride() == win_v.stride(), "sinks and window: one layout")
     host = host_k is not None
     _sparse_append_kernel[(n_kv,)](k, v, pos, host_k if host else k, host_v if host else v,
                                    host_k.stride(0) if host else 0, host_k.stride(1) if host else 0,
@@ -822,7 +930,7 @@ def add_rms_norm(x, h, weight, eps: float):
     """(x + h, RMSNorm(x + h)) for one token, rounded as model.RMSNorm after a residual add does;
     x None: (h, RMSNorm(h)). x, h: (1, 1, dim)."""
     D = h.shape[-1]
-    _check(h.numel() == D and h.is_contiguous() and (x is None or x.shape == h.shape), "one token (1, 1, dim)")
+    check(h.numel() == D and h.is_contiguous() and (x is None or x.shape == h.shape), "one token (1, 1, dim)")
     x_out, y = torch.empty_like(h), torch.empty_like(h)
     _add_rms_norm_kernel[(1,)](h if x is None else x, h, weight, x_out, y, eps, D, HAS_X=x is not None,
                                BD=triton.next_power_of_2(D), num_warps=8)
@@ -847,7 +955,7 @@ def rope_qk(q, k, cos, sin, n_heads: int, n_kv: int):
     """Half-split RoPE of one token's q (1, 1, H * hd) and k (1, 1, n_kv * hd) in one launch, with cos, sin
     (1, hd / 2) float32 -> q (1, H, 1, hd), k (1, n_kv, 1, hd). Reference: model.apply_rope."""
     hd = q.shape[-1] // n_heads
-    _check(q.is_contiguous() and k.is_contiguous() and k.shape[-1] == n_kv * hd and pow2(hd // 2),
+    check(q.is_contiguous() and k.is_contiguous() and k.shape[-1] == n_kv * hd and pow2(hd // 2),
            "one token's contiguous q and k, with a power-of-two head_dim")
     q_out, k_out = torch.empty(1, n_heads, 1, hd, device=q.device, dtype=q.dtype), torch.empty(
         1, n_kv, 1, hd, device=k.device, dtype=k.dtype)
@@ -866,7 +974,7 @@ def _silu_mul_kernel(g, u, out, N, BLOCK: tl.constexpr):
 
 def silu_mul(g, u):
     """silu(g) * u, rounded as F.silu(g) * u is. Reference: model.MLP."""
-    _check(g.shape == u.shape and g.is_contiguous() and u.is_contiguous(), "g, u: one contiguous shape")
+    check(g.shape == u.shape and g.is_contiguous() and u.is_contiguous(), "g, u: one contiguous shape")
     out = torch.empty_like(g)
     _silu_mul_kernel[(triton.cdiv(g.numel(), 1024),)](g, u, out, g.numel(), BLOCK=1024)
     return out

@@ -22,7 +22,7 @@ Compressed caches hold batch 1; buffers are preallocated at their final size. Ea
 two ways: `decode` in PyTorch (the reference and the CPU path) and `step` on the Triton kernels of
 kernels.py, with the position in a device tensor so that a CUDA graph captures the whole step.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,9 +32,9 @@ from model import apply_rope, attention
 from quant import QuantStore
 
 try:  # the Triton kernels of the GPU decode path; CUDA builds of torch bring Triton along
-    import kernels as K
+    import kernels as ops
 except ImportError:
-    K = None
+    ops = None
 
 POLICIES = ("full", "tailor", "kivi", "sparse", "streaming")
 DEFAULT_BITS = {"tailor": 1, "kivi": 2}  # TailorKV-1 (the paper's LongBench/latency setting), KIVI-2
@@ -64,9 +64,7 @@ class CacheConfig:
     select: str = "sketch"                # sparse selector: a name in SELECTORS
     channels: int = 8                     # C: channels the `channels` selector scores on
     sketch_bits: int = 2                  # bits of the `sketch` selectors' key copy
-    select_options: dict = field(default_factory=dict)  # knobs of the selector (its `options`), by name
     quantizer: str = "kivi"               # the quant layers' strategy: a name in QUANTIZERS
-    quant_options: dict = field(default_factory=dict)   # its knobs (its `options`), by name
     alpha: float = 0.05                   # proxy: attention mass outside each query's top alpha of keys...
     tau: float = 0.2                      # ...above tau marks a layer as quantization-friendly
     proxy_queries: int = 32               # proxy: the last queries of each prefill chunk it looks at
@@ -96,14 +94,6 @@ class CacheConfig:
             raise ConfigError("layer_topk", f"every layer's top-k must be >= 1, got {list(self.layer_topk)}")
         if self.channels < 1:
             raise ConfigError("channels", f"channels must be >= 1, got {self.channels}")
-        for field_name, what, name, given, cls in (
-                ("select_options", "selector", self.select, self.select_options, SELECTORS[self.select]),
-                ("quant_options", "quantizer", self.quantizer, self.quant_options, QUANTIZERS[self.quantizer])):
-            unknown = set(given) - set(cls.options)
-            if unknown:  # each one's knobs, as it declares them (`options`)
-                raise ConfigError(field_name, f"the {name!r} {what} has no option {', '.join(sorted(unknown))}; "
-                                              f"its options: {', '.join(cls.options) or 'none'}")
-        QUANTIZERS[self.quantizer].check(self)
 
     @property
     def topk(self) -> int:
@@ -173,8 +163,8 @@ class FullLayer:
         self.length, self.h2d_bytes, self.steps = 0, 0, 0
         self.split = self.ws = None
         if kernels:  # the split-K (flash-decoding) plan of the kernel path and its scratch
-            self.split, n = K.split_plan(max_len, n_kv, 64)
-            self.ws = K.Workspace(n_heads, n, hd, device)
+            self.split, n = ops.split_plan(max_len, n_kv, 64)
+            self.ws = ops.Workspace(n_heads, n, hd, device)
 
     def load(self, k, v, start):
         end = start + k.shape[2]
@@ -189,7 +179,7 @@ class FullLayer:
     def step(self, q, k, v, pos):
         self.k[0].index_copy_(1, pos.view(1), k[0])
         self.v[0].index_copy_(1, pos.view(1), v[0])
-        return K.dense_attend(q[0, :, 0].contiguous(), self.k[0], self.v[0], pos, self.ws, self.split)[None, :, None]
+        return ops.dense_attend(q[0, :, 0].contiguous(), self.k[0], self.v[0], pos, self.ws, self.split)[None, :, None]
 
     def advance(self, length):
         self.length = length
@@ -205,11 +195,6 @@ class FullLayer:
 class QuantLayer:
     """KIVI-style quantized K/V (see QuantStore); exact attention during prefill."""
     kind = "quant"
-    options = ()  # the knobs another quantizer (QUANTIZERS) takes through CacheConfig.quant_options
-
-    @classmethod
-    def check(cls, cfg: CacheConfig):
-        """Raise ConfigError for a configuration this quantizer cannot serve (before anything is allocated)."""
 
     @classmethod
     def describe(cls, cfg: CacheConfig) -> str:
@@ -222,8 +207,8 @@ class QuantLayer:
         self.h2d_bytes, self.steps = 0, 0
         self.split = self.ws = None
         if kernels:
-            self.split, n = K.split_plan(self.keys.codes.shape[2] * (32 // cfg.bits), n_kv, cfg.group)
-            self.ws = K.Workspace(n_heads, n + 1, hd, device)  # + 1: the residual ring's split
+            self.split, n = ops.split_plan(self.keys.codes.shape[2] * (32 // cfg.bits), n_kv, cfg.group)
+            self.ws = ops.Workspace(n_heads, n + 1, hd, device)  # + 1: the residual ring's split
 
     def load(self, k, v, start):
         assert start == len(self.keys), "tokens arrive in order"
@@ -233,13 +218,13 @@ class QuantLayer:
     def decode(self, q, k, v, pos):
         self.load(k, v, pos)
         self.steps += 1
-        K_, V_ = self.keys.dequantize(), self.values.dequantize()  # (n_kv, S, hd) fp32
-        return attention(q.float(), K_[None], V_[None]).to(q.dtype)
+        keys, values = self.keys.dequantize(), self.values.dequantize()  # (n_kv, S, hd) fp32
+        return attention(q.float(), keys[None], values[None]).to(q.dtype)
 
     def step(self, q, k, v, pos):
-        K.quantize_step(self.keys, k[0, :, 0].contiguous(), pos)
-        K.quantize_step(self.values, v[0, :, 0].contiguous(), pos)
-        return K.quant_attend(q[0, :, 0].contiguous(), self.keys, self.values, pos, self.ws, self.split)[None, :, None]
+        ops.quantize_step(self.keys, k[0, :, 0].contiguous(), pos)
+        ops.quantize_step(self.values, v[0, :, 0].contiguous(), pos)
+        return ops.quant_attend(q[0, :, 0].contiguous(), self.keys, self.values, pos, self.ws, self.split)[None, :, None]
 
     def advance(self, length):
         self.keys.advance(length)
@@ -257,34 +242,30 @@ class QuantLayer:
 
 class Selector:
     """How a sparse layer ranks its offloaded tokens at each decode step: a subclass and one entry in
-    SELECTORS. The offloaded positions are [sink, first recent); q (H, hd) are the step's queries, one
-    group of G = H / n_kv query heads per KV head. A subclass writes what it needs of:
+    SELECTORS. The layer owns the top-k and the rows it brings to the device; a selector only scores. The
+    offloaded positions are [sink, first recent); q (H, hd) are the step's queries, one group of
+    G = H / n_kv query heads per KV head. A subclass writes what it needs of:
       scores(q, lo, hi) -> (n_kv, hi - lo)   PyTorch path: a score per offloaded position lo..hi-1
       step_scores(q, pos, out, sink, recent) kernel path: into out (n_kv, width) at the offloaded
                                              positions of the step at device position pos, -inf elsewhere
-      step_select(q, pos)                    kernel path: scores -> top-k -> rows gathered to the device
       append(k) / step_append(k, pos)        keys (n_kv, T, hd) entering the layer / the step's (n_kv, hd)
       advance(length)                        after device steps: the layer holds `length` tokens
-      rows_replaced()                        the PyTorch path wrote the layer's retrieved rows (decode)
       see_previous_input(x, pos)             the layer before's normalised input (1, 1, dim), this step
       tensors(), host_tensors(), h2d_bytes(n_off)   telemetry: what it holds, what a step's scoring moves
     and declares to the cache, as class methods (the cache names no selector):
-      options, check(cfg, head_dim, kernels)  its knobs (CacheConfig.select_options); refuse what it can't serve
-      shared(cfg, ...), shared_tensors(shared)  buffers all layers share (default: the kernel path's
-                                              score buffer), and which of them count as memory held
+      check(cfg, head_dim, kernels)           refuse a configuration it cannot serve
+      shared(cfg, ...)                        working memory all layers share (they select one at a time)
       describe(cfg)                           its settings, for a one-line description of the cache
     """
 
     per_head = False  # how scores() ranks keys: the group's mean query, or each query head (see rank)
     predicts_query = False  # whether see_previous_input predicts this layer's query (see predicted)
-    options: dict[str, int] = {}
 
     def __init__(self, layer: "SparseLayer", cfg: CacheConfig, wq: torch.nn.Linear, inv_freq: torch.Tensor):
         self.layer = layer
         self.n_kv, _, self.hd = layer.att_k.shape
         self.wq, self.inv_freq = wq, inv_freq
         self.qhat = None  # (H, hd) the predicted query: None until a layer before this one has run
-        self.opts = {**self.options, **cfg.select_options}
 
     # ---- what the cache asks of a selector class, before any layer exists
 
@@ -300,31 +281,24 @@ class Selector:
                                         f"path (kernels off)")
 
     @classmethod
-    def score_width(cls, cfg: CacheConfig, max_len: int) -> int:
-        """Positions the kernel path's score buffer must hold: every one of the cache, at least."""
-        return max(max_len, cfg.max_topk)
-
-    @classmethod
-    def shared(cls, cfg: CacheConfig, *, max_len: int, n_kv: int, hd: int, n_heads: int | None, dim: int | None,
-               device, dtype, kernels: bool) -> dict:
-        """The kernel path's score buffer (n_kv, width), whole blocks of the sketch kernels; fp16 for a 16-bit
-        model (scores only rank tokens, and a radix top-k over 16-bit keys takes half the passes)."""
+    def shared(cls, cfg: CacheConfig, *, max_len: int, n_kv: int, hd: int, n_heads: int | None, device, dtype,
+               kernels: bool) -> dict:
+        """The kernel path's working memory: the score buffer (n_kv, width), whole blocks of the sketch kernel,
+        fp16 for a 16-bit model (scores only rank tokens, and the top-k's radix select over 16-bit keys takes
+        half the passes), and the top-k's candidates (kernels.Candidates). Not counted as memory held, as the
+        attention kernels' Workspace is not."""
         if not kernels:
             return {}
-        unit = K.SKETCH_NB * cfg.group  # the sketch kernels score SKETCH_NB groups per program
-        width = -(-cls.score_width(cfg, max_len) // unit) * unit
-        return {"scores": torch.empty(n_kv, width, device=device,
-                                      dtype=torch.float32 if dtype == torch.float32 else torch.float16)}
-
-    @classmethod
-    def shared_tensors(cls, shared: dict) -> list[torch.Tensor]:  # the score buffer is working memory, as the
-        return []                                                  # attention kernels' Workspace is
+        unit = ops.SKETCH_NB * cfg.group  # the sketch kernel scores SKETCH_NB groups per program
+        width = -(-max(max_len, cfg.max_topk) // unit) * unit
+        scores = torch.empty(n_kv, width, device=device, dtype=torch.float32 if dtype == torch.float32 else torch.float16)
+        return {"scores": scores, "candidates": ops.Candidates(n_kv, width, device, scores.dtype)}
 
     @classmethod
     def describe(cls, cfg: CacheConfig) -> str:
         return ""
 
-    # ---- one layer's selection
+    # ---- one layer's scoring
 
     def see_previous_input(self, x, pos):
         """With predicts_query: this layer's query at pos (an int or a device tensor) predicted one layer early,
@@ -346,35 +320,18 @@ class Selector:
         """keys (n_kv, n, hd) fp32 against the step's queries q (H, hd) -> a score per key (n_kv, n):
         the group's mean query (one dot product per key), or with per_head each query head's own softmax
         over these keys, and the largest of them (a key one head needs is kept, whatever the others do)."""
-        return self._combine(keys @ self._queries(q).transpose(1, 2))
-
-    def _queries(self, q):
-        """(H, hd) -> (n_kv, Q, hd) fp32: each head's, times hd^-0.5, with per_head; else the group's mean."""
-        return q.view(self.n_kv, -1, q.shape[-1]).float() * self.hd ** -0.5 if self.per_head \
-            else self.group_queries(q)[:, None]
-
-    def _combine(self, s):
-        """(n_kv, n, Q) scores of each query -> (n_kv, n): the only one, or the heads' largest log-softmax."""
-        return s.log_softmax(1).amax(-1) if self.per_head else s[..., 0]
+        if not self.per_head:
+            return (keys @ self.group_queries(q)[:, :, None])[..., 0]
+        s = keys @ (q.view(self.n_kv, -1, q.shape[-1]).float() * self.hd ** -0.5).transpose(1, 2)  # (n_kv, n, G)
+        return s.log_softmax(1).amax(-1)
 
     def append(self, k): pass
     def step_append(self, k, pos): pass
     def advance(self, length): pass
-    def rows_replaced(self): pass
     def scores(self, q, lo, hi): raise NotImplementedError
 
     def step_scores(self, q, pos, out, sink, recent):
         raise NotImplementedError(f"{type(self).__name__} has no kernel path")
-
-    def step_select(self, q, pos):
-        """Kernel path: choose this step's top-k offloaded rows and gather them into the layer's device rows
-        (sel_k, sel_v) -> (scores, positions), each (n_kv, topk): row j holds position j (a score of -inf:
-        nothing)."""
-        L, scores = self.layer, self.layer.shared["scores"]
-        self.step_scores(q, pos, scores, L.sink, L.recent)
-        vals, idx = K.topk(scores, L.topk)
-        K.gather_rows(idx, vals, L.host_k, L.host_v, L.sel_k, L.sel_v)
-        return vals, idx
 
     def tensors(self) -> list: return []
     def host_tensors(self) -> list: return []
@@ -408,7 +365,7 @@ class SketchSelector(Selector):
         self.store.append(k)
 
     def step_append(self, k, pos):
-        K.quantize_step(self.store, k, pos)
+        ops.quantize_step(self.store, k, pos)
 
     def advance(self, length):
         self.store.advance(length)
@@ -417,7 +374,7 @@ class SketchSelector(Selector):
         return self.rank(self.store.dequantize()[:, lo:hi], q)                # (n_kv, n_off)
 
     def step_scores(self, q, pos, out, sink, recent):
-        K.sketch_scores(q, self.store, pos, out, sink, recent)
+        ops.sketch_scores(q, self.store, pos, out, sink, recent)
 
     def tensors(self):
         return self.store.tensors()
@@ -434,7 +391,7 @@ class HeadwiseSketchSelector(SketchSelector):
         shared = super().shared(cfg, n_heads=n_heads, **kw)
         if "scores" in shared and n_heads:
             s = shared["scores"]
-            shared["heads"] = K.HeadScratch(n_heads, s.shape[1], s.device, s.dtype, K.SKETCH_NB * cfg.group)
+            shared["heads"] = ops.HeadScratch(n_heads, s.shape[1], s.device, s.dtype, ops.LAUNCH["heads"][0] * cfg.group)
         return shared
 
     @classmethod
@@ -442,12 +399,12 @@ class HeadwiseSketchSelector(SketchSelector):
         return f" ({cfg.sketch_bits}-bit, per query head)"
 
     def step_scores(self, q, pos, out, sink, recent):
-        K.sketch_scores(q, self.store, pos, out, sink, recent, heads=self.head_scratch(q, out))
+        ops.sketch_scores(q, self.store, pos, out, sink, recent, heads=self.head_scratch(q, out))
 
     def head_scratch(self, q, out):
         shared = self.layer.shared
         if "heads" not in shared:  # a layer built on its own: a scratch of its own
-            shared["heads"] = K.HeadScratch(q.shape[0], out.shape[1], out.device, out.dtype, K.SKETCH_NB * self.store.g)
+            shared["heads"] = ops.HeadScratch(q.shape[0], out.shape[1], out.device, out.dtype, ops.LAUNCH["heads"][0] * self.store.g)
         return shared["heads"]
 
 
@@ -490,7 +447,7 @@ class ChannelSelector(Selector):
 
     def step_append(self, k, pos):
         torch.maximum(self.kmax, k.abs(), out=self.kmax)
-        K.channel_append(k, pos, self.host_kc)
+        ops.channel_append(k, pos, self.host_kc)
 
     def advance(self, length):
         self.length = length
@@ -508,7 +465,7 @@ class ChannelSelector(Selector):
         return (kc * self.group_queries(q).gather(1, ch)[:, :, None]).sum(1)                # (n_kv, n_off)
 
     def step_scores(self, q, pos, out, sink, recent):
-        K.channel_scores(q, self.channels(q).contiguous(), self.host_kc, pos, out, sink, recent)
+        ops.channel_scores(q, self.channels(q).contiguous(), self.host_kc, pos, out, sink, recent)
 
     def tensors(self):
         return [self.kmax]
@@ -550,17 +507,20 @@ class SparseLayer:
         self.streamed = 0  # prompt positions already copied to the host store (KVCache's copy stream)
         self.host_k = self.host_v = self.selector = None
         self.trace, self.index = None, None  # a TraceRecorder and this layer's number, when recording
-        self.shared = shared  # what the selectors of all layers share (Selector.shared): KVCache's, or our own
+        self.shared = shared  # the working memory all layers share (Selector.shared): KVCache's, or our own
+        self.slots = None     # kernel path: which position each retrieved row holds, kept across steps
         if topk:
             select = SELECTORS[cfg.select]
             if shared is None:
-                self.shared = select.shared(cfg, max_len=max_len, n_kv=n_kv, hd=hd, n_heads=None, dim=None,
-                                            device=device, dtype=dtype, kernels=kernels)
+                self.shared = select.shared(cfg, max_len=max_len, n_kv=n_kv, hd=hd, n_heads=None, device=device,
+                                            dtype=dtype, kernels=kernels)
             pin = torch.device(device).type == "cuda" and torch.device(host_device).type == "cpu"
             # rows are read only once written (selection never scores a position beyond the length)
             self.host_k = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.host_v = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.selector = select(self, cfg, wq, inv_freq)
+            if kernels:
+                self.slots = ops.Slots(n_kv, topk, device, self.shared["scores"].dtype)
 
     def offloaded(self, length: int) -> int:
         """How many positions [sink, first recent) of `length` tokens are offloaded."""
@@ -600,7 +560,8 @@ class SparseLayer:
                 self.trace.record(self.index, idx, pos)
             n = idx.shape[1]
             self.sel_k[:, :n], self.sel_v[:, :n] = self._gather(idx)
-            self.selector.rows_replaced()
+            if self.slots is not None:  # a kernel step after this one keeps what the rows hold
+                self.slots.hold(idx)
             parts_k.append(self.sel_k[:, :n])
             parts_v.append(self.sel_v[:, :n])
         parts_k.append(self.win_k[:, slots])
@@ -625,16 +586,21 @@ class SparseLayer:
         return k.to(dev, non_blocking=True), v.to(dev, non_blocking=True)
 
     def step(self, q, k, v, pos):
-        """decode() on the device, pos a device tensor: what a CUDA graph captures."""
+        """decode() on the device, pos a device tensor: what a CUDA graph captures. The selector scores every
+        offloaded position, the top-k starts from what the rows hold (the last step's choice), and only the
+        chosen positions the rows do not hold already cross PCIe."""
         kr, vr, qh = k[0, :, 0].contiguous(), v[0, :, 0].contiguous(), q[0, :, 0].contiguous()
-        K.sparse_append(kr, vr, pos, self.host_k, self.host_v, self.sink_k, self.sink_v, self.win_k, self.win_v)
+        ops.sparse_append(kr, vr, pos, self.host_k, self.host_v, self.sink_k, self.sink_v, self.win_k, self.win_v)
         vals = None
         if self.topk:
             self.selector.step_append(kr, pos)
-            vals, idx = self.selector.step_select(qh, pos)
+            scores = self.shared["scores"]
+            self.selector.step_scores(qh, pos, scores, self.sink, self.recent)
+            vals, idx = ops.topk(scores, self.topk, self.slots.pos, self.shared["candidates"])
+            vals, idx = ops.retrieve(idx, vals, self.slots, self.host_k, self.host_v, self.sel_k, self.sel_v)
             if self.trace is not None:
-                self.trace.record(self.index, torch.where(vals > float("-inf"), idx, -1), pos)
-        return K.sparse_attend(qh, self.att_k, self.att_v, vals, pos, self.sink, self.topk, self.recent)[None, :, None]
+                self.trace.record(self.index, idx, pos)
+        return ops.sparse_attend(qh, self.att_k, self.att_v, vals, pos, self.sink, self.topk, self.recent)[None, :, None]
 
     def advance(self, length):
         """Bookkeeping after a device step brought the layer to `length` tokens."""
@@ -650,7 +616,8 @@ class SparseLayer:
         if not self.topk or n_off == 0:
             return
         n_kv, _, hd = self.att_k.shape
-        self.h2d_bytes += 2 * n_kv * min(self.topk, n_off) * hd * self.att_k.element_size()  # gathered K and V rows
+        # the chosen K and V rows (at most: on the kernel path a row held since the step before stays)
+        self.h2d_bytes += 2 * n_kv * min(self.topk, n_off) * hd * self.att_k.element_size()
         if n_off > self.topk:  # the selector scored them
             self.h2d_bytes += self.selector.h2d_bytes(n_off)
 
@@ -690,7 +657,7 @@ class PrefillStage:
 
 def kernels_available(device) -> bool:
     """Whether the Triton kernel path can run on `device` (meta: planning only, always). The one check."""
-    return torch.device(device).type == "meta" or (K is not None and K.available(device))
+    return torch.device(device).type == "meta" or (ops is not None and ops.available(device))
 
 
 class KVCache:
@@ -720,11 +687,11 @@ class KVCache:
                                        f"in groups of `group` channels")
         offloads = any(k in ("sparse", None) for k in self.kinds) and cfg.topk > 0
         self.select = SELECTORS[cfg.select] if offloads else None  # the offloaded layers' selector class
-        self.shared = {}  # what their selectors share (one layer selects at a time)
+        self.shared = {}  # the working memory their selection shares (one layer selects at a time)
         if offloads:
             self.select.check(cfg, a.head_dim, kernels)
             self.shared = self.select.shared(cfg, max_len=max_len, n_kv=a.n_kv_heads, hd=a.head_dim,
-                                             n_heads=a.n_heads, dim=a.dim, device=device, dtype=dtype, kernels=kernels)
+                                             n_heads=a.n_heads, device=device, dtype=dtype, kernels=kernels)
         self.shape, self.batch, self.device, self.host_device = (a.n_kv_heads, a.head_dim, max_len), batch, device, host_device
         self.n_heads = a.n_heads
         self.wq = [b.attn.wq for b in model.layers]  # query projections, for selectors that predict a layer's query
@@ -864,8 +831,6 @@ class KVCache:
             r["device_bytes"] += nbytes(layer.device_tensors())
             r["host_bytes"] += nbytes(layer.host_tensors())
             r["h2d_bytes_per_step"] += layer.h2d_bytes / max(layer.steps, 1)
-        if self.select is not None and "sparse" in by_kind:  # shared by the sparse layers' selectors: counted once
-            by_kind["sparse"]["device_bytes"] += nbytes(self.select.shared_tensors(self.shared))
         for r in by_kind.values():
             r["full_cache_bytes"] = r["layers"] * full_layer
         total = {k: sum(r[k] for r in by_kind.values())

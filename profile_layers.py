@@ -78,7 +78,7 @@ class TailMeter:
         return self.sum / self.count.clamp(min=1)[:, None]
 
 
-def split_topk(tails: list[list[float]], weights: list[float], topk: int, step: int = SPLIT_STEP,
+def allocate_topk(tails: list[list[float]], weights: list[float], topk: int, step: int = SPLIT_STEP,
                floor: int | None = None) -> list[int]:
     """Top-k per layer, summing to topk x layers: tails[l][j] the mass layer l leaves out with j x step tokens
     (falling, and flatter as j grows), weights[l] what a unit of it costs. Every layer starts at `floor` (default
@@ -351,7 +351,7 @@ def split(plan: dict):
     topk, step = par["budget"] - par["sink"] - par["recent"], par["split_step"]
     at = min(topk // step, len(sparse[0]["tail"]) - 1)
     weights = [max(r["kl_sparse"], 1e-6) / max(r["tail"][at], 1e-6) if "kl_sparse" in r else 1.0 for r in sparse]
-    shares = dict(zip((r["layer"] for r in sparse), split_topk([r["tail"] for r in sparse], weights, topk, step,
+    shares = dict(zip((r["layer"] for r in sparse), allocate_topk([r["tail"] for r in sparse], weights, topk, step,
                                                                par.get("split_floor"))))
     for r in plan["layers"]:
         r["topk"] = shares.get(r["layer"], 0)

@@ -84,18 +84,13 @@ def budget_knobs(budget: int, sink: int = 8) -> dict:
 
 
 def selector_knobs(select: str) -> dict:
-    """'shortlist:2' -> {'select': 'shortlist', 'select_options': {'shortlist': 2}}; 'sketch:1b' -> {...,
-    'sketch_bits': 1}. ':Nb' is the sketch's bits, ':N' the selector's own option (the one it declares)."""
+    """'sketch-heads' -> {'select': 'sketch-heads'}; 'sketch:1b' -> {'select': 'sketch', 'sketch_bits': 1}."""
     name, *options = select.split(":")
     knobs = {"select": name} if name else {}
     for option in options:
-        if option.endswith("b"):
-            knobs["sketch_bits"] = int(option[:-1])
-            continue
-        declared = list(SELECTORS[name or CacheConfig.select].options)
-        if len(declared) != 1:
-            raise ValueError(f"selector {name!r} takes no ':{option}' (its options: {declared or 'none'})")
-        knobs["select_options"] = {declared[0]: int(option)}
+        if not (option.endswith("b") and option[:-1].isdigit()):
+            raise ValueError(f"selector {name!r}: ':{option}' is not a sketch's bits (':1b', ':2b', ...)")
+        knobs["sketch_bits"] = int(option[:-1])
     return knobs
 
 
@@ -110,8 +105,8 @@ def parse_policy(spec: str, model=None) -> CacheConfig:
     knobs = selector_knobs(select)
     spec, _, bound = spec.partition(":")  # kvcomp:0.1, tailor+kvcomp:0.1: research/kvcomp.py's compressor
     if spec == "kvcomp" or spec.endswith("+kvcomp"):
-        import research.kvcomp  # noqa: F401  (registers the quantizer)
-        knobs.update(quantizer="kvcomp", quant_options={"error_bound": float(bound or 1 / 6)})
+        from research.kvcomp import quantizer
+        knobs.update(quantizer=quantizer(float(bound or 1 / 6)))
         spec = "kivi" if spec == "kvcomp" else spec.removesuffix("+kvcomp")
     elif bound:
         raise ValueError(f"':{bound}' follows kvcomp only (kvcomp:EPS, tailor+kvcomp:EPS)")
@@ -437,7 +432,7 @@ def main(argv=None):
         try:
             parse_policy(spec.replace("+split", ""))
         except (ValueError, TypeError, KeyError) as e:
-            p.error(f"--policies {spec}: {e} (written name[-bits][+split][/selector[:N][:Nb]][@budget])")
+            p.error(f"--policies {spec}: {e} (written name[-bits][+split][/selector[:Nb]][@budget])")
     if min(args.contexts) < 2 or args.copy < 1 or args.next < 1:
         p.error("--contexts must be >= 2 tokens, --copy and --next >= 1")
     if args.replot:

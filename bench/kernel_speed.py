@@ -1,6 +1,6 @@
 """Per-kernel microbenchmarks at Llama-3.1-8B shapes (32 query heads, 8 KV heads, head_dim 128), one layer.
 
-Each kernel's time (CUDA events, median of --reps after warm-up), the bytes it must move, the
+Each kernel's time (20 calls replayed from a CUDA graph, the median of --reps), the bytes it must move, the
 achieved bandwidth, and that as a fraction of the measured ceiling: HBM copy bandwidth for kernels
 that read device memory, pinned host->device bandwidth for those that read host memory over PCIe.
 
@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels as K  # noqa: E402
-from research import kernels as RK  # noqa: E402
 from kvcache import attention  # noqa: E402
 from quant import QuantStore  # noqa: E402
 
@@ -29,18 +28,28 @@ from latency import measure_bandwidth  # noqa: E402
 from results import publish  # noqa: E402
 
 
-def bench(fn, reps):
-    for _ in range(3):
-        fn()
+def bench(fn, reps, n=20):
+    """GPU time per call: n calls captured in a CUDA graph (no launch overhead), replayed; the median of reps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)  # µs
+        times.append(a.elapsed_time(b) * 1e3 / n)  # µs
     return statistics.median(times)
 
 
@@ -100,35 +109,29 @@ def main():
     moved = nbytes(*sketch.tensors()) + nbytes(scores)
     add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps), moved, "hbm",
         "the group's mean query; codes + scales read, scores written")
-    for nb, nw in ((4, 4), (16, 4), (8, 4), (16, 8)):
-        add(f"  NB={nb} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, None, nb, nw),
-                                           args.reps), moved, "hbm", "groups per program, warps")
-    for nb, nw in ((8, 8), (4, 4), (8, 4), (16, 8)):
+    for nb, nw, unrolled in ((2, 4, True), (8, 4, True), (4, 4, False), (8, 8, False)):
+        add(f"  NB={nb} warps={nw}{'' if unrolled else ' (a loop)'}",
+            bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, None, nb, nw, unrolled), args.reps), moved,
+            "hbm", "groups per program, warps, the codes of a word unrolled or a loop")
+    for i, (nb, nw, unrolled) in enumerate((K.LAUNCH["heads"], (1, 4, True), (2, 8, True), (2, 4, False))):
         heads = K.HeadScratch(H, L, dev, scores.dtype, block=nb * 64)
-        add("sketch_scores 2-bit per head" + ("" if nb == 8 else f" NB={nb} warps={nw}"),
-            bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, heads, nb, nw), args.reps),
+        add("sketch_scores 2-bit per head" + ("" if i == 0 else f" NB={nb} warps={nw}{'' if unrolled else ' (a loop)'}"),
+            bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, heads, nb, nw, unrolled), args.reps),
             moved + 2 * nbytes(heads.raw), "hbm", "each query head: its scores written and read back, then the largest")
-    for nb, nw in ((8, 8), (8, 4), (16, 8)):
-        heads = K.HeadScratch(H, L, dev, scores.dtype, block=nb * 64)
-        for name, hs in (("", None), (" per head", heads)):
-            add(f"int8_sketch_scores 2-bit{name} NB={nb} warps={nw} (research)",
-                bench(lambda: RK.int8_sketch_scores(q, sketch, pos, scores, 8, 56, hs, nb, nw), args.reps),
-                moved + (2 * nbytes(heads.raw) if hs else 0), "hbm", "an int8 query, four codes per dp4a")
-    add("torch.topk k=128", bench(lambda: scores.topk(128, dim=-1, sorted=False), args.reps), nbytes(scores), "hbm",
-        f"({n_kv}, {L}) fp32")
     half = scores.half()
     add("torch.topk k=128 fp16", bench(lambda: half.topk(128, dim=-1, sorted=False), args.reps), nbytes(half), "hbm",
         f"({n_kv}, {L}) fp16 (what a bf16 model uses)")
-    add("kernels.topk k=128 fp16", bench(lambda: K.topk(half, 128), args.reps), 3 * nbytes(half), "hbm",
-        "radix select: 2 histogram passes + collect")
     order = half.topk(64 * 128 + 32, dim=-1).indices              # positions by rank, best first
-    work = RK.Candidates(n_kv, L, dev, half.dtype)
+    work = K.Candidates(n_kv, L, dev, half.dtype)
+    none = torch.full((n_kv, 128), -1, dtype=torch.long, device=dev)
+    add("kernels.topk k=128 fp16, no last choice", bench(lambda: K.topk(half, 128, none, work), args.reps), nbytes(half),
+        "hbm", "the first step: every score kept, one program per head selects")
     for ratio in (1.5, 4, 16, 64):  # a last choice whose guess (its 33rd lowest) ranks ratio * 128: what is read
         r = int(ratio * 128)
         last = torch.cat([order[:, :95], order[:, r - 1:r + 32]], 1).contiguous()
-        add(f"warm_topk k=128 fp16, reads {ratio:g} k (research)", bench(lambda: RK.warm_topk(half, 128, last, work),
-                                                                          args.reps), nbytes(half), "hbm",
-            "from the last choice: its bounds, one pass keeps what reaches them, one program per head selects")
+        add(f"kernels.topk k=128 fp16, reads {ratio:g} k", bench(lambda: K.topk(half, 128, last, work), args.reps),
+            nbytes(half), "hbm", "from the last choice: its bounds, one pass keeps what reaches them, one program "
+                                 "per head selects")
     # host store over PCIe
     host_k = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
     host_v = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
@@ -142,29 +145,24 @@ def main():
     vals, idx = scores.topk(128, dim=-1, sorted=False)
     out_k = torch.empty(n_kv, 128, hd, device=dev, dtype=bf)
     out_v = torch.empty_like(out_k)
-    add("gather_rows k=128", bench(lambda: K.gather_rows(idx, vals, host_k, host_v, out_k, out_v), args.reps),
-        nbytes(out_k, out_v), "pcie", "K and V rows from pinned host memory (zero-copy)")
-    for bj, nw in ((1, 1), (4, 1), (8, 2), (16, 4)):
-        add(f"  BJ={bj} warps={nw}", bench(lambda: K.gather_rows(idx, vals, host_k, host_v, out_k, out_v, bj, nw),
-                                           args.reps), nbytes(out_k, out_v), "pcie", "rows per program, warps")
-    slots = RK.Slots(n_kv, 128, dev, vals.dtype)
     spare = (-scores.float()).topk(128, dim=-1).indices  # 128 positions per head that idx does not hold
-    for new in (0, 38, 128):  # rows of the 128 not held from the step before (38: the 30% measured on a model)
-        other = idx.clone()
-        other[:, :new] = spare[:, :new]
-        steps = [other.contiguous(), idx]                # alternate: each step fetches `new` rows per head
+    for k_rows in (128, 2048):
+        slots = K.Slots(n_kv, k_rows, dev, vals.dtype)
+        for new in ((0, 38, 128) if k_rows == 128 else (k_rows,)):  # rows not held from the step before (38: the
+            other = idx.clone()                                       # 30% measured on a model)
+            other[:, :new] = spare[:, :new]
+            steps = [other.contiguous(), idx]                # alternate: each step fetches `new` rows per head
+            if k_rows != 128:
+                steps = [torch.randint(0, L, (n_kv, k_rows), device=dev) for _ in range(2)]
+                out_k, out_v = torch.empty(2, n_kv, k_rows, hd, device=dev, dtype=bf)
+            v_ = torch.zeros(n_kv, k_rows, device=dev, dtype=vals.dtype)
 
-        def two_steps():
-            for x in steps:
-                RK.retrieve(x, vals, slots, host_k, host_v, out_k, out_v)
-        add(f"retrieve k=128, {new} new (research)", bench(two_steps, args.reps) / 2, nbytes(out_k, out_v) * new / 128,
-            "pcie", "only the rows not held from the step before cross PCIe (plan + gather)")
-    idx2 = torch.randint(0, L, (n_kv, 2048), device=dev)
-    vals2 = torch.zeros(n_kv, 2048, device=dev)
-    out_k2 = torch.empty(n_kv, 2048, hd, device=dev, dtype=bf)
-    out_v2 = torch.empty_like(out_k2)
-    add("gather_rows k=2048", bench(lambda: K.gather_rows(idx2, vals2, host_k, host_v, out_k2, out_v2), args.reps),
-        nbytes(out_k2, out_v2), "pcie", "the same, 16x the rows")
+            def two_steps():
+                for x in steps:
+                    K.retrieve(x, v_, slots, host_k, host_v, out_k, out_v)
+            add(f"retrieve k={k_rows}, {new} new", bench(two_steps, args.reps) / 2, nbytes(out_k, out_v) * new / k_rows,
+                "pcie", "only the rows not held from the step before cross PCIe (plan + zero-copy gather)")
+    out_k = torch.empty(n_kv, 128, hd, device=dev, dtype=bf)
     att_k = torch.randn(n_kv, 192, hd, device=dev, dtype=bf)
     att_v = torch.randn_like(att_k)
     add("sparse_attend 192", bench(lambda: K.sparse_attend(q, att_k, att_v, vals, pos, 8, 128, 56), args.reps),

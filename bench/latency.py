@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accuracy import selector_knobs  # noqa: E402
-from generate import Decoder, plan_memory  # noqa: E402
+from generate import Decoder  # noqa: E402
+from inputs import plan_memory  # noqa: E402
 from kvcache import CacheConfig, KVCache  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from plots import try_plot  # noqa: E402
@@ -57,8 +58,8 @@ def policy(label: str) -> CacheConfig:
     if label in POLICIES:
         return POLICIES[label]
     if label.startswith("kvcomp:"):
-        import research.kvcomp  # noqa: F401  (registers the quantizer)
-        return CacheConfig("kivi", quantizer="kvcomp", quant_options={"error_bound": float(label[7:])})
+        from research.kvcomp import quantizer
+        return CacheConfig("kivi", quantizer=quantizer(float(label[7:])))
     label, _, budget = label.partition("@")
     base, _, select = label.partition("/")
     base, split = base.removesuffix("+split"), base.endswith("+split")
@@ -299,6 +300,15 @@ def main():
     def cap(on):
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GiB / total) if on else 1.0)
 
+    meta = {"gpu": gpu, "bandwidth": bw, "cap_gib": args.cap_gib, "torch": torch.__version__, "args": vars(args)}
+
+    def done(r):  # every finished row is written at once: an interrupted run keeps what it measured
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        write(rows, meta, Path(args.out))
+        gc.collect()
+        torch.cuda.empty_cache()
+
     ours = [x for x in args.policies if x != "hf"]
     if ours:
         model = on_gpu_in_bf16(lambda: Transformer(LLAMA31_8B))
@@ -311,10 +321,7 @@ def main():
                                  not args.eager)
                 except torch.OutOfMemoryError as e:
                     r = {"policy": label, "context": context, "error": f"out of memory: {str(e).splitlines()[0][:80]}"}
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
+                done(r)
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -325,12 +332,7 @@ def main():
                 r = run_hf(context, args.steps, args.warmup, args.chunk, bw)
             except torch.OutOfMemoryError as e:
                 r = {"policy": "HF offloaded", "context": context, "error": f"out of memory: {str(e).splitlines()[0][:80]}"}
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-    meta = {"gpu": gpu, "bandwidth": bw, "cap_gib": args.cap_gib, "torch": torch.__version__, "args": vars(args)}
-    write(rows, meta, Path(args.out))
+            done(r)
 
 
 def write(rows, meta, out: Path):

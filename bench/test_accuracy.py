@@ -77,15 +77,14 @@ def test_policy_specs_and_budgets():
     assert s.sink + s.recent == 192                       # the same device tokens per layer as sparse@192
     assert parse_policy("kivi-1").bits == 1 and parse_policy("sparse").select == "sketch"
     c = parse_policy("tailor-2/sketch-heads:1b@432")
-    assert (c.select, c.sketch_bits, c.select_options, c.topk) == ("sketch-heads", 1, {}, 368)
-    c = parse_policy("tailor-2/shortlist:2:4b")                # ':N' is the option the selector declares
-    assert (c.select_options, c.sketch_bits) == ({"shortlist": 2}, 4)
-    with pytest.raises(ValueError, match="takes no ':2'"):
+    assert (c.select, c.sketch_bits, c.topk) == ("sketch-heads", 1, 368)
+    assert parse_policy("tailor-2/exact-heads:4b").sketch_bits == 4
+    with pytest.raises(ValueError, match="':2' is not a sketch's bits"):
         parse_policy("tailor-2/sketch:2")
     from latency import policy                            # bench/latency.py's labels read the same options
     c = policy("tailor-1/sketch-heads:1b@448")
     assert (c.quant_layers, c.bits, c.select, c.sketch_bits, c.budget, c.topk) == ((0,), 1, "sketch-heads", 1, 448, 384)
-    assert policy("tailor-1/shortlist:2").select_options == {"shortlist": 2} and policy("sparse").select == "sketch"
+    assert policy("sparse").select == "sketch"
     split = policy("tailor-1+split/sketch@320").layer_topk  # as uneven as the default plan's, the same 31 x 256
     assert len(split) == 32 and abs(sum(split[1:]) - 31 * 256) <= 31 and max(split) > 3 * min(split[1:])
     with pytest.raises(ValueError):

@@ -1,6 +1,6 @@
 """KVComp's compressor (Jiang et al., 2025, arXiv 2509.00579) for the quantized layers.
 
-Second stage, the store the engine runs (`kvcomp` quantizer, CacheConfig.quant_options error_bound):
+Second stage, the store the engine runs (quantizer(eps) registers it: CacheConfig(quantizer="kvcomp:EPS")):
 
   KVCompStore   append-only, as quant.QuantStore: the newest tokens wait in a full-precision ring, and
                 a group of g tokens is compressed once, when it leaves it. Every channel c of a head has
@@ -13,7 +13,7 @@ Second stage, the store the engine runs (`kvcomp` quantizer, CacheConfig.quant_o
                 bits, a constant one none. Blocks sit back to back in one int32 word pool; a group's
                 first word is in a table, a block's is that plus the widths before it, so nothing
                 compressed is ever moved or touched again.
-  KVCompLayer   a quant layer on it (kvcache.QUANTIZERS["kvcomp"]): PyTorch decode, and the kernel step
+  KVCompLayer   a quant layer on it (kvcache.QUANTIZERS, by quantizer()): PyTorch decode, and the kernel step
                 through research/kernels.kvcomp_attend, which reads the planes inside attention.
 
 First stage: what an error-bounded quantizer and an entropy coder give in bits per value on real keys
@@ -306,23 +306,28 @@ class KVCompStore(QuantStore):
         return torch.cat([self._seen, self.res[:, self._slots(self.n_q, self.length)].float()], dim=1)
 
 
-class KVCompLayer(kvcache.QuantLayer):
-    """A quant layer whose keys and values are KVCompStores (kvcache.QUANTIZERS["kvcomp"])."""
-    options = ("error_bound",)
+def quantizer(error_bound: float) -> str:
+    """Register KVCompLayer at this error bound into kvcache.QUANTIZERS -> its name there ("kvcomp:0.05"), for
+    CacheConfig(quantizer=...). The bound is a fraction of each channel's range, in (0, 0.5] (1/6 is kivi-2's
+    step)."""
+    if not isinstance(error_bound, (int, float)) or not 0 < error_bound <= 0.5:
+        raise ConfigError("quantizer", f"the kvcomp quantizer needs an error bound in (0, 0.5] (a fraction of "
+                                       f"each channel's range; 1/6 is kivi-2's step), got {error_bound!r}")
+    name = f"kvcomp:{error_bound:.4g}"
+    kvcache.QUANTIZERS[name] = type("KVCompLayer", (KVCompLayer,), {"error_bound": float(error_bound)})
+    return name
 
-    @classmethod
-    def check(cls, cfg: CacheConfig):
-        eb = cfg.quant_options.get("error_bound")
-        if not isinstance(eb, (int, float)) or not 0 < eb <= 0.5:
-            raise ConfigError("error_bound", f"the kvcomp quantizer needs an error bound in (0, 0.5] (a fraction of "
-                                             f"each channel's range; 1/6 is kivi-2's step), got {eb!r}")
+
+class KVCompLayer(kvcache.QuantLayer):
+    """A quant layer whose keys and values are KVCompStores, at the class's error bound (see quantizer())."""
+    error_bound: float
 
     @classmethod
     def describe(cls, cfg: CacheConfig) -> str:
-        return f"kvcomp, error bound {cfg.quant_options['error_bound']:.4g} of each channel's range"
+        return f"kvcomp, error bound {cls.error_bound:.4g} of each channel's range"
 
     def __init__(self, n_kv, hd, max_len, cfg: CacheConfig, device, dtype, n_heads=None, kernels=False):
-        kw = dict(eps=float(cfg.quant_options["error_bound"]), group=cfg.group, residual=cfg.residual, device=device,
+        kw = dict(eps=self.error_bound, group=cfg.group, residual=cfg.residual, device=device,
                   dtype=dtype, bits_cap=8 if kernels else None)
         self.keys = KVCompStore(n_kv, hd, max_len, per_channel=True, **kw)
         self.values = KVCompStore(n_kv, hd, max_len, per_channel=False, **kw)
@@ -349,7 +354,6 @@ class KVCompLayer(kvcache.QuantLayer):
                              self.ws, self.split)[None, :, None]
 
 
-kvcache.QUANTIZERS["kvcomp"] = KVCompLayer
 
 
 def store_bits(x: torch.Tensor, per_channel: bool, eps: float, g: int = 64) -> tuple[float, float]:

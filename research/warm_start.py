@@ -2,12 +2,12 @@
 fidelity task of bench/accuracy.py (a document's first `context` tokens, then its next ones, teacher-forced),
 every layer offloaded (policy sparse), on the PyTorch path (its scores rank as the kernels' do).
 
-  kept       of a step's top-k positions, the fraction chosen the step before: what research.kernels.retrieve
+  kept       of a step's top-k positions, the fraction chosen the step before: what kernels.retrieve
              leaves in place (1 - kept crosses PCIe)
   kept of 4  the fraction among the four steps before (what a larger slot cache could hold)
   cand / k   the positions that score at or above the lowest new score of the last choice (the floor), per k
              (1.0: the top-k alone)
-  read / k, guess q   what research.kernels.warm_topk's select reads with its guess at quantile q of the last
+  read / k, guess q   what kernels.topk's select reads with its guess at quantile q of the last
              choice's new scores: those reaching the guess where they are k or more, else cand (it uses 0.25)
 
     python research/warm_start.py                    # default model, CPU fp32: bench/results/warm_start_cpu.md

@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT
 
 import research  # noqa: F401  (registers the research selectors, measured here too)
-from generate import plan_memory
+from inputs import plan_memory
 from kvcache import (CacheConfig, ConfigError, KVCache, PrefillStage, QuantLayer, Selector, SparseLayer, attention, nbytes)
 from model import ModelArgs, Transformer
 from quant import QuantStore, pack, quantize, unpack
@@ -111,8 +111,7 @@ def test_window_layer_keeps_sinks_and_recent(H, n_kv, hd, prompt):  # budget, lo
     torch.testing.assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "sketch-predicted", "exact",
-                                    "exact-heads", "shortlist", "shortlist-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     N, prompt = 90, 30
@@ -122,12 +121,10 @@ def test_sparse_layer_with_room_for_everything_is_exact(select, H, n_kv, hd):
     torch.testing.assert_close(out, reference(q, k, v, lambda t: range(t + 1)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads", "shortlist",
-                                    "shortlist-heads"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 @pytest.mark.parametrize("H,n_kv,hd", GQA_SHAPES)
 def test_sparse_layer_retrieves_the_dominant_tokens(select, H, n_kv, hd):
-    """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those. (sketch-next
-    trades some of them for their successors by design: its own test is below.)"""
+    """Plant k keys aligned with every query of a KV head: top-k must fetch exactly those."""
     N, prompt, topk = 300, 250, 6
     cfg = CacheConfig("sparse", sink=4, recent=8, budget=4 + 8 + topk, select=select, sketch_bits=2)
     q, k, v = qkv(H, n_kv, hd, N, seed=3)
@@ -176,8 +173,7 @@ def headwise_scores(keys, q, lo, hi):
     return (s / hd ** 0.5).log_softmax(1).amax(-1)
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "sketch-next", "exact", "exact-heads",
-                                    "shortlist"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
     """Budget far below the context, random data: every decode step attends over exactly the sinks, the
     recent window and the top-k of the selector's scores recomputed here over [sink, first recent)."""
@@ -197,15 +193,8 @@ def test_sparse_layer_attends_over_the_top_k_of_its_scores(select):
             scores = channel_scores(layer, q[0, :, t], k[0, :, :t + 1], lo, hi)
         elif select.endswith("heads"):
             scores = headwise_scores(keys, q[0, :, t], lo, hi)
-        elif select == "sketch-next":  # a token scores at least as high as the one before it
-            scores = sketch_scores(layer, q[0, :, t], lo, hi)
-            scores[:, 1:] = torch.maximum(scores[:, 1:], scores[:, :-1].clone())
         elif select == "sketch":
             scores = sketch_scores(layer, q[0, :, t], lo, hi)
-        elif select == "shortlist":  # the sketch's top 4 * topk, then those ranked on their exact keys
-            cand = sketch_scores(layer, q[0, :, t], lo, hi).topk(4 * topk, dim=-1).indices + lo
-            exact = torch.einsum("htd,hd->ht", k[0, :, :t + 1].float(), q[0, :, t].view(n_kv, -1, hd).mean(1))
-            scores = torch.full((n_kv, hi - lo), float("-inf")).scatter(1, cand - lo, exact.gather(1, cand))
         else:  # exact: the full-precision keys against the group's mean query
             scores = torch.einsum("htd,hd->ht", keys[:, lo:hi], q[0, :, t].view(n_kv, -1, hd).mean(1))
         top = scores.topk(topk, dim=-1).indices + lo
@@ -232,7 +221,7 @@ def selected_positions(layer):
             for h in range(layer.att_k.shape[0])]
 
 
-@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads", "shortlist"])
+@pytest.mark.parametrize("select", ["sketch", "channels", "sketch-heads", "exact", "exact-heads"])
 @pytest.mark.parametrize("prompt", [135, 136])  # the last offloaded position quantized in the sketch, or exact
 def test_needles_at_the_edges_of_the_offloaded_range_are_retrieved(select, prompt):
     """The first step after the prompt offloads [sink, prompt + 1 - recent); needles at its first and last
@@ -442,68 +431,11 @@ def test_channel_selector_predicts_the_next_layers_query():
     assert all(layer.selector.qhat is not None for layer in cache.layers[1:])
 
 
-def test_the_predicted_sketch_ranks_with_the_predicted_query():
-    """Needles aligned with the predicted query and an orthogonal step query: sketch-predicted fetches the
-    needles, the plain sketch does not; before any layer ran (qhat None) it ranks with the step's query."""
-    H, n_kv, hd, sink, recent, topk, prompt = 4, 2, 64, 2, 4, 3, 100
-    needles = [20, 50, 70]
-    q, k, v = qkv(H, n_kv, hd, prompt + 1, seed=3)
-    d, r = rand(n_kv, hd, seed=4), rand(n_kv, hd, seed=5)
-    r -= (r * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True) * d  # r orthogonal to d
-    for h in range(n_kv):
-        k[0, h, needles] = 4 * d[h] + 0.1 * rand(len(needles), hd, seed=h)
-        q[0, h * 2:(h + 1) * 2, prompt] = r[h]                     # the step's query looks away
-    qhat = d.repeat_interleave(H // n_kv, 0)                       # the predicted one at the needles
-    got = {}
-    for select, predicted in (("sketch", qhat), ("sketch-predicted", qhat), ("sketch-predicted", None)):
-        cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select, sketch_bits=8)
-        layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
-        layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
-        layer.selector.qhat = predicted
-        layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)
-        got[select, predicted is None] = selected_positions(layer)
-    assert got["sketch-predicted", False] == [needles] * n_kv
-    assert got["sketch", False] == got["sketch-predicted", True] != [needles] * n_kv
-
-
 def identity_prediction(H, hd):
     """A query projection and RoPE frequencies under which see_previous_input(x, pos) predicts x itself."""
     wq = torch.nn.Linear(H * hd, H * hd, bias=False)
     wq.weight.data = torch.eye(H * hd)
     return wq, torch.zeros(hd // 2)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_the_shortlist_is_fetched_with_the_predicted_query_and_ranked_with_the_steps_own(device):
-    """Three kinds of planted keys: A along d (where the predicted query points), B along d and r, C along r
-    alone (where the step's query points). One layer early the sketch shortlists 2 x top-k = A and B; at the
-    step the exact keys rank them against r: B is chosen. The plain sketch takes C, sketch-predicted A."""
-    H, n_kv, hd, sink, recent, topk, prompt = 4, 2, 64, 2, 4, 3, 100
-    A, B, C = [20, 50, 70], [30, 60, 80], [10, 40, 90]
-    q, k, v = qkv(H, n_kv, hd, prompt + 1, seed=3)
-    d, r = rand(n_kv, hd, seed=4), rand(n_kv, hd, seed=5)
-    r -= (r * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True) * d  # r orthogonal to d
-    d, r = d / d.norm(dim=-1, keepdim=True), r / r.norm(dim=-1, keepdim=True)
-    for h in range(n_kv):
-        k[0, h] *= 0.05
-        k[0, h, A], k[0, h, B], k[0, h, C] = 8 * d[h], 5 * d[h] + 3 * r[h], 4 * r[h]
-        k[0, h, A + B + C] += 0.01 * rand(9, hd, seed=h)
-        q[0, h * 2:(h + 1) * 2, prompt] = r[h]
-    qhat = d.repeat_interleave(H // n_kv, 0)
-    wq, inv_freq = identity_prediction(H, hd)
-    got = {}
-    for select in ("sketch", "sketch-predicted", "shortlist"):
-        cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select, sketch_bits=8,
-                          select_options={"shortlist": 2} if select == "shortlist" else {})
-        layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, device, torch.float32, "cpu", wq=wq.to(device),
-                            inv_freq=inv_freq.to(device))
-        layer.load(k[:, :, :prompt].to(device), v[:, :, :prompt].to(device), 0)
-        layer.selector.see_previous_input(qhat.reshape(1, 1, -1).to(device), prompt)
-        layer.decode(*(x[:, :, prompt:].to(device) for x in (q, k, v)), prompt)
-        got[select] = selected_positions(layer)
-        if select == "shortlist":
-            assert sorted(layer.selector.shortlist.pos[0].tolist()) == sorted(A + B)
-    assert (got["sketch"], got["sketch-predicted"], got["shortlist"]) == ([C] * n_kv, [A] * n_kv, [B] * n_kv)
 
 
 def tensors_of(obj):
@@ -559,8 +491,6 @@ def test_a_split_budget_gives_each_layer_its_own_top_k():
         KVCache(model, 200, replace(even, layer_topk=(8, 8, 8)))
     with pytest.raises(ValueError, match="top-k must be >= 1"):
         replace(even, layer_topk=(8, 0, 8, 8))
-    with pytest.raises(ValueError, match="takes one top-k for all"):
-        KVCache(model, 200, replace(split, select="shortlist"))
 
 
 def test_bad_settings_are_refused():
@@ -578,12 +508,6 @@ def test_bad_settings_are_refused():
         KVCache(tiny_model(4, 4, 64), 10, CacheConfig("kivi"), batch=2)
     with pytest.raises(ConfigError, match="channels 65 exceeds the model's head_dim 64"):  # not silently C = 64
         KVCache(tiny_model(4, 4, 64), 10, CacheConfig("sparse", select="channels", channels=65))
-    with pytest.raises(ConfigError, match="'sketch' selector has no option shortlist; its options: none"):
-        CacheConfig("sparse", select_options={"shortlist": 2})
-    with pytest.raises(ConfigError, match="shortlist must be an integer >= 1"):
-        KVCache(tiny_model(4, 4, 64), 10, CacheConfig("sparse", select="shortlist", select_options={"shortlist": 0}))
-    with pytest.raises(ConfigError, match=r"reuse is 0 \(gather every row each step\), 1 .* or 2"):
-        KVCache(tiny_model(4, 4, 64), 10, CacheConfig("sparse", select="sketch-int8", select_options={"reuse": 3}))
 
 
 def test_the_core_registers_the_method_and_research_the_rest():
@@ -595,12 +519,11 @@ def test_the_core_registers_the_method_and_research_the_rest():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     core, everything = (eval(part + "]") for part in out.strip()[:-1].split("] "))
     assert core == ["sketch", "channels", "sketch-heads"]
-    assert everything == core + ["sketch-next", "sketch-predicted", "exact", "exact-heads", "shortlist",
-                                 "shortlist-heads", "sketch-int8", "sketch-heads-int8"]
+    assert everything == core + ["exact", "exact-heads"]
     from research import selection
     core_source = "".join((ROOT / f).read_text() for f in ("kvcache.py", "generate.py", "kernels.py"))
     own = [name for name, obj in vars(selection).items() if getattr(obj, "__module__", None) == selection.__name__]
-    assert "ShortlistSelector" in own and not [name for name in own if name in core_source]
+    assert "HeadwiseExactSelector" in own and not [name for name in own if name in core_source]
 
 
 # ------------------------------------------------------------------------- default model, recall
@@ -722,42 +645,25 @@ def test_headwise_ranking_keeps_a_key_that_one_head_of_the_group_wants():
         q[0, h * G:(h + 1) * G, prompt] = torch.stack([3 * d[h]] + [-d[h]] * (G - 1)) + r[h]
         k[0, h, needles] = 4 * d[h] + 0.1 * rand(len(needles), hd, seed=h)
     got = {}
-    for select in ("exact", "exact-heads", "sketch-heads", "shortlist", "shortlist-heads"):
+    for select in ("exact", "exact-heads", "sketch", "sketch-heads"):  # the sketch at 8 bits: close to the keys
         cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select,
-                          sketch_bits=8,
-                          select_options={"shortlist": 1} if "shortlist" in select else {})  # the per-head ranking on a sketch close to the keys
+                          sketch_bits=8)
         layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
         layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
         layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)
         got[select] = selected_positions(layer)
-    assert got["exact-heads"] == got["sketch-heads"] == got["shortlist-heads"] == [needles] * n_kv
-    assert all(set(heads) != set(needles) for heads in got["exact"] + got["shortlist"])
+    assert got["exact-heads"] == got["sketch-heads"] == [needles] * n_kv
+    assert all(set(heads) != set(needles) for heads in got["exact"] + got["sketch"])
 
 
 def test_a_selector_without_a_kernel_path_is_refused_on_the_kernels():
     model = tiny_model(8, 2, 64)
-    with pytest.raises(ConfigError, match="'sketch-next' selector has no kernel path"):  # so is sketch-predicted
-        KVCache(model, 64, CacheConfig("sparse", select="sketch-next"), kernels=True)
-    KVCache(model, 64, CacheConfig("streaming", select="sketch-next"), kernels=True)  # selects nothing: fine
+    with pytest.raises(ConfigError, match="'exact' selector has no kernel path"):
+        KVCache(model, 64, CacheConfig("sparse", select="exact"), kernels=True)
+    KVCache(model, 64, CacheConfig("streaming", select="exact"), kernels=True)  # selects nothing: fine
 
 
-def test_the_neighbour_selector_fetches_the_token_after_each_hit():
-    """Needles at 40 and 90 point at every query; the keys after them are random. The neighbour ranking
-    takes 41 and 91 in the same budget of 4, the plain sketch two other random tokens."""
-    H, n_kv, hd, sink, recent, topk, prompt = 6, 2, 64, 4, 8, 4, 150
-    q, k, v = plant_needles(H, n_kv, hd, prompt + 1, [40, 90])
-    got = {}
-    for select in ("sketch", "sketch-next"):
-        cfg = CacheConfig("sparse", sink=sink, recent=recent, budget=sink + recent + topk, select=select)
-        layer = SparseLayer(n_kv, hd, prompt + 1, cfg, topk, "cpu", torch.float32, "cpu")
-        layer.load(k[:, :, :prompt], v[:, :, :prompt], 0)
-        layer.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], prompt)
-        got[select] = selected_positions(layer)
-    assert got["sketch-next"] == [[40, 41, 90, 91]] * n_kv
-    assert all({40, 90} <= set(heads) and not {41, 91} <= set(heads) for heads in got["sketch"])
-
-
-@pytest.mark.parametrize("select", ["sketch", "sketch-heads", "sketch-next"])
+@pytest.mark.parametrize("select", ["sketch", "sketch-heads"])
 def test_a_sketch_that_cannot_pack_the_head_is_refused(select):
     model = tiny_model(4, 2, 24)  # 24 channels: not a multiple of the 16 a 2-bit int32 holds
     with pytest.raises(ConfigError, match="2-bit sketch packs 16 channels per int32, which does not divide head_dim 24"):

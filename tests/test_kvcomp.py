@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import kvcache
 from quant import quantize
 from research import kvcomp
 
@@ -157,9 +158,9 @@ def test_kvcomp_layers_decode_on_both_paths_and_refuse_bad_bounds(device):
     from test_kernels import tiny_model
     model = tiny_model(device)
     prompt = torch.randint(0, 97, (1, 186), generator=torch.Generator().manual_seed(1)).to(device)
-    for cfg in (CacheConfig("kivi", residual=64, quantizer="kvcomp", quant_options={"error_bound": 0.02}),
+    for cfg in (CacheConfig("kivi", residual=64, quantizer=kvcomp.quantizer(0.02)),
                 CacheConfig("tailor", quant_layers=(0, 2), budget=48, sink=4, recent=12, residual=64,
-                            quantizer="kvcomp", quant_options={"error_bound": 0.1})):
+                            quantizer=kvcomp.quantizer(0.1))):
         caches = [KVCache(model, 200, cfg, device=device, kernels=kern) for kern in (False, True)]
         assert all(isinstance(layer, kvcomp.KVCompLayer) for c in caches for layer in c.layers
                    if layer is not None and layer.kind == "quant")
@@ -175,21 +176,11 @@ def test_kvcomp_layers_decode_on_both_paths_and_refuse_bad_bounds(device):
         a, b = (c.memory_report()["by_kind"]["quant"]["device_bytes"] for c in caches)
         kivi_8 = KVCache(model, 200, CacheConfig("kivi", bits=8), device=device).memory_report()["device_bytes"]
         assert a == b < 0.5 * kivi_8
-    for bad in ({}, {"error_bound": 0.0}, {"error_bound": 0.7}, {"error_bound": float("nan")}, {"eps": 0.1}):
-        with pytest.raises(ConfigError):
-            CacheConfig("kivi", quantizer="kvcomp", quant_options=bad)
+    for bad in (0.0, 0.7, float("nan"), "0.1"):
+        with pytest.raises(ConfigError, match=r"error bound in \(0, 0.5\]"):
+            kvcomp.quantizer(bad)
     with pytest.raises(ConfigError, match="quantizer"):
         CacheConfig("kivi", quantizer="huffman")
-
-
-def test_cli_error_bound(capsys):
-    import generate
-    cfg = generate.cache_config(generate.parse_args(["--prompt", "x", "--cache", "tailor", "--error-bound", "0.05"]))
-    assert cfg.quantizer == "kvcomp" and cfg.quant_options == {"error_bound": 0.05}
-    assert "quant kvcomp, error bound 0.05 of each channel's range" in generate.describe(cfg, 4)
-    for argv, msg in ((["--cache", "full", "--error-bound", "0.1"], "applies to --cache tailor / kivi"),
-                      (["--cache", "kivi", "--error-bound", "0.1", "--bits", "2"], "give one"),
-                      (["--cache", "kivi", "--error-bound", "2"], "error bound in (0, 0.5]")):
-        with pytest.raises(SystemExit):
-            generate.parse_args(["--prompt", "x"] + argv)
-        assert msg in capsys.readouterr().err
+    cfg = CacheConfig("tailor", quantizer=kvcomp.quantizer(0.05))
+    assert cfg.quantizer == "kvcomp:0.05"
+    assert kvcache.QUANTIZERS[cfg.quantizer].describe(cfg) == "kvcomp, error bound 0.05 of each channel's range"

@@ -70,12 +70,12 @@ def test_split_is_the_best_allocation_of_the_total():
     tails = [(torch.rand(16, generator=g) ** 3).sort(descending=True).values for _ in range(4)]
     tails = [(t.sum() - torch.cat([torch.zeros(1), t.cumsum(0)])).tolist() for t in tails]
     weights = torch.rand(4, generator=g).tolist()
-    got = pl.split_topk(tails, weights, topk=32)
+    got = pl.allocate_topk(tails, weights, topk=32)
     assert sum(got) == 4 * 32 and min(got) >= 8 and all(k % 8 == 0 for k in got)
     cost = lambda ks: sum(w * t[k // 8] for t, w, k in zip(tails, weights, ks))  # noqa: E731
     best = min(cost([8 + 8 * a for a in c]) for c in itertools.product(range(13), repeat=4) if sum(c) == 12)
     assert cost(got) == pytest.approx(best) and cost(got) < cost([32] * 4)
-    floored = pl.split_topk(tails, weights, topk=32, floor=24)
+    floored = pl.allocate_topk(tails, weights, topk=32, floor=24)
     assert sum(floored) == 4 * 32 and min(floored) == 24 and cost(got) <= cost(floored) <= cost([32] * 4)
 
 
@@ -203,8 +203,8 @@ def test_generate_uses_the_shipped_plan_and_refuses_a_foreign_one(tmp_path):
     split = lp.split_topk(json.loads(shipped.read_text()), CacheConfig().topk)
     assert r.returncode == 0 and "running them at --bits 4" in r.stderr and "top-k split by the plan" in r.stderr
     assert f"top-{min(split[1:])}..{max(split)} (split by layer" in r.stderr
-    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--select", "shortlist")  # research/ only
-    assert r.returncode == 2 and "invalid choice: 'shortlist'" in r.stderr
+    r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--select", "exact-heads")  # research/ only
+    assert r.returncode == 2 and "invalid choice: 'exact-heads'" in r.stderr
     r = cli("--prompt", "Name a colour.", "--cache", "tailor", "--quant-layers", "0", "--topk-split", "plan")
     assert r.returncode == 2 and "drop --quant-layers or the split" in r.stderr
     unsplit = json.loads(shipped.read_text())
