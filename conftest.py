@@ -24,6 +24,22 @@ import checkpoint  # noqa: E402
 from model import load_model  # noqa: E402
 
 
+def hide_kernels_from_transformers():
+    """transformers >= 5 imports the hub's `kernels` package when it is installed (it depends on it), and
+    this repository's kernels.py, first on sys.path, answers to that name: turn its hub kernels off and
+    tell it the package is absent (the oracle needs none of it)."""
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
+    try:
+        import transformers.utils as utils
+        import transformers.utils.import_utils as import_utils
+    except ImportError:
+        return
+    utils.is_kernels_available = import_utils.is_kernels_available = lambda *args, **kwargs: False
+
+
+hide_kernels_from_transformers()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (bench/gpu_check.py runs these with the cuda-parametrized tests)")
 

@@ -419,7 +419,7 @@ def _sketch_queries(q, h, c, sm_scale, G: tl.constexpr, HEADS: tl.constexpr, BQ:
 def _sketch_kernel(q, kc, kc_h, kc_t, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, out, o_h, part_m, part_l, pos_ptr,
                    sm_scale, n_parts, SINK: tl.constexpr, RECENT: tl.constexpr, BITS: tl.constexpr,
                    GROUP: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, HEADS: tl.constexpr, BQ: tl.constexpr,
-                   HD: tl.constexpr, UNROLLED: tl.constexpr = True):
+                   HD: tl.constexpr):
     """NB groups of GROUP tokens of KV head h against its BQ queries (each query head's with HEADS, else the
     group's mean). Every thread keeps its tokens' partial dot products in registers, in the layout the packed
     words arrive in, (query, token, group, word): code j of each word (channels w * W + j) is masked in place
@@ -444,26 +444,17 @@ def _sketch_kernel(q, kc, kc_h, kc_t, ks, km, ks_h, ks_g, ks_c, res, r_h, r_t, o
     words = tl.load(kc + h * kc_h + t * kc_t + w)                          # (1, GROUP, NB, NW)
     acc = tl.zeros((BQ, GROUP, NB, NW), tl.float32)
     bias = tl.zeros((BQ, 1, NB, NW), tl.float32)
-    if UNROLLED:
-        for j in tl.static_range(W):
-            c = w * W + j
-            qj = _sketch_queries(q, h, c, sm_scale, G, HEADS, BQ, HD)
-            meta = h * ks_h + grp * ks_g + c * ks_c
-            s = tl.load(ks + meta).to(tl.float32)                              # (1, 1, NB, NW)
-            if j == HALF:
-                words = words >> 16                                            # the high half's codes
-            sh = (j % HALF) * BITS
-            x = ((words & (MASK << sh)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            acc += x * (qj * s * (1.0 / (1 << sh)))
-            bias += qj * tl.load(km + meta).to(tl.float32)
-    else:
-        for jd in range(W):
-            c = w * W + jd
-            qj = _sketch_queries(q, h, c, sm_scale, G, HEADS, BQ, HD)
-            meta = h * ks_h + grp * ks_g + c * ks_c
-            x = (((words >> (jd * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            acc += x * (qj * tl.load(ks + meta).to(tl.float32))
-            bias += qj * tl.load(km + meta).to(tl.float32)
+    for j in tl.static_range(W):
+        c = w * W + j
+        qj = _sketch_queries(q, h, c, sm_scale, G, HEADS, BQ, HD)
+        meta = h * ks_h + grp * ks_g + c * ks_c
+        s = tl.load(ks + meta).to(tl.float32)                              # (1, 1, NB, NW)
+        if j == HALF:
+            words = words >> 16                                            # the high half's codes
+        sh = (j % HALF) * BITS
+        x = ((words & (MASK << sh)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        acc += x * (qj * s * (1.0 / (1 << sh)))
+        bias += qj * tl.load(km + meta).to(tl.float32)
     score = tl.sum(acc, 3) + tl.sum(bias, 3)                               # (BQ, GROUP, NB)
     t3 = (b * NB + tl.arange(0, NB))[None, None, :] * GROUP + tl.arange(0, GROUP)[None, :, None]
     if (n_q >= b * NB * GROUP) & (n_q < (b + 1) * NB * GROUP):  # the group still in the ring: exact keys
@@ -514,9 +505,9 @@ def _head_max_kernel(raw, r_h, part_m, part_l, n_parts, out, o_h, G: tl.constexp
 
 
 SKETCH_NB = 8  # the most groups of sketch tokens a program scores: score buffers are a multiple of SKETCH_NB groups
-# how sketch_scores launches, by ranking (the group's mean / each query head): groups per program, warps, and
-# whether the loop over a word's codes is unrolled (bench/kernel_speed.py times the others beside these)
-LAUNCH = {"mean": (4, 4, True), "heads": (2, 4, True)}
+# how sketch_scores launches, by ranking (the group's mean / each query head): groups per program and warps,
+# the fastest measured on an H100 at 128k (bench/results/sketch_layouts_h100.md; kernel_speed.py times others)
+LAUNCH = {"mean": (2, 2), "heads": (1, 2)}
 
 
 class HeadScratch:
@@ -530,14 +521,14 @@ class HeadScratch:
 
 
 def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScratch | None = None,
-                  NB: int | None = None, num_warps: int | None = None, unrolled: bool | None = None):
+                  NB: int | None = None, num_warps: int | None = None):
     """Scores (n_kv, width) of every offloaded position [sink, pos + 1 - recent), -inf elsewhere, from a
     token-major, per-channel quant.QuantStore sketch whose residual is one group. heads=None: against the
     group's mean query; else each query head's log-softmax over the offloaded positions, the largest of
-    the group's heads. NB, num_warps, unrolled: LAUNCH's unless given. Reference: kvcache.Selector.rank
-    over the dequantized sketch."""
-    nb, nw, unr = LAUNCH["mean" if heads is None else "heads"]
-    NB, num_warps, unrolled = NB or nb, num_warps or nw, unr if unrolled is None else unrolled
+    the group's heads. NB (groups per program) and num_warps: LAUNCH's unless given. Reference:
+    kvcache.Selector.rank over the dequantized sketch."""
+    nb, nw = LAUNCH["mean" if heads is None else "heads"]
+    NB, num_warps = NB or nb, num_warps or nw
     n_kv, R, hd = sketch.res.shape
     check_q(q, n_kv, hd)
     _check_store(sketch)
@@ -549,8 +540,7 @@ def sketch_scores(q, sketch, pos, scores, sink: int, recent: int, heads: HeadScr
     G, n_parts = q.shape[0] // n_kv, width // block
     args = (q, sketch.codes, sketch.codes.stride(0), sketch.codes.stride(1), sketch.scale, sketch.mn,
             *sketch.scale.stride(), sketch.res, sketch.res.stride(0), sketch.res.stride(1))
-    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, G=G, HD=hd, num_warps=num_warps,
-                 UNROLLED=unrolled)
+    shape = dict(SINK=sink, RECENT=recent, BITS=sketch.bits, GROUP=sketch.g, NB=NB, G=G, HD=hd, num_warps=num_warps)
     if heads is None:
         _sketch_kernel[(n_kv, n_parts)](*args, scores, scores.stride(0), scores, scores, pos, 1.0, n_parts,
                                         HEADS=False, BQ=1, **shape)

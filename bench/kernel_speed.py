@@ -109,14 +109,13 @@ def main():
     moved = nbytes(*sketch.tensors()) + nbytes(scores)
     add("sketch_scores 2-bit", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56), args.reps), moved, "hbm",
         "the group's mean query; codes + scales read, scores written")
-    for nb, nw, unrolled in ((2, 4, True), (8, 4, True), (4, 4, False), (8, 8, False)):
-        add(f"  NB={nb} warps={nw}{'' if unrolled else ' (a loop)'}",
-            bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, None, nb, nw, unrolled), args.reps), moved,
-            "hbm", "groups per program, warps, the codes of a word unrolled or a loop")
-    for i, (nb, nw, unrolled) in enumerate((K.LAUNCH["heads"], (1, 4, True), (2, 8, True), (2, 4, False))):
+    for nb, nw in ((4, 2), (4, 4), (8, 4), (2, 4)):
+        add(f"  NB={nb} warps={nw}", bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, None, nb, nw),
+                                           args.reps), moved, "hbm", "groups per program, warps")
+    for i, (nb, nw) in enumerate((K.LAUNCH["heads"], (1, 4), (2, 4), (2, 2))):
         heads = K.HeadScratch(H, L, dev, scores.dtype, block=nb * 64)
-        add("sketch_scores 2-bit per head" + ("" if i == 0 else f" NB={nb} warps={nw}{'' if unrolled else ' (a loop)'}"),
-            bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, heads, nb, nw, unrolled), args.reps),
+        add("sketch_scores 2-bit per head" + ("" if i == 0 else f" NB={nb} warps={nw}"),
+            bench(lambda: K.sketch_scores(q, sketch, pos, scores, 8, 56, heads, nb, nw), args.reps),
             moved + 2 * nbytes(heads.raw), "hbm", "each query head: its scores written and read back, then the largest")
     half = scores.half()
     add("torch.topk k=128 fp16", bench(lambda: half.topk(128, dim=-1, sorted=False), args.reps), nbytes(half), "hbm",

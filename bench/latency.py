@@ -171,7 +171,11 @@ def run_ours(model, label, cfg, context, steps, warmup, chunk, bw, cuda_graph=Tr
 @torch.inference_mode()
 def run_hf(context, steps, warmup, chunk, bw) -> dict:
     """transformers' LlamaForCausalLM (random bf16 weights, same shapes) with its offloaded DynamicCache."""
-    import transformers
+    import os
+    os.environ.setdefault("USE_HUB_KERNELS", "0")  # transformers >= 5 would import the hub's `kernels` package,
+    import transformers                             # and kernels.py answers to that name here
+    import transformers.utils.import_utils
+    transformers.utils.is_kernels_available = transformers.utils.import_utils.is_kernels_available = lambda *a, **k: False
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
     a = LLAMA31_8B
     config = LlamaConfig(hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,

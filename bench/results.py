@@ -9,6 +9,22 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = [  # (title, results file, command, image or None, what to know)
+    ("Decode latency on an H100, 16k–128k: rows kept across steps, the top-k from the last choice, the sketch "
+     "kernel in registers", "latency_h100.md",
+     "python bench/latency.py --contexts 131072 65536 32768 16384 --policies full tailor-1 tailor-1/sketch-heads "
+     "kivi-2 streaming --steps 20 --warmup 3 --out bench/results/latency_h100", "latency_h100.png",
+     "kernels.LAUNCH as it was for this run: the mean sketch 4 groups per program on 4 warps, per head 2 on 4. "
+     "Floor: the bytes a step must read from HBM plus its host→device bytes at the bandwidths measured in the run."),
+    ("The same at 128k, the sketch kernel's launch tuned", "latency_h100_128k.md",
+     "python bench/latency.py --contexts 131072 --policies tailor-1 tailor-1/sketch-heads full --steps 20 --warmup 3 "
+     "--out bench/results/latency_h100_128k", None,
+     "kernels.LAUNCH: the mean sketch 2 groups per program on 2 warps, per head 1 on 2 (sketch_layouts_h100.md)."),
+    ("Where a tailor-1 step's time goes, H100, 16k and 128k", "profile_tailor_h100.md",
+     "python bench/latency.py --profile --contexts 16384 131072 --policies tailor-1", None,
+     "Eager kernel path under torch.profiler, per kernel name, in the same session as the 16k–128k run."),
+    ("The sketch kernel's launch, H100, 128k", "sketch_layouts_h100.md", "python research/sketch_layouts.py", None,
+     "The mean and per-head sketch scoring of one layer against the kernel it replaced (4b6abfb), 20 calls "
+     "replayed from a CUDA graph."),
     ("Decode latency at 16k–128k tokens", "latency.md",
      "python bench/latency.py --policies full tailor-1 kivi-2 sparse sparse/channels streaming --steps 20 --warmup 3; "
      "python bench/latency.py --policies hf --chunk 8192", "latency.png",
