@@ -232,11 +232,27 @@ def write_manifest(tmp: Path, gguf_path: Path, source_fingerprint: str):
 
 
 def remove_stale_partials(root: Path):
-    """Remove <entry>.partial-<pid> folders whose process is gone (a conversion killed mid-way)."""
-    for p in root.glob("*.partial-*"):
-        pid = p.name.rpartition(".partial-")[2]
+    """Remove <entry>.partial-<pid> and <entry>.old-<pid> folders whose process is gone (killed mid-way)."""
+    for p in [*root.glob("*.partial-*"), *root.glob("*.old-*")]:
+        pid = p.name.rpartition("-")[2]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def publish(tmp: Path, out: Path):
+    """Put the finished folder tmp in place as out, each step one rename: a reader sees the old entry or a
+    whole new one, never half of one. Runs that convert at once all succeed: an entry another run put in
+    place between our two renames is kept (it is as complete as ours), and ours is dropped."""
+    stale = out.with_name(out.name + f".old-{os.getpid()}")
+    try:
+        out.rename(stale)  # the entry being replaced, moved aside
+    except FileNotFoundError:
+        pass
+    try:
+        tmp.rename(out)
+    except OSError:  # out exists again (another run published): keep it
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -266,8 +282,7 @@ def gguf_to_hf(gguf_path: Path, verify: bool = False, rebuild: bool = False) -> 
     try:
         convert_gguf(gguf_path, tmp)
         write_manifest(tmp, gguf_path, fingerprint)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
+        publish(tmp, out)
     except BaseException:  # Ctrl-C included: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import NAMED_MODELS, is_converted, resolve_model
-from inputs import (CHARS_PER_TOKEN, Terminated, UsageError, check_writable, cpu_name, fit_to_context, layer_list, log,
-                    make_cache, on_sigterm, peak_memory, positive_int, read_prompt, set_threads, versions)
+from inputs import (CHARS_PER_TOKEN, Terminated, UsageError, check_outputs, cpu_name, fit_to_context, layer_list, log,
+                    make_cache, on_sigterm, peak_memory, positive_int, read_prompt, set_threads, versions, write_output)
 from kvcache import POLICIES, QUANTIZERS, SELECTORS, CacheConfig, ConfigError, kernels_available
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
@@ -57,7 +57,10 @@ def sample(logits: torch.Tensor, s: Sampling, history: list[int], generator) -> 
         logits[seen] = torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty)
     if s.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    scaled = logits.float() / s.temperature
+    if not bool(torch.isfinite(scaled).all()):  # a temperature so small the logits overflow: its limit, greedy
+        return int(logits.argmax())
+    probs = torch.softmax(scaled, dim=-1)
     if s.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         outside = sorted_p.cumsum(0) - sorted_p >= s.top_p  # mass before this token already reaches top_p
@@ -140,6 +143,14 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
     stats["steps"] decode steps).
     A KeyboardInterrupt stops generation and returns what was made so far (stats["interrupted"]).
     """
+    if not len(prompt_ids):
+        raise ValueError("the prompt is empty: generate() needs at least one token id")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    for c in (cache, check_cache):
+        if c is not None and c.length:
+            raise ValueError(f"this KVCache already holds {c.length} positions of an earlier sequence, and "
+                             f"generate() starts one at position 0: build a new KVCache for each prompt")
     device = model.embed.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sampling = sampling or Sampling()  # greedy
@@ -333,12 +344,16 @@ def parse_args(argv=None):
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     try:
-        codecs.lookup(args.encoding)
+        text_encoding = codecs.lookup(args.encoding)._is_text_encoding  # rot13, base64: codecs, not encodings of text
     except LookupError:
-        p.error(f"--encoding {args.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, utf-16)")
-    for flag in ("report", "trace"):
-        if getattr(args, flag):
-            check_writable(p, flag, getattr(args, flag))
+        text_encoding = None
+    if not text_encoding:
+        p.error(f"--encoding {args.encoding!r} is not " + ("an encoding Python knows" if text_encoding is None else
+                "a text encoding") + " (e.g. utf-8, latin-1, utf-16)")
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        p.error(f"--seed must be an integer of at most 64 bits (0 to {2 ** 64 - 1}), got {args.seed}")
+    check_outputs(p, {"report": args.report, "trace": args.trace},
+                  {"prompt-file": args.prompt_file, "plan": getattr(args, "plan", None)})
     return args
 
 
@@ -420,10 +435,11 @@ def run(args, report: dict) -> int:
                   stage="allocating the cache",
                   policy={"cache": args.cache, **vars(cfg), "prefill_chunk": args.prefill_chunk, "layer_plan": plan_info},
                   sampling={**vars(sampling), "chat": chat})
-    cache = make_cache(cfg, model, len(ids) + max_new, device=device, dtype=dtype, chunk=args.prefill_chunk,
+    chunk = min(args.prefill_chunk, len(ids))  # the largest chunk this prompt makes: what the headroom is for
+    cache = make_cache(cfg, model, len(ids) + max_new, device=device, dtype=dtype, chunk=chunk,
                        kernels=kernels)
     check = make_cache(CacheConfig(), model, len(ids) + max_new, device=device, dtype=dtype,
-                       chunk=args.prefill_chunk) if args.check else None
+                       chunk=chunk) if args.check else None
 
     from tqdm import tqdm
     bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
@@ -471,9 +487,10 @@ def run(args, report: dict) -> int:
                   kv_cache=mem, check=stats.get("check"), peak_memory_bytes=peak_memory(device))
     if on_cuda:
         report["gpu"] = torch.cuda.get_device_name(device)
+    written = True
     if args.trace and mem:
-        write_trace(args.trace, tok, ids, cache, stats, mem, f"{model_dir.name}: {describe(cfg, model.args.n_layers)}")
-    return (143 if stats["signal"] == "SIGTERM" else 130) if stats["interrupted"] else 0
+        written = write_trace(args.trace, tok, ids, cache, stats, mem, f"{model_dir.name}: {describe(cfg, model.args.n_layers)}")
+    return (143 if stats["signal"] == "SIGTERM" else 130) if stats["interrupted"] else 0 if written else 1
 
 
 def sampling_of(args, model_dir: Path) -> Sampling:
@@ -493,14 +510,16 @@ def sampling_of(args, model_dir: Path) -> Sampling:
                     args.repeat_last_n)
 
 
-def write_trace(path: str, tok, ids: list[int], cache, stats: dict, mem: dict, title: str):
-    """generate.py --trace: the page of trace_page.py, from the recorder read back once, here."""
+def write_trace(path: str, tok, ids: list[int], cache, stats: dict, mem: dict, title: str) -> bool:
+    """generate.py --trace: the page of trace_page.py, from the recorder read back once, here. -> written."""
     import trace_page
     tokens = [tok.decode([i]) for i in ids]
     data = trace_page.page_data(tokens, cache.kinds, cache.cfg, stats["trace"].positions.cpu(), stats["steps"], mem,
                                 title)
-    Path(path).write_text(trace_page.render(data))
+    if not write_output("trace", path, trace_page.render(data)):
+        return False
     log(f"trace: {path}")
+    return True
 
 
 def stats_line(stats: dict, n_prompt: int, n_out: int, threads: int | None) -> str:
@@ -531,7 +550,8 @@ def tailor_layers(cfg: CacheConfig, plan_path, model, *, bits_given=False, split
         return cfg, {"source": "--quant-layers", "quant_layers": list(cfg.quant_layers)}
     path = Path(plan_path) if plan_path else find_plan(model)
     if plan_path and not path.is_file():
-        raise UsageError(f"plan file {path} does not exist")
+        raise UsageError(f"plan file {path} " + ("is a directory; pass a plan file (plans/<model>.json)" if path.is_dir()
+                                                 else "does not exist"))
     if path is None:
         if split == "plan":
             raise UsageError(f"--topk-split plan: no layer plan for this model in {PLANS}; make one with: "
@@ -604,16 +624,10 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, before)
     if args.report:
-        write_report(args.report, report)
+        report["versions"] = versions()
+        if not write_output("report", args.report, json.dumps(report, indent=2)) and rc == 0:
+            rc = 1  # the answer was given; the report it was asked for is not there
     return rc
-
-
-def write_report(path: str, report: dict):
-    report["versions"] = versions()
-    try:
-        Path(path).write_text(json.dumps(report, indent=2))
-    except OSError as e:
-        log(f"error: --report {path}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,39 @@ def check_writable(p, flag: str, name: str):
         p.error(f"--{flag} {name}: not writable")
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (through links and relative spellings, existing or not)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_outputs(p, outputs: dict[str, str | None], inputs: dict[str, str | None]):
+    """Refuse, before any work is done, an output (flag -> path; None: not asked for) that cannot be written,
+    that names an input (flag -> path: it would be overwritten) or the file another output names."""
+    given = {flag: name for flag, name in outputs.items() if name}
+    for i, (flag, name) in enumerate(given.items()):
+        check_writable(p, flag, name)
+        for src_flag, src in inputs.items():
+            if src and src != "-" and same_file(name, src):
+                p.error(f"--{flag} {name} is the --{src_flag} file: writing it would destroy it; name another file")
+        for other, other_name in list(given.items())[:i]:
+            if same_file(name, other_name):
+                p.error(f"--{flag} and --{other} both name {name}: one would overwrite the other; give each its own")
+
+
+def write_output(flag: str, path: str, text: str) -> bool:
+    """Write one output file; on failure say so in one line and return False (the caller's exit status says it),
+    so that one output's failure loses no other."""
+    try:
+        Path(path).write_text(text)
+        return True
+    except OSError as e:
+        log(f"error: --{flag} {path}: {e.strerror or e}")
+        return False
+
+
 def peak_memory(device) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)

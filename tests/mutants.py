@@ -258,7 +258,44 @@ MUTANTS = [
            "                self.slots.hold(idx)", "                pass",
            ("tests/test_kernels.py::test_sparse_step_equals_the_reference_decode",),
            "rows written by the PyTorch path are still taken for what retrieve left there"),
-
+    Mutant("output-check-by-spelling", "inputs.py",
+           "if src and src != \"-\" and same_file(name, src):", "if src and src != \"-\" and name == src:",
+           ("tests/test_generate.py::test_cli_outputs_never_overwrite_an_input_or_each_other",),
+           "an output that names the prompt file through another spelling overwrites it"),
+    Mutant("outputs-may-collide", "inputs.py",
+           "            if same_file(name, other_name):", "            if False:",
+           ("tests/test_generate.py::test_cli_outputs_never_overwrite_an_input_or_each_other",),
+           "--report and --trace may name one file"),
+    Mutant("failed-report-exits-0", "generate.py",
+           "            rc = 1  # the answer was given", "            rc = 0  # the answer was given",
+           ("tests/test_generate.py::test_cli_a_failed_output_is_a_failed_run_and_loses_no_other",),
+           "a report that could not be written still exits 0"),
+    Mutant("failed-trace-exits-0", "generate.py",
+           "else 0 if written else 1", "else 0",
+           ("tests/test_generate.py::test_cli_a_failed_output_is_a_failed_run_and_loses_no_other",),
+           "a trace that could not be written still exits 0"),
+    Mutant("cache-reused", "generate.py",
+           "        if c is not None and c.length:", "        if False:",
+           ("tests/test_generate.py::test_library_calls_refuse_what_cannot_work",),
+           "generate() takes a cache that holds an earlier sequence"),    Mutant("publish-not-atomic", "checkpoint.py",
+           """    try:
+        out.rename(stale)  # the entry being replaced, moved aside
+    except FileNotFoundError:
+        pass
+    try:
+        tmp.rename(out)
+    except OSError:  # out exists again (another run published): keep it
+        shutil.rmtree(tmp, ignore_errors=True)""",
+           """    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)""",
+           ("tests/test_checkpoint.py::test_runs_that_convert_at_once_all_succeed",),
+           "two runs publishing a conversion at once: one removes the other's entry, the rename fails"),    Mutant("tiny-temperature-nan", "generate.py",
+           "    if not bool(torch.isfinite(scaled).all()):  # a temperature", "    if False:  # a temperature",
+           ("tests/test_generate.py::test_sampling",), "a temperature that overflows the logits samples from NaN"),
+    Mutant("chunk-headroom-from-the-flag", "generate.py",
+           "chunk = min(args.prefill_chunk, len(ids))", "chunk = args.prefill_chunk",
+           ("tests/test_generate.py::test_a_huge_prefill_chunk_is_sized_by_the_prompt_it_cuts",),
+           "a huge --prefill-chunk refuses a short prompt as if it were long"),
 ]
 
 

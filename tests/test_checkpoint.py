@@ -353,10 +353,43 @@ def test_the_cache_key_is_the_gguf_content_not_its_path(tmp_path):
 
 def test_stale_partial_folders_are_removed_live_ones_kept(tmp_path):
     dead, live = tmp_path / "m-abc.partial-999999999", tmp_path / f"m-abc.partial-{os.getpid()}"
-    dead.mkdir()
-    live.mkdir()
+    moved = tmp_path / "m-abc.old-999999999"  # an entry moved aside by a run killed before it removed it
+    for d in (dead, live, moved):
+        d.mkdir()
     checkpoint.remove_stale_partials(tmp_path)
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and not moved.exists() and live.exists()
+
+
+def test_runs_that_convert_at_once_all_succeed(tmp_path, monkeypatch):
+    """Eight publishers at once (threads standing in for processes, each with its own pid), over and over, an
+    entry already in place or not: none fails, and what stays is one whole entry, nothing left beside it."""
+    import threading
+    out = tmp_path / "m-abc"
+    pid = threading.local()
+    monkeypatch.setattr(checkpoint.os, "getpid", lambda: pid.value)
+    for round in range(20):
+        errors, start = [], threading.Barrier(8)
+
+        def run(i):
+            pid.value = 1000 * round + i
+            tmp = out.with_name(f"{out.name}.partial-{pid.value}")
+            tmp.mkdir()
+            for name in ("model.safetensors", "config.json", "tokenizer.json"):
+                (tmp / name).write_text(str(i))
+            start.wait()
+            try:
+                checkpoint.publish(tmp, out)
+            except Exception as e:  # noqa: BLE001 - any failure is the test's
+                errors.append(e)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert len({(out / n).read_text() for n in ("model.safetensors", "config.json", "tokenizer.json")}) == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["m-abc"], round
 
 
 def test_a_file_that_is_not_a_gguf_or_is_cut_short_is_named(tmp_path, monkeypatch):

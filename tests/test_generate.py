@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,7 @@ def test_cli_document_from_stdin_with_question():
     (["--prompt", "hi", "--cache", "magic"], "invalid choice: 'magic'"),
     (["--prompt", "hi", "--model", "/no/such/model"], "no such file or directory"),
     (["--prompt", "hi", "--max-new-tokens", "9000"], "leaves no room for a prompt"),
+    (["--prompt", "hi", "--cache", "tailor", "--plan", "/tmp"], "plan file /tmp is a directory; pass a plan file"),
 ])
 def test_cli_bad_input(args, message):
     r = cli(*args)
@@ -74,6 +76,7 @@ def test_cli_bad_input(args, message):
     (["--prompt", "hi", "--report", "/no/such/folder/run.json"], "--report /no/such/folder/run.json: folder"),
     (["--prompt", "hi", "--report", "/tmp"], "--report /tmp is a directory"),
     (["--prompt", "hi", "--encoding", "klingon"], "--encoding 'klingon' is not an encoding"),
+    (["--prompt", "hi", "--encoding", "rot13"], "--encoding 'rot13' is not a text encoding"),
     (["--prompt-file", "/tmp"], "prompt file /tmp is a directory"),
     (["--prompt-file", "/bin/ls"], "prompt file /bin/ls looks like a binary file (NUL byte at offset"),
     (["--prompt", "hi", "--rope-scale", "4"], "--rope-scale and --yarn-orig-ctx go with --rope-scaling yarn"),
@@ -85,6 +88,70 @@ def test_cli_refuses_before_loading_the_model(args, message):
     r = cli(*args)
     assert r.returncode == 2 and message in r.stderr and r.stdout == "", r.stderr
     assert "Traceback" not in r.stderr and "params)" not in r.stderr and "converting" not in r.stderr
+
+
+def test_cli_outputs_never_overwrite_an_input_or_each_other(tmp_path):
+    """--report or --trace naming the prompt file (or the plan) is refused before anything runs, the document
+    left intact; --report and --trace naming one file (through another spelling) likewise; --seed past 64 bits."""
+    doc, link = tmp_path / "doc.txt", tmp_path / "link.txt"
+    doc.write_text("A short document about lighthouses.")
+    link.symlink_to(doc)
+    for args, message in (
+            (["--prompt-file", str(doc), "--report", str(doc)], "is the --prompt-file file: writing it would destroy it"),
+            (["--prompt-file", str(doc), "--trace", str(link)], "is the --prompt-file file"),
+            (["--prompt-file", f"{tmp_path}/./doc.txt", "--report", str(doc)], "is the --prompt-file file"),
+            (["--prompt", "hi", "--cache", "tailor", "--plan", str(doc), "--report", str(doc)], "is the --plan file"),
+            (["--prompt", "hi", "--report", str(tmp_path / "out"), "--trace", f"{tmp_path}/./out"],
+             "--trace and --report both name"),
+            (["--prompt", "hi", "--seed", str(2 ** 64)], "--seed must be an integer of at most 64 bits")):
+        r = cli(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert doc.read_text() == "A short document about lighthouses." and not (tmp_path / "out").exists()
+
+
+def test_cli_a_failed_output_is_a_failed_run_and_loses_no_other(tmp_path, monkeypatch, capsys):
+    """--report /dev/full: the answer is printed, the write fails in one line, exit status 1; a trace whose
+    write fails (the disk filled while the model ran) does not lose the report."""
+    r = cli("--prompt", "What is the capital of France?", "--max-new-tokens", "3", "--report", "/dev/full")
+    assert r.returncode == 1 and r.stdout.startswith("The capital") and "error: --report /dev/full" in r.stderr
+    assert "Traceback" not in r.stderr
+    report, trace = tmp_path / "run.json", tmp_path / "page.html"
+    write = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self == trace:
+            raise OSError(28, "No space left on device")
+        return write(self, text, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    rc = generate.main(["--prompt", "Name a colour.", "--cache", "tailor", "--max-new-tokens", "3", "--report",
+                        str(report), "--trace", str(trace)])
+    assert rc == 1 and f"error: --trace {trace}: No space left on device" in capsys.readouterr().err
+    assert json.loads(report.read_text())["stage"] == "done" and not trace.exists()
+
+
+def test_a_huge_prefill_chunk_is_sized_by_the_prompt_it_cuts(tmp_path):
+    """--prefill-chunk far beyond the prompt: the memory check counts the chunk the prompt makes, not the flag."""
+    r = cli("--prompt", "Name a colour.", "--prefill-chunk", "100000000", "--max-new-tokens", "2")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_library_calls_refuse_what_cannot_work():
+    """generate() with an empty prompt, a negative or non-integer max_new_tokens, or a cache that holds an
+    earlier sequence (a kivi or tailor store cannot take position 0 again): a ValueError that says so."""
+    from test_kvcache import tiny_model
+    model = tiny_model(4, 2, 64)
+    for bad, message in (({"prompt_ids": []}, "the prompt is empty"), ({"max_new_tokens": -5}, "max_new_tokens must be"),
+                         ({"max_new_tokens": 2.5}, "max_new_tokens must be")):
+        kw = {"prompt_ids": list(range(10)), "max_new_tokens": 3} | bad
+        with pytest.raises(ValueError, match=message):
+            generate.generate(model, KVCache(model, 40, CacheConfig("kivi", residual=64)), **kw)
+    for cfg in (CacheConfig("kivi", residual=64), CacheConfig("tailor", quant_layers=(0,), sink=4, recent=8, budget=20),
+                CacheConfig("full")):
+        cache = KVCache(model, 40, cfg)
+        out, _ = generate.generate(model, cache, list(range(10)), max_new_tokens=3)
+        assert len(out) == 3
+        with pytest.raises(ValueError, match="already holds 12 positions of an earlier sequence"):
+            generate.generate(model, cache, list(range(10)), max_new_tokens=3)
 
 
 BAD_UTF8 = "Caf\u00e9 au lait, ".encode() * 3 + b"caf\xe9 noir." + b" and more text" * 4  # a latin-1 byte at 48
@@ -205,6 +272,7 @@ def test_sampling():
     seeded = [[generate.sample(logits, S(2.0), [], gen) for _ in range(20)]
               for gen in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))]
     assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1  # same seed, same draws
+    assert {generate.sample(logits, S(1e-300), [], g) for _ in range(5)} == {1}  # overflowing scale: greedy, its limit
 
 
 def test_repetition_penalty_divides_positive_logits_and_multiplies_negative_ones():
