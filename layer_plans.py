@@ -25,17 +25,25 @@ def model_name(model_dir: Path) -> str:
     return stem if stem and len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix) else name
 
 
+def weight_sample(t: torch.Tensor) -> torch.Tensor:
+    """The values of a weight its fingerprint reads: up to 4096 of them, evenly spaced, in bf16."""
+    flat = t.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16)
+
+
 def fingerprint(model, args=None) -> str:
-    """Identity of a model's config (args, default its own) and weights, independent of the dtype it was loaded in."""
+    """Identity of a model's config (args, default its own) and weights, independent of the dtype it was loaded
+    in: the weights are sampled as the checkpoint stores them (model.weight_samples, kept by model.load_model;
+    a model built otherwise, from its parameters), so fp32 -> fp16 rounding cannot change it."""
     # qkv_bias is left to the parameter names below (so plans made before that field existed still match)
     args = args or model.args
     h = hashlib.sha256(json.dumps({k: v for k, v in vars(args).items() if k not in ("eos_token_ids", "qkv_bias")},
                                   sort_keys=True).encode())
+    stored = getattr(model, "weight_samples", {})
     for name, p in sorted(model.named_parameters()):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        sample = stored[name] if name in stored else weight_sample(p)
         h.update(name.encode() + bytes(str(tuple(p.shape)), "ascii"))
-        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        h.update(sample.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -206,6 +206,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     """Build the model on the meta device and fill it from the directory's safetensors files.
     rope_scaling, if given, replaces the config's (e.g. {"rope_type": "yarn", "factor": 4.0})."""
     from safetensors import safe_open
+
+    import layer_plans
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     args = ModelArgs.from_hf_config(cfg if rope_scaling is None else with_rope_scaling(cfg, rope_scaling))
@@ -220,7 +222,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
         model = Transformer(args)
     expected = dict(model.named_parameters())
     names = hf_name_map(args.n_layers)
-    state, unexpected = {}, []
+    state, unexpected, samples = {}, [], {}
     for fname in files:
         with safe_open(str(model_dir / fname), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -234,8 +236,10 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
                     raise ValueError(f"{fname}: {key} has shape {tuple(t.shape)}, "
                                      f"the config implies {tuple(expected[ours].shape)}")
                 state[ours] = t.to(device=device, dtype=dtype)
+                samples[ours] = layer_plans.weight_sample(t)  # as stored, whatever dtype it is loaded in
     if args.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("embed.weight"))
+        samples.setdefault("lm_head.weight", samples.get("embed.weight"))
     missing = [k for k in expected if state.get(k) is None]
     if missing or unexpected:
         raise ValueError(f"checkpoint {model_dir} does not match the config: "
@@ -243,4 +247,5 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
     model.load_state_dict(state, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)
+    model.weight_samples = samples  # what layer_plans.fingerprint identifies the weights by
     return model.eval()

@@ -295,7 +295,10 @@ MUTANTS = [
     Mutant("chunk-headroom-from-the-flag", "generate.py",
            "chunk = min(args.prefill_chunk, len(ids))", "chunk = args.prefill_chunk",
            ("tests/test_generate.py::test_a_huge_prefill_chunk_is_sized_by_the_prompt_it_cuts",),
-           "a huge --prefill-chunk refuses a short prompt as if it were long"),
+           "a huge --prefill-chunk refuses a short prompt as if it were long"),    Mutant("fingerprint-after-cast", "model.py",
+           "    model.weight_samples = samples  #", "    model.weight_samples = {}  #",
+           ("tests/test_profile.py::test_the_shipped_plan_is_found_in_every_dtype",),
+           "the fingerprint reads the weights after the cast: a float16 model misses its plan"),
 ]
 
 

@@ -154,6 +154,15 @@ def test_fingerprint_ignores_dtype():
     assert lp.fingerprint(model) == lp.fingerprint(tiny().to(torch.bfloat16))
 
 
+def test_the_shipped_plan_is_found_in_every_dtype(default_dir, default_model):
+    """fp32 -> fp16 rounds some weights across a bf16 step where fp32 -> bf16 does not: the fingerprint reads
+    the weights as stored, so the shipped plan is found for a float16 model too (not decided online)."""
+    shipped = lp.find_plan(default_model)
+    for dtype in (torch.float16, torch.bfloat16):
+        model = pl.load_model(default_dir, "cpu", dtype)
+        assert lp.fingerprint(model) == lp.fingerprint(default_model) and lp.find_plan(model) == shipped, dtype
+
+
 def test_model_name():
     from pathlib import Path
     assert lp.model_name(Path("/c/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc")) == "Llama-3.1-8B"
