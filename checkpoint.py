@@ -313,6 +313,16 @@ def check_gguf_file(path: Path):
         raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
 
 
+def write_weights(tensors: dict, path: Path, metadata: dict):
+    """save_file, its failure an OSError that says what to check (safetensors' own error is not one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"writing {path} failed ({e}); is the disk full?") from None
+
+
 def convert_gguf(gguf_path: Path, tmp: Path):
     """Dequantize a llama or qwen2 .gguf into the HF-layout directory `tmp`: config, tokenizer, fp32
     safetensors. llama.cpp stores a llama's q/k rows permuted for its interleaved RoPE (undone here);
@@ -320,7 +330,6 @@ def convert_gguf(gguf_path: Path, tmp: Path):
     import gguf
     import numpy as np
     import torch
-    from safetensors.torch import save_file
 
     try:
         reader = gguf.GGUFReader(str(gguf_path))
@@ -377,7 +386,7 @@ def convert_gguf(gguf_path: Path, tmp: Path):
     tok_config = {"bos_token": tok_ids["bos_text"], "eos_token": tok_ids["eos_text"],
                   "add_bos_token": tok_ids["add_bos"], "chat_template": meta.get("tokenizer.chat_template")}
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf_path.name})
+    write_weights(tensors, tmp / "model.safetensors", {"format": "pt", "source": gguf_path.name})
 
 
 def gguf_rope_scaling(hp: dict, name: str) -> dict | None:

@@ -407,6 +407,9 @@ def run(args, report: dict) -> int:
         text = text[:keep] + text[-keep:]  # the middle goes anyway: fit_to_context cuts the rest by tokens
     ids = (tok.encode_chat([{"role": "user", "content": text}], special_text=args.special_tokens) if chat
            else tok.encode(text, special_text=args.special_tokens))
+    if ids and max(ids) >= model.args.vocab_size:
+        raise UsageError(f"the tokenizer gives id {max(ids)}, but the model's embedding has {model.args.vocab_size} "
+                         f"rows: the tokenizer in {model_dir} does not belong to these weights")
     ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
     stop_ids = set(tok.eos_ids)
     sampling = sampling_of(args, model_dir)

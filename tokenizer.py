@@ -56,8 +56,12 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_text or "", eos_token=self.eos_text or "")
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos_text or "", eos_token=self.eos_text or "")
+        except jinja2.TemplateError as e:  # the template's own raise_exception, a syntax error, an undefined name
+            raise ValueError(f"the model's chat template fails ({type(e).__name__}: {e}); pass --no-chat to send "
+                             f"the text as it is") from None
 
     def encode_chat(self, messages: list[dict], special_text: bool = False) -> list[int]:
         """The rendered conversation's ids. Only the template's own markup becomes special tokens: the

@@ -298,7 +298,18 @@ MUTANTS = [
            "a huge --prefill-chunk refuses a short prompt as if it were long"),    Mutant("fingerprint-after-cast", "model.py",
            "    model.weight_samples = samples  #", "    model.weight_samples = {}  #",
            ("tests/test_profile.py::test_the_shipped_plan_is_found_in_every_dtype",),
-           "the fingerprint reads the weights after the cast: a float16 model misses its plan"),
+           "the fingerprint reads the weights after the cast: a float16 model misses its plan"),    Mutant("template-error-raw", "tokenizer.py",
+           "except jinja2.TemplateError as e:", "except ZeroDivisionError as e:",
+           ("tests/test_generate.py::test_the_libraries_underneath_fail_in_one_line",),
+           "a chat template that raises ends in jinja2's traceback"),
+    Mutant("safetensor-error-raw", "checkpoint.py",
+           "    except SafetensorError as e:", "    except ZeroDivisionError as e:",
+           ("tests/test_generate.py::test_the_libraries_underneath_fail_in_one_line",),
+           "a failed weights write is safetensors' own error, not an OSError that asks about the disk"),
+    Mutant("vocab-unchecked", "generate.py",
+           "    if ids and max(ids) >= model.args.vocab_size:", "    if False:",
+           ("tests/test_generate.py::test_the_libraries_underneath_fail_in_one_line",),
+           "a tokenizer with more ids than the embedding's rows reaches the model"),
 ]
 
 

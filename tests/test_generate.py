@@ -135,6 +135,33 @@ def test_a_huge_prefill_chunk_is_sized_by_the_prompt_it_cuts(tmp_path):
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
+def test_the_libraries_underneath_fail_in_one_line(tmp_path, default_dir, monkeypatch):
+    """A chat template that raises, a safetensors write that fails (its error is not an OSError), a tokenizer
+    with more ids than the weights' embedding: each a message that says what to do, not a traceback."""
+    import shutil
+
+    import checkpoint
+    import safetensors.torch
+    from conftest import TINY_LLAMA31, write_hf_model
+    from tokenizer import Tokenizer
+    tok = Tokenizer(default_dir)
+    tok.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(ValueError, match=r"chat template fails \(TemplateError: System role not supported\); pass --no-chat"):
+        tok.encode_chat([{"role": "user", "content": "hi"}])
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="model.safetensors failed .*No space left on device.*; is the disk full"):
+        checkpoint.write_weights({"w": torch.zeros(2)}, tmp_path / "model.safetensors", {"format": "pt"})
+    monkeypatch.undo()
+    small = write_hf_model(tmp_path / "small", TINY_LLAMA31)  # an embedding of 300 rows
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # and the default model's 49,152-token tokenizer
+        shutil.copy(default_dir / name, small / name)
+    r = cli("--model", str(small), "--prompt", "Lighthouses guide ships.", "--no-chat", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "but the model's embedding has 300 rows" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_library_calls_refuse_what_cannot_work():
     """generate() with an empty prompt, a negative or non-integer max_new_tokens, or a cache that holds an
     earlier sequence (a kivi or tailor store cannot take position 0 again): a ValueError that says so."""
