@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import NAMED_MODELS, is_converted, resolve_model
-from inputs import (CHARS_PER_TOKEN, Terminated, UsageError, check_outputs, cpu_name, fit_to_context, layer_list, log,
-                    make_cache, on_sigterm, peak_memory, positive_int, read_prompt, set_threads, versions, write_output)
+from inputs import (CHARS_PER_TOKEN, Answer, OutputClosed, Terminated, UsageError, check_outputs, cpu_name, fit_to_context,
+                    guard_streams, layer_list, log, make_cache, on_sigterm, peak_memory, positive_int, read_prompt,
+                    set_threads, versions, write_output)
 from kvcache import POLICIES, QUANTIZERS, SELECTORS, CacheConfig, ConfigError, kernels_available
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
@@ -200,7 +201,7 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
                 ref = model(torch.tensor([[tok]], device=device), check_cache, pos)[:, -1]
             pos += 1
     except KeyboardInterrupt as e:
-        stats["interrupted"], stats["signal"] = True, "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        stats["interrupted"], stats["signal"] = True, signal_of(e)
     n = max(len(out) - 2, 0)  # forward passes after the prefill and the first decode step
     stats["decode_ms_per_token"] = 1e3 * stats["decode_s"] / n if n else None
     stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"] if stats["prefilled"] else None
@@ -447,12 +448,13 @@ def run(args, report: dict) -> int:
     from tqdm import tqdm
     bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} layers [{elapsed}<{remaining}]")
-    stream = StreamDecoder(tok)
+    stream, answer = StreamDecoder(tok), Answer()
+    if answer.absent:
+        log("note: stdout is closed: the answer goes to the --report only")
 
     def on_token(t):
         bar.close()  # the first token ends the prefill; closing again is a no-op
-        sys.stdout.write(stream.push(t))
-        sys.stdout.flush()
+        answer.write(stream.push(t))
 
     report["stage"] = "generating"
     try:
@@ -461,11 +463,16 @@ def run(args, report: dict) -> int:
                               chunk_size=args.prefill_chunk, check_cache=check, cuda_graph=args.cuda_graph,
                               record=bool(args.trace))  # (fractions of a layer add up to a hair over it)
     except NonFiniteLogits as e:
-        bar.close()
         raise UsageError(f"{e}: the model in {model_dir} is broken or overflows in {report['dtype']}; check its files "
                          f"with --verify-model, convert it again (delete that folder), or try --dtype float32") from None
-    bar.close()
-    sys.stdout.write("\n")
+    finally:
+        bar.close()  # before any message: a line of its own
+    try:
+        answer.write("\n")
+    except OutputClosed:
+        stats["interrupted"], stats["signal"] = True, "SIGPIPE"
+    if stats.get("signal") == "SIGPIPE":
+        log(f"stdout closed after {len(out)} generated tokens: stopped")
     log(stats_line(stats, len(ids), len(out), threads if not on_cuda else None) +
         f"; peak memory {peak_memory(device) / 2**30:.2f} GiB")
     mem = cache.memory_report() if stats["prefilled"] else None  # an interrupted prefill holds no cache yet
@@ -493,7 +500,7 @@ def run(args, report: dict) -> int:
     written = True
     if args.trace and mem:
         written = write_trace(args.trace, tok, ids, cache, stats, mem, f"{model_dir.name}: {describe(cfg, model.args.n_layers)}")
-    return (143 if stats["signal"] == "SIGTERM" else 130) if stats["interrupted"] else 0 if written else 1
+    return EXIT[stats["signal"]] if stats["interrupted"] else 0 if written else 1
 
 
 def sampling_of(args, model_dir: Path) -> Sampling:
@@ -608,24 +615,35 @@ def memory_table(mem: dict) -> str:
     return "\n".join(rows)
 
 
+EXIT = {"SIGINT": 130, "SIGTERM": 143, "SIGPIPE": 141}  # as a shell reports a process that signal ended
+
+
+def signal_of(e: KeyboardInterrupt) -> str:
+    return "SIGTERM" if isinstance(e, Terminated) else "SIGPIPE" if isinstance(e, OutputClosed) else "SIGINT"
+
+
 def main(argv=None) -> int:
+    """The command: any failure is one line on stderr and an exit status (2: what was asked cannot be done; 1: an
+    output could not be written; 130/143/141: Ctrl-C, SIGTERM, stdout closed); the report is written in every case."""
+    guard_streams()
     args = parse_args(argv)
     report = {"interrupted": False, "stage": "reading the prompt"}
     before = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         rc = run(args, report)
     except ConfigError as e:
-        log(f"error: --{e.field.replace('_', '-')}: {e}")
-        return 2
+        report["error"] = f"--{e.field.replace('_', '-')}: {e}"
+        rc = 2
     except (UsageError, FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        log(f"error: {e}")
-        return 2
+        report["error"], rc = str(e), 2
     except KeyboardInterrupt as e:  # loading or converting the model; generation handles its own
         log(f"[interrupted] while {report['stage']}")
-        report["interrupted"], report["signal"] = True, "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        rc = 143 if isinstance(e, Terminated) else 130
+        report["interrupted"], report["signal"] = True, signal_of(e)
+        rc = EXIT[report["signal"]]
     finally:
         signal.signal(signal.SIGTERM, before)
+    if "error" in report:
+        log(f"error: {report['error']}")
     if args.report:
         report["versions"] = versions()
         if not write_output("report", args.report, json.dumps(report, indent=2)) and rc == 0:

@@ -36,6 +36,36 @@ def on_sigterm(signum, frame):
     raise Terminated()
 
 
+class OutputClosed(KeyboardInterrupt):
+    """The reader of stdout went away (a pipe into `head` that closed): generation stops as on Ctrl-C, the text
+    so far was written, the report is; exit status 141, as for a process that SIGPIPE ended."""
+
+
+def guard_streams():
+    """A closed stderr (2>&-) takes the log nowhere, not into stdout (where print falls back to)."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+
+
+class Answer:
+    """The generated text's way to stdout: written as it comes; a closed pipe raises OutputClosed once (later
+    writes are dropped); a stdout closed from the start (>&-) takes nothing, the report holds the text."""
+
+    def __init__(self):
+        self.closed = self.absent = sys.stdout is None
+
+    def write(self, text: str):
+        if self.closed:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.closed = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left for Python's exit flush
+            raise OutputClosed() from None
+
+
 MAX_PROMPT_BYTES = 64 << 20  # far more text than any supported context holds (~1M tokens is ~4-8 MiB)
 
 
@@ -48,6 +78,9 @@ def read_prompt(args) -> str:
         text = args.prompt
     else:
         if args.prompt_file == "-":
+            if sys.stdin is None:
+                raise UsageError("stdin is closed: --prompt-file - has nothing to read; pipe the text in, or pass a "
+                                 "file or --prompt")
             data, name = read_bounded(sys.stdin.buffer, "stdin", args.encoding), "stdin"
         else:
             path, name = Path(args.prompt_file), f"prompt file {args.prompt_file}"

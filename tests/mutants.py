@@ -309,7 +309,22 @@ MUTANTS = [
     Mutant("vocab-unchecked", "generate.py",
            "    if ids and max(ids) >= model.args.vocab_size:", "    if False:",
            ("tests/test_generate.py::test_the_libraries_underneath_fail_in_one_line",),
-           "a tokenizer with more ids than the embedding's rows reaches the model"),
+           "a tokenizer with more ids than the embedding's rows reaches the model"),    Mutant("stderr-closed-into-stdout", "inputs.py",
+           "    if sys.stderr is None:\n        sys.stderr = open(os.devnull, \"w\")", "    pass",
+           ("tests/test_generate.py::test_cli_closed_or_vanishing_standard_streams",),
+           "with stderr closed the log lands in the answer on stdout"),
+    Mutant("broken-pipe-raw", "inputs.py",
+           "        except BrokenPipeError:", "        except ZeroDivisionError:",
+           ("tests/test_generate.py::test_cli_closed_or_vanishing_standard_streams",),
+           "a reader that leaves the pipe ends the run in a traceback, the report lost"),
+    Mutant("stdin-closed-raw", "inputs.py",
+           "            if sys.stdin is None:", "            if False:",
+           ("tests/test_generate.py::test_cli_closed_or_vanishing_standard_streams",),
+           "--prompt-file - with stdin closed ends in a traceback"),
+    Mutant("error-loses-report", "generate.py",
+           "        report[\"error\"], rc = str(e), 2", "        log(f\"error: {e}\")\n        return 2",
+           ("tests/test_generate.py::test_the_libraries_underneath_fail_in_one_line",),
+           "a run that fails after it started writes no report"),
 ]
 
 

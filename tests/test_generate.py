@@ -158,8 +158,39 @@ def test_the_libraries_underneath_fail_in_one_line(tmp_path, default_dir, monkey
     small = write_hf_model(tmp_path / "small", TINY_LLAMA31)  # an embedding of 300 rows
     for name in ("tokenizer.json", "tokenizer_config.json"):  # and the default model's 49,152-token tokenizer
         shutil.copy(default_dir / name, small / name)
-    r = cli("--model", str(small), "--prompt", "Lighthouses guide ships.", "--no-chat", "--max-new-tokens", "2")
+    r = cli("--model", str(small), "--prompt", "Lighthouses guide ships.", "--no-chat", "--max-new-tokens", "2",
+            "--report", str(tmp_path / "run.json"))
     assert r.returncode == 2 and "but the model's embedding has 300 rows" in r.stderr and "Traceback" not in r.stderr
+    assert "embedding has 300 rows" in json.loads((tmp_path / "run.json").read_text())["error"]  # the report is kept
+
+
+def test_cli_closed_or_vanishing_standard_streams(tmp_path):
+    """stdout closed (>&-): the answer goes to the report, exit 0; stdin closed with --prompt-file -: one line,
+    exit 2; stderr closed (2>&-): the log goes nowhere, not into the answer; stdout a pipe whose reader leaves
+    (| head -c 5): what could be written was, the report says SIGPIPE, exit 141, no traceback."""
+    cmd = [sys.executable, str(ROOT / "generate.py")]
+    report = tmp_path / "run.json"
+
+    def closed(fd):
+        return lambda: os.close(fd)
+    r = subprocess.run(cmd + ["--prompt", "Name a colour.", "--max-new-tokens", "3", "--report", str(report)],
+                       preexec_fn=closed(1), stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "stdout is closed: the answer goes to the --report only" in r.stderr, r.stderr
+    assert json.loads(report.read_text())["generated_text"]
+    r = subprocess.run(cmd + ["--prompt-file", "-"], preexec_fn=closed(0), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "stdin is closed: --prompt-file - has nothing to read" in r.stderr and not r.stdout
+    r = subprocess.run(cmd + ["--prompt", "What is the capital of France?"], preexec_fn=closed(2),
+                       stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == "The capital of France is Paris.\n"
+    proc = subprocess.Popen(cmd + ["--prompt", "Write a long poem about the sea.", "--max-new-tokens", "200",
+                                   "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    first = proc.stdout.read(5)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    rep = json.loads(report.read_text())
+    assert len(first) == 5 and proc.returncode == 141 and "Traceback" not in err and "stdout closed after" in err, err
+    assert rep["signal"] == "SIGPIPE" and rep["interrupted"] and 0 < len(rep["generated_ids"]) < 200
 
 
 def test_library_calls_refuse_what_cannot_work():
