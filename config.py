@@ -5,12 +5,53 @@ checkpoint.py) and refuses every field that would change the arithmetic without 
 rope_scaling_of checks a config's RoPE scaling (Llama 3.1's or YaRN), rope_inv_freq and
 rope_attention_factor turn it into the frequencies and the attention scale model.Transformer uses.
 """
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, generation_config.json, tokenizer_config.json, a shard
+    index, a plan): a damaged one is refused naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or restore it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_fields(cfg: dict, source, ints=(), numbers=(), flags=(), ids=()):
+    """Refuse, naming the file and the field, a value of the wrong type or range: ints (a whole number >= 1),
+    numbers (finite, > 0), flags (true or false), ids (a token id, a list of them, or null). Absent: fine."""
+    for key in ints:
+        if cfg.get(key) is not None and not (is_int(cfg[key]) and cfg[key] >= 1):
+            raise ValueError(f"{source}: {key} must be a whole number >= 1, got {cfg[key]!r}")
+    for key in numbers:
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{source}: {key} must be a number > 0, got {v!r}")
+    for key in flags:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise ValueError(f"{source}: {key} must be true or false, got {cfg[key]!r}")
+    for key in ids:
+        v = cfg.get(key)
+        if v is not None and not (is_int(v) and v >= 0 or isinstance(v, list) and all(is_int(i) and i >= 0 for i in v)):
+            raise ValueError(f"{source}: {key} must be a token id or a list of them, got {v!r}")
+
+
+CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "vocab_size", "head_dim", "max_position_embeddings")
 
 
 @dataclass
@@ -43,7 +84,9 @@ class ModelArgs:
         return self.n_heads // self.n_kv_heads
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict, source="config.json") -> "ModelArgs":
+        check_fields(cfg, source, ints=CONFIG_INTS, numbers=("rms_norm_eps", "rope_theta"), flags=("tie_word_embeddings",),
+                     ids=("eos_token_id", "bos_token_id"))
         arch = (cfg.get("architectures") or ["<none given>"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}: this engine runs "
@@ -74,6 +117,7 @@ class ModelArgs:
         # checkpoints {"rope_theta": ..., "rope_scaling": {rope_type|type, ...} | null}
         scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling")
         theta = cfg.get("rope_theta", (scaling or {}).get("rope_theta", 10000.0))
+        check_fields({"rope_theta": theta}, source, numbers=("rope_theta",))
         max_pos = cfg.get("max_position_embeddings", 4096)
         scaling = rope_scaling_of(scaling, max_pos)
         if scaling is not None and scaling["rope_type"] == "yarn":  # Qwen2.5 keeps 32768 and says "factor 4"

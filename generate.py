@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import NAMED_MODELS, is_converted, resolve_model
+from config import check_fields, read_json_object
 from inputs import (CHARS_PER_TOKEN, Answer, OutputClosed, Terminated, UsageError, check_outputs, cpu_name, fit_to_context,
                     guard_streams, layer_list, log, make_cache, on_sigterm, peak_memory, positive_int, read_prompt,
                     set_threads, versions, write_output)
@@ -508,13 +509,10 @@ def sampling_of(args, model_dir: Path) -> Sampling:
     penalty = args.repetition_penalty
     config = model_dir / "generation_config.json"
     if penalty is None and config.is_file():
-        try:
-            penalty = json.loads(config.read_text()).get("repetition_penalty")
-        except (ValueError, AttributeError):
-            raise UsageError(f"{config} is not a JSON object; fix or remove it") from None
+        gen = read_json_object(config)
+        check_fields(gen, config, numbers=("repetition_penalty",))
+        penalty = gen.get("repetition_penalty")
         if penalty is not None:
-            if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
-                raise UsageError(f"{config}: repetition_penalty must be a number > 0, got {penalty!r}")
             log(f"repetition penalty {penalty} from the model's generation_config.json (--repetition-penalty 1: off)")
     return Sampling(args.temperature, args.top_p, args.seed, float(penalty or Sampling.repetition_penalty),
                     args.repeat_last_n)

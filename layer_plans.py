@@ -73,7 +73,7 @@ def plan_problem(plan) -> str | None:
     model, params = plan.get("model"), plan.get("parameters")
     if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
         return "field 'model' must be an object with a string 'fingerprint'"
-    if not isinstance(params, dict) or params.get("bits") not in (1, 2, 4, 8):
+    if not isinstance(params, dict) or type(params.get("bits")) is not int or params["bits"] not in (1, 2, 4, 8):
         return "field 'parameters' must be an object whose 'bits' is 1, 2, 4 or 8"
     if not isinstance(plan.get("layers"), list) or not all(isinstance(r, dict) for r in plan["layers"]):
         return "field 'layers' must be a list of objects, one per layer"

@@ -8,7 +8,6 @@ for a decode step, `cache.step(...)` for a decode step on the kernels — and ge
 output back (see kvcache.py), so a compressed cache can run its own attention over data the
 model never sees.
 """
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from config import ModelArgs, rope_attention_factor, rope_inv_freq, with_rope_scaling
+from config import ModelArgs, read_json_object, rope_attention_factor, rope_inv_freq, with_rope_scaling
 
 PREFILL_CHUNK = 2048  # prompt tokens per prefill step; bounds attention memory to chunk x context
 
@@ -209,11 +208,15 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
 
     import layer_plans
     model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    args = ModelArgs.from_hf_config(cfg if rope_scaling is None else with_rope_scaling(cfg, rope_scaling))
+    cfg = read_json_object(model_dir / "config.json")
+    args = ModelArgs.from_hf_config(cfg if rope_scaling is None else with_rope_scaling(cfg, rope_scaling),
+                                    model_dir / "config.json")
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = read_json_object(index).get("weight_map")
+        if not (isinstance(shards, dict) and all(isinstance(f, str) for f in shards.values())):
+            raise ValueError(f"{index}: weight_map must map each tensor name to its file name")
+        files = sorted(set(shards.values()))
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:

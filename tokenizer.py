@@ -1,7 +1,8 @@
 """Tokenizer (HF `tokenizers`, from tokenizer.json) and chat template (jinja2, as HF renders it)."""
-import json
 from datetime import datetime
 from pathlib import Path
+
+from config import check_fields, read_json_object
 
 
 class Tokenizer:
@@ -12,8 +13,11 @@ class Tokenizer:
             raise FileNotFoundError(f"{model_dir} has no tokenizer.json (only fast-tokenizer checkpoints are supported)")
         self.tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
         cfg_path = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
         self.chat_template = cfg.get("chat_template")
+        if not (self.chat_template is None or isinstance(self.chat_template, str) or isinstance(self.chat_template, list)
+                and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in self.chat_template)):
+            raise ValueError(f"{cfg_path}: chat_template must be a template (a string) or a list of named ones")
         if isinstance(self.chat_template, list):  # some repos ship several named templates
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
         self.bos_text, self.eos_text = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
@@ -22,7 +26,9 @@ class Tokenizer:
         for name in ("config.json", "generation_config.json"):
             p = model_dir / name
             if p.exists():
-                e = json.loads(p.read_text()).get("eos_token_id")
+                c = read_json_object(p)
+                check_fields(c, p, ids=("eos_token_id",))
+                e = c.get("eos_token_id")
                 eos |= {e} if isinstance(e, int) else set(e or [])
         if self.eos_text is not None and self.tok.token_to_id(self.eos_text) is not None:
             eos.add(self.tok.token_to_id(self.eos_text))

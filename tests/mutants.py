@@ -324,7 +324,19 @@ MUTANTS = [
     Mutant("error-loses-report", "generate.py",
            "        report[\"error\"], rc = str(e), 2", "        log(f\"error: {e}\")\n        return 2",
            ("tests/test_generate.py::test_the_libraries_underneath_fail_in_one_line",),
-           "a run that fails after it started writes no report"),
+           "a run that fails after it started writes no report"),    Mutant("config-numbers-unchecked", "config.py",
+           "        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):",
+           "        if False:",
+           ("tests/test_checkpoint.py::test_every_field_read_from_a_model_folder_is_checked",),
+           "rms_norm_eps written as a string, or rope_theta 0, reaches the model"),
+    Mutant("json-error-unnamed", "config.py",
+           "raise ValueError(f\"{path} is not valid JSON ({e}); fix or restore it\") from None", "raise",
+           ("tests/test_checkpoint.py::test_every_field_read_from_a_model_folder_is_checked",),
+           "a damaged JSON file is refused without its name"),
+    Mutant("plan-bits-float", "layer_plans.py",
+           "type(params.get(\"bits\")) is not int or ", "",
+           ("tests/test_checkpoint.py::test_a_plan_whose_bits_are_not_a_whole_number_is_refused",),
+           "a plan whose bits are 2.0 is taken"),
 ]
 
 

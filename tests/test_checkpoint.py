@@ -494,3 +494,47 @@ def test_qwen25_coder_05b_tokenizer_and_answer():
     assert tok.eos_ids == [151645] and tok.decode([151645]) == "<|im_end|>"
     model = load_model(d)
     assert greedy(model, tok, "What is the capital of France? Answer in one word.", 8).startswith("Paris")
+
+
+@pytest.mark.parametrize("file,edit,message", [
+    ("config.json", {"rms_norm_eps": "1e-5"}, "config.json: rms_norm_eps must be a number > 0, got '1e-5'"),
+    ("config.json", {"rope_theta": 0}, "config.json: rope_theta must be a number > 0, got 0"),
+    ("config.json", {"hidden_size": 64.0}, "config.json: hidden_size must be a whole number >= 1, got 64.0"),
+    ("config.json", {"num_hidden_layers": True}, "config.json: num_hidden_layers must be a whole number >= 1"),
+    ("config.json", {"vocab_size": -1}, "config.json: vocab_size must be a whole number >= 1, got -1"),
+    ("config.json", {"tie_word_embeddings": "no"}, "config.json: tie_word_embeddings must be true or false"),
+    ("config.json", {"eos_token_id": "2"}, "config.json: eos_token_id must be a token id or a list of them"),
+    ("config.json", "{not json", "config.json is not valid JSON"),
+    ("config.json", "[1, 2]", "config.json must hold a JSON object, found a list"),
+    ("generation_config.json", {"eos_token_id": [2, "x"]}, "generation_config.json: eos_token_id must be a token id"),
+    ("tokenizer_config.json", "{\"chat_template\": 5}", "tokenizer_config.json: chat_template must be a template"),
+    ("tokenizer_config.json", "{broken", "tokenizer_config.json is not valid JSON"),
+    ("model.safetensors.index.json", {"weight_map": ["model.safetensors"]}, "weight_map must map each tensor name"),
+])
+def test_every_field_read_from_a_model_folder_is_checked(tiny_llama_dir, default_dir, tmp_path, file, edit, message):
+    """A value of the wrong type or range, or a damaged JSON file, in any of the files a model folder holds: a
+    ValueError (one line, exit 2 from generate.py) naming the file and the field, before anything runs on it."""
+    import shutil
+
+    from model import load_model
+    from tokenizer import Tokenizer
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_dir / name, d / name)
+    path = d / file
+    if isinstance(edit, str):
+        path.write_text(edit)
+    else:
+        path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **edit}))
+    with pytest.raises(ValueError) as e:
+        load_model(d) if file in ("config.json", "model.safetensors.index.json") else Tokenizer(d)
+    assert message in str(e.value) and str(d) in str(e.value)
+
+
+def test_a_plan_whose_bits_are_not_a_whole_number_is_refused(tmp_path):
+    import layer_plans as lp
+    plan = {"model": {"fingerprint": "x"}, "parameters": {"bits": 2.0}, "layers": [{}], "quant_layers": []}
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="p.json: field 'parameters' must be an object whose 'bits' is 1, 2, 4 or 8"):
+        lp.read_plan(tmp_path / "p.json")

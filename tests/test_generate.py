@@ -358,7 +358,7 @@ def test_the_model_generation_config_sets_the_repetition_penalty(tmp_path, capsy
     given = generate.parse_args(["--prompt", "x", "--repeat-penalty", "1.3"])              # llama.cpp's spelling
     assert generate.sampling_of(given, tmp_path).repetition_penalty == 1.3
     (tmp_path / "generation_config.json").write_text('{"repetition_penalty": "high"}')
-    with pytest.raises(inputs.UsageError, match="repetition_penalty must be a number > 0"):
+    with pytest.raises(ValueError, match="generation_config.json: repetition_penalty must be a number > 0"):
         generate.sampling_of(args, tmp_path)
     for bad in (["--repetition-penalty", "0"], ["--repetition-penalty", "nan"], ["--temperature", "nan"],
                 ["--repeat-last-n", "-2"], ["--top-p", "nan"]):
