@@ -355,7 +355,7 @@ def parse_args(argv=None):
     if not -2 ** 63 <= args.seed < 2 ** 64:
         p.error(f"--seed must be an integer of at most 64 bits (0 to {2 ** 64 - 1}), got {args.seed}")
     check_outputs(p, {"report": args.report, "trace": args.trace},
-                  {"prompt-file": args.prompt_file, "plan": getattr(args, "plan", None)})
+                  [("prompt-file", args.prompt_file), ("plan", args.plan)])
     return args
 
 

@@ -242,13 +242,13 @@ def same_file(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def check_outputs(p, outputs: dict[str, str | None], inputs: dict[str, str | None]):
+def check_outputs(p, outputs: dict[str, str | None], inputs: list[tuple[str, str | None]]):
     """Refuse, before any work is done, an output (flag -> path; None: not asked for) that cannot be written,
-    that names an input (flag -> path: it would be overwritten) or the file another output names."""
+    that names an input ((flag, path) pairs: it would be overwritten) or the file another output names."""
     given = {flag: name for flag, name in outputs.items() if name}
     for i, (flag, name) in enumerate(given.items()):
         check_writable(p, flag, name)
-        for src_flag, src in inputs.items():
+        for src_flag, src in inputs:
             if src and src != "-" and same_file(name, src):
                 p.error(f"--{flag} {name} is the --{src_flag} file: writing it would destroy it; name another file")
         for other, other_name in list(given.items())[:i]:

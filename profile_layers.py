@@ -24,6 +24,7 @@ the plan by the model's fingerprint.
 import argparse
 import copy
 import math
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import resolve_model
-from kvcache import SELECTORS, CacheConfig, KVCache
+from inputs import check_outputs, positive_int
+from kvcache import SELECTORS, CacheConfig, ConfigError, KVCache
 from layer_plans import PLANS, ProxyMeter, fingerprint, model_name, read_plan, save_plan
 from model import PREFILL_CHUNK, load_model
 from tokenizer import Tokenizer
@@ -261,12 +263,25 @@ def plot(plan: dict, path: Path):
     plt.close(fig)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The command: every argument checked before any measuring (exit 2, one line naming the flag), every later
+    failure one line (exit 2; Ctrl-C 130)."""
+    try:
+        return run(argv)
+    except (ValueError, OSError) as e:  # a model, plan or calibration file that cannot be used
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("[interrupted]", file=sys.stderr)
+        return 130
+
+
+def run(argv=None) -> int:
     d = CacheConfig("tailor")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="as in generate.py (default: SmolLM2-135M-Instruct)")
     p.add_argument("--calib", nargs="+", type=Path, default=DEFAULT_CALIB, help="calibration documents")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per document, at most")
+    p.add_argument("--max-tokens", type=positive_int, default=4096, help="tokens per document, at most")
     p.add_argument("--method", choices=["direct", "proxy"], default="direct")
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--tau", type=float, default=d.tau)
@@ -275,27 +290,40 @@ def main(argv=None):
     p.add_argument("--sink", type=int, default=d.sink)
     p.add_argument("--recent", type=int, default=d.recent)
     p.add_argument("--select", choices=list(SELECTORS), default=d.select)
-    p.add_argument("--heldout", type=int, default=64, help="direct: tokens decoded at the end of each document")
-    p.add_argument("--split-floor", type=int, help="the fewest retrieved tokens the split leaves a layer "
+    p.add_argument("--heldout", type=positive_int, default=64, help="direct: tokens decoded at the end of each document")
+    p.add_argument("--split-floor", type=positive_int, help="the fewest retrieved tokens the split leaves a layer "
                                                    "(default: top-k / 8)")
-    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    p.add_argument("--prefill-chunk", type=positive_int, default=PREFILL_CHUNK)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", type=Path, help="plan path (default: plans/<model name>.json)")
     p.add_argument("--from-plan", type=Path, help="re-decide from this plan's measurements (e.g. for other --bits "
                                                    "or --tau) instead of measuring again")
     args = p.parse_args(argv)
-    cfg = CacheConfig("tailor", bits=args.bits, budget=args.budget, sink=args.sink, recent=args.recent,
-                      select=args.select, alpha=args.alpha, tau=args.tau)
+    try:
+        cfg = CacheConfig("tailor", bits=args.bits, budget=args.budget, sink=args.sink, recent=args.recent,
+                          select=args.select, alpha=args.alpha, tau=args.tau)
+    except ConfigError as e:
+        p.error(f"--{e.field.replace('_', '-')}: {e}")
+    if not (0 < args.alpha < 1 and math.isfinite(args.tau)):
+        p.error(f"--alpha must be in (0, 1) and --tau a number, got {args.alpha} and {args.tau}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: " + ("CUDA is not available here; use --device cpu" if
+                                               args.device.startswith("cuda") else "must be cpu, cuda or cuda:N"))
     missing = [str(f) for f in args.calib if not f.is_file()]
     if missing:
         p.error(f"calibration files not found: {', '.join(missing)}")
+    if args.from_plan and not args.from_plan.is_file():
+        p.error(f"--from-plan {args.from_plan}: " + ("is a directory; pass a plan file" if args.from_plan.is_dir()
+                                                     else "no such file"))
+    check_outputs(p, {"out": str(args.out) if args.out else None}, [("calib", str(f)) for f in args.calib])
     if args.from_plan:
         plan = read_plan(args.from_plan)
         if args.split_floor is not None:
             plan["parameters"]["split_floor"] = args.split_floor
         plan = redecide(plan, cfg, args.method)
-        return write(plan, args.out or args.from_plan)
+        write(plan, args.out or args.from_plan)
+        return 0
     model_dir = resolve_model(args.model)
     tok = Tokenizer(model_dir)
     model = load_model(model_dir, args.device, getattr(torch, args.dtype))
@@ -316,12 +344,13 @@ def main(argv=None):
     plan = make_plan(model, model_dir, args.calib, docs, cfg, args.method, heads, tails, direct, args.prefill_chunk,
                      args.heldout, args.split_floor)
     write(plan, args.out or PLANS / f"{plan['model']['name']}.json")
+    return 0
 
 
 def redecide(plan: dict, cfg: CacheConfig, method: str) -> dict:
     """The same measurements, decided again for cfg's bits and tau."""
     if method == "direct" and "kl_sparse" not in plan["layers"][0]:
-        raise SystemExit("--from-plan: that plan has no direct measurements; use --method proxy")
+        raise ValueError("--from-plan: that plan has no direct measurements; use --method proxy")
     if method == "direct" and f"kl_quant{cfg.bits}" not in plan["layers"][0]:
         raise ValueError(f"the plan has no direct measurement at {cfg.bits} bits; measure again with --bits {cfg.bits}")
     plan = copy.deepcopy(plan)
@@ -368,4 +397,4 @@ def write(plan: dict, out: Path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -336,7 +336,14 @@ MUTANTS = [
     Mutant("plan-bits-float", "layer_plans.py",
            "type(params.get(\"bits\")) is not int or ", "",
            ("tests/test_checkpoint.py::test_a_plan_whose_bits_are_not_a_whole_number_is_refused",),
-           "a plan whose bits are 2.0 is taken"),
+           "a plan whose bits are 2.0 is taken"),    Mutant("profile-negative-tokens", "profile_layers.py",
+           'p.add_argument("--max-tokens", type=positive_int,', 'p.add_argument("--max-tokens", type=int,',
+           ("tests/test_profile.py::test_profile_layers_refuses_in_one_line_before_measuring",),
+           "profile_layers.py takes --max-tokens -5 and silently drops tokens"),
+    Mutant("profile-out-unchecked", "profile_layers.py",
+           "    check_outputs(p, {\"out\"", "    (lambda *a: None)(p, {\"out\"",
+           ("tests/test_profile.py::test_profile_layers_refuses_in_one_line_before_measuring",),
+           "profile_layers.py finds its --out unwritable only after minutes of measuring"),
 ]
 
 

@@ -256,3 +256,26 @@ def test_malformed_plans_are_refused_naming_the_file_and_field(tmp_path, content
     with pytest.raises(ValueError, match=re.escape(message)):
         lp.load_plan(path, tiny())
     assert lp.find_plan(tiny(), tmp_path) is None  # passed over while looking for a model's plan
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "3"], "--bits: bits must be one of (1, 2, 4, 8), got 3"),
+    (["--budget", "10"], "--budget: budget 10 leaves no room for retrieved tokens"),
+    (["--max-tokens", "-5"], "--max-tokens: must be a positive integer, got -5"),
+    (["--max-tokens", "0"], "--max-tokens: must be a positive integer, got 0"),
+    (["--alpha", "2"], "--alpha must be in (0, 1)"),
+    (["--device", "tpu"], "--device tpu: must be cpu, cuda or cuda:N"),
+    (["--calib", "/no/such.txt"], "calibration files not found: /no/such.txt"),
+    (["--from-plan", "/no/such.json"], "--from-plan /no/such.json: no such file"),
+    (["--from-plan", "/tmp"], "--from-plan /tmp: is a directory"),
+    (["--out", "/no/such/folder/p.json"], "--out /no/such/folder/p.json: folder /no/such/folder does not exist"),
+    (["--out", str(ROOT / "examples" / "calibration" / "harbour_notes.txt"), "--calib",
+      str(ROOT / "examples" / "calibration" / "harbour_notes.txt")], "is the --calib file: writing it would destroy it"),
+    (["--model", "/no/such/model"], "no such file or directory"),
+])
+def test_profile_layers_refuses_in_one_line_before_measuring(args, message):
+    """Every bad argument of profile_layers.py: exit 2, one line naming the flag, no traceback, nothing measured."""
+    r = subprocess.run([sys.executable, str(ROOT / "profile_layers.py"), *args], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "proxy:" not in r.stderr  # no measuring started
