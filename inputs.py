@@ -7,6 +7,7 @@ import argparse
 import codecs
 import os
 import platform
+import re
 import resource
 import sys
 from dataclasses import replace
@@ -254,6 +255,29 @@ def check_outputs(p, outputs: dict[str, str | None], inputs: list[tuple[str, str
         for other, other_name in list(given.items())[:i]:
             if same_file(name, other_name):
                 p.error(f"--{flag} and --{other} both name {name}: one would overwrite the other; give each its own")
+
+
+def check_bench_args(p, args, fractions=()):
+    """What every benchmark checks before it loads anything: --device, --out (a prefix: its folder exists and
+    can be written), --replot's files (each there and valid JSON -> args.runs), and fractions (flag names) in
+    [0, 1]; one line naming the flag, exit 2."""
+    from config import read_json_object
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: " + ("CUDA is not available here; use --device cpu"
+                                               if args.device.startswith("cuda") else "must be cpu, cuda or cuda:N"))
+    folder = Path(args.out).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        p.error(f"--out {args.out}: folder {folder} " + ("is not writable" if folder.is_dir() else "does not exist"))
+    for flag in fractions:
+        bad = [x for x in getattr(args, flag) if not 0 <= x <= 1]
+        if bad:
+            p.error(f"--{flag} are fractions of the context, from 0 to 1, got {bad}")
+    args.runs = []
+    for f in args.replot or []:
+        try:
+            args.runs.append(read_json_object(f))
+        except (OSError, ValueError) as e:
+            p.error(f"--replot {f}: {e.strerror if isinstance(e, OSError) else e}")
 
 
 def write_output(flag: str, path: str, text: str) -> bool:

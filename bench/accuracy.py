@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import resolve_model  # noqa: E402
 from generate import Decoder, compare  # noqa: E402
+from inputs import check_bench_args  # noqa: E402
 import research  # noqa: E402,F401  (registers the research selectors: every spec of the results files runs)
 from kvcache import SELECTORS, CacheConfig, KVCache  # noqa: E402
 from model import load_model  # noqa: E402
@@ -435,8 +436,11 @@ def main(argv=None):
             p.error(f"--policies {spec}: {e} (written name[-bits][+split][/selector[:Nb]][@budget])")
     if min(args.contexts) < 2 or args.copy < 1 or args.next < 1:
         p.error("--contexts must be >= 2 tokens, --copy and --next >= 1")
+    if min(args.sweep_budgets or [2]) < 2 or (args.sweep_context or 2) < 2:
+        p.error("--sweep-budgets and --sweep-context must be >= 2 tokens")
+    check_bench_args(p, args, fractions=("depths",))
     if args.replot:
-        runs = [json.loads(Path(f).read_text()) for f in args.replot]
+        runs = args.runs
         if len(runs) == 1:
             report(runs[0]["meta"], runs[0]["records"], Path(args.replot[0]).with_suffix(""))
         else:

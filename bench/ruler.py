@@ -32,7 +32,6 @@ Policies are bench/accuracy.py's specs (name[-bits][/selector][@budget]); @1024 
 per offloaded layer (64 sink + 64 recent there; 8 + 56 + 960 here), plain specs the default 192.
 """
 import argparse
-import json
 import math
 import platform
 import random
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from accuracy import FILLER, Prefilled, decode, display_name, parse_policy, run_all, write_json  # noqa: E402
 from checkpoint import resolve_model  # noqa: E402
+from inputs import check_bench_args  # noqa: E402
 from model import load_model  # noqa: E402
 from plots import try_plot  # noqa: E402
 from results import publish  # noqa: E402
@@ -379,8 +379,9 @@ def main(argv=None) -> int:
                    help="rewrite the table and plot of earlier runs' JSON (several: merged into --out, e.g. the "
                         "lengths run with YaRN beside those without); runs nothing")
     args = p.parse_args(argv)
+    check_bench_args(p, args)
     if args.replot:
-        runs = [json.loads(Path(f).read_text()) for f in args.replot]
+        runs = args.runs
         meta, records, seen = dict(runs[0]["meta"]), [], set()
         for run in runs:  # each (length, task, sample, policy) once, the first run's
             for r in run["records"]:

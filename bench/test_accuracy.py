@@ -6,6 +6,7 @@ from pathlib import Path
 import accuracy
 import pytest
 import torch
+from conftest import ROOT
 from accuracy import (budget_knobs, fidelity, fidelity_task, markdown, parse_policy, passkey_found, passkey_task,
                       recall, repeat_task, summarize, token_metrics)
 
@@ -222,3 +223,25 @@ def test_the_benchmark_refuses_its_inputs_as_clearly_as_the_cli(tmp_path):
         r = subprocess.run([*script, "--policies", spec], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and f"--policies {spec}:" in r.stderr and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("accuracy.py", ["--depths", "0.5", "2"], "--depths are fractions of the context, from 0 to 1, got [2.0]"),
+    ("accuracy.py", ["--sweep-budgets", "0"], "--sweep-budgets and --sweep-context must be >= 2 tokens"),
+    ("accuracy.py", ["--out", "/no/such/folder/acc"], "--out /no/such/folder/acc: folder /no/such/folder does not exist"),
+    ("accuracy.py", ["--replot", "/no/such/run.json"], "--replot /no/such/run.json: No such file or directory"),
+    ("accuracy.py", ["--device", "tpu"], "--device tpu: must be cpu, cuda or cuda:N"),
+    ("ruler.py", ["--replot", "/no/such/run.json"], "--replot /no/such/run.json: No such file or directory"),
+    ("ruler.py", ["--out", "/no/such/folder/r"], "--out /no/such/folder/r: folder /no/such/folder does not exist"),
+])
+def test_the_benchmarks_refuse_in_one_line_before_any_work(tmp_path, script, args, message):
+    """A bad sweep, depth, --out, --replot file or device: exit 2, one line naming the flag, before anything loads
+    (a damaged --replot file too)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "run.json").write_text("{truncated")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--replot", str(tmp_path / "run.json")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "run.json is not valid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr

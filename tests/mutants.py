@@ -343,7 +343,10 @@ MUTANTS = [
     Mutant("profile-out-unchecked", "profile_layers.py",
            "    check_outputs(p, {\"out\"", "    (lambda *a: None)(p, {\"out\"",
            ("tests/test_profile.py::test_profile_layers_refuses_in_one_line_before_measuring",),
-           "profile_layers.py finds its --out unwritable only after minutes of measuring"),
+           "profile_layers.py finds its --out unwritable only after minutes of measuring"),    Mutant("replot-unchecked", "inputs.py",
+           "            args.runs.append(read_json_object(f))", "            args.runs.append({})",
+           ("bench/test_accuracy.py::test_the_benchmarks_refuse_in_one_line_before_any_work",),
+           "a missing or damaged --replot file ends in a traceback"),
 ]
 
 
