@@ -276,6 +276,6 @@ def test_malformed_plans_are_refused_naming_the_file_and_field(tmp_path, content
 def test_profile_layers_refuses_in_one_line_before_measuring(args, message):
     """Every bad argument of profile_layers.py: exit 2, one line naming the flag, no traceback, nothing measured."""
     r = subprocess.run([sys.executable, str(ROOT / "profile_layers.py"), *args], capture_output=True, text=True,
-                       cwd=ROOT)
+                       cwd=ROOT, timeout=120)  # a refusal comes at once: one that measured first would time out
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "proxy:" not in r.stderr  # no measuring started
