@@ -346,8 +346,7 @@ MUTANTS = [
            "profile_layers.py finds its --out unwritable only after minutes of measuring"),    Mutant("replot-unchecked", "inputs.py",
            "            args.runs.append(read_json_object(f))", "            args.runs.append({})",
            ("bench/test_accuracy.py::test_the_benchmarks_refuse_in_one_line_before_any_work",),
-           "a missing or damaged --replot file ends in a traceback"),
-]
+           "a missing or damaged --replot file ends in a traceback"),]
 
 
 def copy_repo(dst: Path):

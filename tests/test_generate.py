@@ -193,6 +193,18 @@ def test_cli_closed_or_vanishing_standard_streams(tmp_path):
     assert rep["signal"] == "SIGPIPE" and rep["interrupted"] and 0 < len(rep["generated_ids"]) < 200
 
 
+def test_an_error_in_the_prefill_is_printed_on_a_line_of_its_own(monkeypatch, capsys):
+    """The progress bar is cleared (carriage return) before the one-line error, not run into it."""
+    import model
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("boom in the prefill")
+    monkeypatch.setattr(model.Block, "forward", broken)
+    assert generate.main(["--prompt", "Name a colour.", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: boom in the prefill" in err and err[err.index("error: boom") - 1] in "\r\n", err[-300:]
+
+
 def test_library_calls_refuse_what_cannot_work():
     """generate() with an empty prompt, a negative or non-integer max_new_tokens, or a cache that holds an
     earlier sequence (a kivi or tailor store cannot take position 0 again): a ValueError that says so."""
