@@ -20,9 +20,9 @@ per layer) covers tailor, sparse and streaming at one context.
     python bench/accuracy.py --model meta-llama/Llama-3.1-8B-Instruct --device cuda --dtype bfloat16 \\
         --contexts 8192 32768 --docs my_long_document.txt
 
-Policies are written name[-bits][+split][/selector[:N][:Nb]][@budget]: tailor-2/channels, kivi-1,
-sparse@512, streaming@192, tailor-2/sketch:1b@432 (a 1-bit sketch), tailor-2/shortlist:2 (the option a
-selector declares; research/ registers the selectors kept for measurement). tailor takes its quantized
+Policies are written name[-bits][+split][/selector[:Nb]][@budget]: tailor-2/channels, kivi-1,
+sparse@512, streaming@192, tailor-2/sketch:1b@432 (a 1-bit sketch), tailor-2/exact-heads (research/
+registers the selectors kept for measurement), kvcomp:0.05 (research/kvcomp.py). tailor takes its quantized
 layers from the model's plan in plans/ (online identification without one) and the bits from the spec.
 """
 import argparse

@@ -37,7 +37,7 @@ GUESSES = (0.1, 0.25, 0.5)  # quantiles of the last choice's new scores tried as
 
 
 class Watch:
-    """Per offloaded layer and step: the top-k its selector's scores give, and how many positions warm_topk
+    """Per offloaded layer and step: the top-k its selector's scores give, and how many positions kernels.topk
     would keep from them given the step before's top-k."""
 
     def __init__(self, cache: KVCache):
