@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import cachefile
 from checkpoint import NAMED_MODELS, is_converted, resolve_model
 from config import check_fields, read_json_object
 from inputs import (CHARS_PER_TOKEN, Answer, OutputClosed, Terminated, UsageError, check_outputs, cpu_name, fit_to_context,
@@ -26,6 +27,7 @@ from kvcache import POLICIES, QUANTIZERS, SELECTORS, CacheConfig, ConfigError, k
 from model import PREFILL_CHUNK, load_model
 from tokenizer import StreamDecoder, Tokenizer
 
+QUESTION_ROOM = 512  # --interactive: cache positions kept after the document for each question
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,7 +90,7 @@ class Decoder:
     """
 
     def __init__(self, model, cache, cuda_graph: bool | None = None):
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.steps = model, cache, 0
         self.device = model.embed.weight.device
         self.device_step = bool(getattr(cache, "kernels", False))
         if cuda_graph is None:
@@ -104,6 +106,7 @@ class Decoder:
         return self.model.device_step(self.token, self.cache, self.pos)[0, -1]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
+        self.steps += 1
         if not self.device_step:
             return self.model(torch.tensor([[token]], device=self.device), self.cache, pos)[0, -1]
         if pos >= self.cache.max_len:
@@ -133,9 +136,15 @@ class Decoder:
 @torch.inference_mode()
 def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_ids=frozenset(),
              sampling: Sampling | None = None, on_token=None, progress=None, chunk_size: int = PREFILL_CHUNK,
-             check_cache=None, cuda_graph: bool | None = None, record: bool = False):
-    """Prefill the prompt, then decode up to max_new_tokens. Returns (new ids, stats dict).
+             check_cache=None, cuda_graph: bool | None = None, record: bool = False, prefill: int | None = None,
+             decoder: Decoder | None = None, on_prefill=None):
+    """Prefill prompt_ids[:prefill] (default: all), read the rest one token at a time through the cache, as
+    decoding does, then decode up to max_new_tokens. Returns (new ids, stats dict).
 
+    A document prefilled and a question read after it: the document's cache can serve another question (restored
+    to a snapshot on_prefill() took) or a later run (saved to a file). A cache that holds `prefill` tokens already
+    (cache.length == prefill: restored or loaded) is not prefilled again: it must hold prompt_ids[:prefill].
+    decoder: the cache's Decoder, kept across calls (its CUDA graph is captured once).
     stop_ids: ids that end generation (not emitted); on_token(id) sees each new id; progress(fraction of
     a layer) follows the prefill.
     check_cache: a full cache run alongside on the same tokens; each step's logits are compared
@@ -149,17 +158,25 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
         raise ValueError("the prompt is empty: generate() needs at least one token id")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    n = len(prompt_ids) if prefill is None else prefill
+    if not 0 < n <= len(prompt_ids):
+        raise ValueError(f"prefill must be 1..{len(prompt_ids)} (the prompt's length), got {prefill}")
+    held = cache.length == n  # the document is in the cache already
+    if held and n == len(prompt_ids):
+        raise ValueError(f"the cache holds all {n} tokens of the prompt already: nothing gives the next one's logits")
     for c in (cache, check_cache):
-        if c is not None and c.length:
-            raise ValueError(f"this KVCache already holds {c.length} positions of an earlier sequence, and "
-                             f"generate() starts one at position 0: build a new KVCache for each prompt")
+        if c is not None and c.length and not (c is cache and held):
+            raise ValueError(f"this KVCache already holds {c.length} positions of another sequence: build a new "
+                             f"KVCache for each prompt, or restore it to the {n} it shares with this one")
     device = model.embed.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sampling = sampling or Sampling()  # greedy
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
     out, steps, history = [], [], list(prompt_ids)  # history: what the repetition penalty looks back over
-    stats = {"prompt_tokens": len(prompt_ids), "interrupted": False, "prefilled": False, "prefill_s": 0.0,
-             "first_step_s": 0.0, "decode_s": 0.0}
+    stats = {"prompt_tokens": len(prompt_ids), "prefill_tokens": 0 if held else n, "read_tokens": len(prompt_ids) - n,
+             "interrupted": False, "prefilled": False, "prefill_s": 0.0, "read_s": 0.0, "first_step_s": 0.0,
+             "decode_s": 0.0, "first_token_s": None}
+    start = time.perf_counter()
     prompt = torch.tensor([prompt_ids], device=device)
 
     def timed(key, fn, *a):
@@ -171,14 +188,26 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
         finally:  # an interrupted step's time counts too
             stats[key] += time.perf_counter() - t
 
+    decoder = decoder or Decoder(model, cache, cuda_graph)
+
+    def step(key, tok, pos):
+        return timed(key, decoder.step, tok, pos)[None]
+
+    n_decode = 0  # decode steps timed in decode_s
     try:
-        logits = timed("prefill_s", model.prefill, prompt, cache, chunk_size, progress)
-        ref = model.prefill(prompt, check_cache, chunk_size) if check_cache is not None else None
+        if not held:
+            logits = timed("prefill_s", model.prefill, prompt[:, :n], cache, chunk_size, progress)
+            if on_prefill:
+                on_prefill()
+        ref = model.prefill(prompt[:, :n], check_cache, chunk_size) if check_cache is not None else None
         stats["prefilled"], stats["steps"] = True, 0
+        for pos in range(n, len(prompt_ids)):  # the question after the document
+            logits = step("read_s", prompt_ids[pos], pos)
+            if check_cache is not None:
+                ref = model(prompt[:, pos:pos + 1], check_cache, pos)[:, -1]
         if record:
             from trace_page import TraceRecorder
             stats["trace"] = TraceRecorder.of(cache, len(prompt_ids), max_new_tokens)
-        decoder = Decoder(model, cache, cuda_graph)
         stats["cuda_graph"] = decoder.cuda_graph
         pos = len(prompt_ids)
         for _ in range(max_new_tokens):
@@ -187,6 +216,8 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
             if ref is not None:
                 steps.append(compare(ref[0], logits[0]))
             tok = sample(logits[0], sampling, history, gen)
+            if stats["first_token_s"] is None:
+                stats["first_token_s"] = time.perf_counter() - start
             if tok in stop_ids:
                 break
             out.append(tok)
@@ -195,17 +226,18 @@ def generate(model, cache, prompt_ids: list[int], *, max_new_tokens: int, stop_i
                 on_token(tok)
             if len(out) == max_new_tokens:
                 break
-            # the first step compiles the kernels and captures the CUDA graph: timed apart
-            logits = timed("first_step_s" if pos == len(prompt_ids) else "decode_s", decoder.step, tok, pos)[None]
+            # the decoder's first step compiles the kernels and captures the CUDA graph: timed apart
+            timed_apart = not decoder.steps
+            logits = step("first_step_s" if timed_apart else "decode_s", tok, pos)
             stats["steps"] += 1
+            n_decode += not timed_apart
             if check_cache is not None:
                 ref = model(torch.tensor([[tok]], device=device), check_cache, pos)[:, -1]
             pos += 1
     except KeyboardInterrupt as e:
         stats["interrupted"], stats["signal"] = True, signal_of(e)
-    n = max(len(out) - 2, 0)  # forward passes after the prefill and the first decode step
-    stats["decode_ms_per_token"] = 1e3 * stats["decode_s"] / n if n else None
-    stats["prefill_tok_per_s"] = len(prompt_ids) / stats["prefill_s"] if stats["prefilled"] else None
+    stats["decode_ms_per_token"] = 1e3 * stats["decode_s"] / n_decode if n_decode else None
+    stats["prefill_tok_per_s"] = n / stats["prefill_s"] if stats["prefilled"] and not held else None
     if steps:
         stats["check"] = {"steps": steps, "mean_kl": sum(r["kl"] for r in steps) / len(steps),
                           "max_kl": max(r["kl"] for r in steps),
@@ -315,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the document and question are plain text and only the chat template's markup is special")
     p.add_argument("--truncate", choices=["none", "middle"], default="none",
                    help="what to do with a prompt longer than the context")
+    s = p.add_argument_group("many questions about one document (the question is read through the document's cache)")
+    s.add_argument("--interactive", action="store_true",
+                   help="after --question (if given), read questions from stdin, one per line, each answered from the "
+                        "document's cache, prefilled once ('/quit' or end of input stops; Ctrl-C stops an answer)")
+    s.add_argument("--save-cache", metavar="PATH", help="write the document's KV cache to PATH after its prefill")
+    s.add_argument("--load-cache", metavar="PATH",
+                   help="read the document's KV cache from PATH (--save-cache's, for the same model, document and "
+                        "cache settings) in place of the prefill")
     p.add_argument("--report", help="write a JSON run report to this path (default: none)")
     p.add_argument("--trace", help="write an HTML page of what the cache retrieved, layer by layer (default: none)")
     return p
@@ -354,8 +394,15 @@ def parse_args(argv=None):
                 "a text encoding") + " (e.g. utf-8, latin-1, utf-16)")
     if not -2 ** 63 <= args.seed < 2 ** 64:
         p.error(f"--seed must be an integer of at most 64 bits (0 to {2 ** 64 - 1}), got {args.seed}")
-    check_outputs(p, {"report": args.report, "trace": args.trace},
-                  [("prompt-file", args.prompt_file), ("plan", args.plan)])
+    if args.interactive and args.prompt_file == "-":
+        p.error("--interactive reads the questions from stdin: pass the document as a file, not --prompt-file -")
+    for flag in ("check", "trace"):
+        if args.interactive and getattr(args, flag):
+            p.error(f"--{flag} follows one answer: it does not go with --interactive")
+    if args.save_cache and args.load_cache:
+        p.error("--save-cache and --load-cache: the loaded cache is the saved one; give one of them")
+    check_outputs(p, {"report": args.report, "trace": args.trace, "save-cache": args.save_cache},
+                  [("prompt-file", args.prompt_file), ("plan", args.plan), ("load-cache", args.load_cache)])
     return args
 
 
@@ -393,7 +440,9 @@ def run(args, report: dict) -> int:
     if device.startswith("cuda") and torch.device(device).index is not None \
             and torch.device(device).index >= torch.cuda.device_count():
         raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    text = read_prompt(args)
+    text, question = read_prompt(args), args.question
+    if not text.strip():
+        text, question = question, None  # a question alone is the whole prompt
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     threads = set_threads(args.threads)
     report.update(device=device, dtype=str(dtype).removeprefix("torch."), cpu=cpu_name(), cpu_threads=threads,
@@ -407,12 +456,22 @@ def run(args, report: dict) -> int:
                              f"context holds; shorten it or pass --truncate middle")
         keep = CHARS_PER_TOKEN * ctx // 2
         text = text[:keep] + text[-keep:]  # the middle goes anyway: fit_to_context cuts the rest by tokens
-    ids = (tok.encode_chat([{"role": "user", "content": text}], special_text=args.special_tokens) if chat
-           else tok.encode(text, special_text=args.special_tokens))
-    if ids and max(ids) >= model.args.vocab_size:
-        raise UsageError(f"the tokenizer gives id {max(ids)}, but the model's embedding has {model.args.vocab_size} "
-                         f"rows: the tokenizer in {model_dir} does not belong to these weights")
-    ids, max_new = fit_to_context(ids, ctx, args.max_new_tokens, args.truncate)
+    # the document's ids (the chat template's markup before it included), then, tokenized on their own, the
+    # question and the markup that ends the turn: a document's cache serves whatever question follows it
+    before, after = tok.chat_markup([{"role": "user"}]) if chat else ([], [])
+    doc = before + tok.encode(text, add_special_tokens=not chat, special_text=args.special_tokens)
+
+    def tail(q):
+        return (tok.encode(f"\n\n{q}", add_special_tokens=False, special_text=args.special_tokens) if q else []) + after
+
+    # a question after a document is read through the document's cache (which can then serve the next one);
+    # a prompt alone is prefilled whole
+    split = bool(question or args.interactive or args.save_cache or args.load_cache)
+    room = max(len(tail(question)), QUESTION_ROOM if args.interactive else 0)  # cache positions after the document
+    doc, max_new = fit_to_context(doc, ctx, args.max_new_tokens, args.truncate, after=room)
+    if max(doc + tail(question)) >= model.args.vocab_size:
+        raise UsageError(f"the tokenizer gives id {max(doc + tail(question))}, but the model's embedding has "
+                         f"{model.args.vocab_size} rows: the tokenizer in {model_dir} does not belong to these weights")
     stop_ids = set(tok.eos_ids)
     sampling = sampling_of(args, model_dir)
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
@@ -421,9 +480,10 @@ def run(args, report: dict) -> int:
     rope = model.args.rope_scaling
     yarn = (f" (YaRN x{rope['factor']:g} of {rope['original_max_position_embeddings']})"
             if rope and rope["rope_type"] == "yarn" else "")
+    n_prompt = len(doc) + len(tail(question))
     log(f"model {model_dir.name} ({n_params / 1e6:.0f}M params) "
-        f"on {device} in {str(dtype).removeprefix('torch.')}; prompt {len(ids)} tokens of {ctx} context{yarn}; "
-        f"cache {describe(cfg, model.args.n_layers)}")
+        f"on {device} in {str(dtype).removeprefix('torch.')}; prompt {n_prompt} tokens of {ctx} context{yarn}"
+        f"{f' (the document {len(doc)})' if split else ''}; cache {describe(cfg, model.args.n_layers)}")
     on_cuda = torch.device(device).type == "cuda"
     kernels = on_cuda if args.kernels is None else args.kernels
     if args.kernels is None and kernels and not kernels_available(device):
@@ -436,50 +496,111 @@ def run(args, report: dict) -> int:
         raise UsageError("--kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
     if args.cuda_graph and not (kernels and on_cuda):
         raise UsageError("--cuda-graph needs a CUDA device and the kernel path (drop --no-kernels)")
-    report.update(model=str(model_dir), rope_scaling=rope, context=ctx, kernels=kernels, prompt_tokens=len(ids),
-                  stage="allocating the cache",
+    report.update(model=str(model_dir), rope_scaling=rope, context=ctx, kernels=kernels, prompt_tokens=n_prompt,
+                  document_tokens=len(doc) if split else None, stage="allocating the cache",
                   policy={"cache": args.cache, **vars(cfg), "prefill_chunk": args.prefill_chunk, "layer_plan": plan_info},
                   sampling={**vars(sampling), "chat": chat})
-    chunk = min(args.prefill_chunk, len(ids))  # the largest chunk this prompt makes: what the headroom is for
-    cache = make_cache(cfg, model, len(ids) + max_new, device=device, dtype=dtype, chunk=chunk,
-                       kernels=kernels)
-    check = make_cache(CacheConfig(), model, len(ids) + max_new, device=device, dtype=dtype,
-                       chunk=chunk) if args.check else None
+    facts = cachefile.facts(model, model_dir, doc, cfg, dtype, device) if args.save_cache or args.load_cache else None
+    if args.load_cache:  # checked before the cache is allocated
+        header = cachefile.read_header(args.load_cache)
+        cachefile.check(header, facts, args.load_cache)
+    max_len = len(doc) + room + max_new
+    chunk = min(args.prefill_chunk, len(doc))  # the largest chunk this prompt makes: what the headroom is for
+    cache = make_cache(cfg, model, max_len, device=device, dtype=dtype, chunk=chunk, kernels=kernels)
+    check = make_cache(CacheConfig(), model, max_len, device=device, dtype=dtype, chunk=chunk) if args.check else None
+    decoder, saved = Decoder(model, cache, args.cuda_graph), {}
+    if args.load_cache:
+        t = time.perf_counter()
+        cachefile.load(cache, args.load_cache, header)
+        log(f"the document's cache ({len(doc)} tokens) loaded from {args.load_cache} in {time.perf_counter() - t:.2f} s")
+        saved["snapshot"] = cache.snapshot()
+
+    def on_prefill():  # the document is in the cache: save it, keep a snapshot for the next question
+        if args.save_cache:
+            saved["ok"] = save_cache(cache, args.save_cache, facts, model)
+        if args.interactive:
+            saved["snapshot"] = cache.snapshot()
 
     from tqdm import tqdm
-    bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} layers [{elapsed}<{remaining}]")
-    stream, answer = StreamDecoder(tok), Answer()
+    answer = Answer()
     if answer.absent:
         log("note: stdout is closed: the answer goes to the --report only")
 
-    def on_token(t):
-        bar.close()  # the first token ends the prefill; closing again is a no-op
-        answer.write(stream.push(t))
+    def ask(q):
+        """One answer: the document prefilled (the first time) or restored, the question read, the answer decoded."""
+        if cache.length not in (0, len(doc)):
+            cache.restore(saved["snapshot"])
+        ids = doc + tail(q)
+        bar = tqdm(total=model.args.n_layers, unit="layer", desc="prefill", file=sys.stderr, leave=False,
+                   disable=cache.length > 0,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} layers [{elapsed}<{remaining}]")
+        stream = StreamDecoder(tok)
 
-    report["stage"] = "generating"
-    try:
-        out, stats = generate(model, cache, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
-                              on_token=on_token, progress=lambda f: bar.update(min(f, bar.total - bar.n)),
-                              chunk_size=args.prefill_chunk, check_cache=check, cuda_graph=args.cuda_graph,
-                              record=bool(args.trace))  # (fractions of a layer add up to a hair over it)
-    except NonFiniteLogits as e:
-        raise UsageError(f"{e}: the model in {model_dir} is broken or overflows in {report['dtype']}; check its files "
-                         f"with --verify-model, convert it again (delete that folder), or try --dtype float32") from None
-    finally:
-        bar.close()  # before any message: a line of its own
-    try:
-        answer.write("\n")
-    except OutputClosed:
-        stats["interrupted"], stats["signal"] = True, "SIGPIPE"
-    if stats.get("signal") == "SIGPIPE":
-        log(f"stdout closed after {len(out)} generated tokens: stopped")
-    log(stats_line(stats, len(ids), len(out), threads if not on_cuda else None) +
-        f"; peak memory {peak_memory(device) / 2**30:.2f} GiB")
+        def on_token(t):
+            bar.close()  # the first token ends the prefill; closing again is a no-op
+            answer.write(stream.push(t))
+
+        try:
+            out, stats = generate(model, cache, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
+                                  on_token=on_token, progress=lambda f: bar.update(min(f, bar.total - bar.n)),
+                                  chunk_size=args.prefill_chunk, check_cache=check, record=bool(args.trace),
+                                  prefill=len(doc) if split else None, decoder=decoder,
+                                  on_prefill=lambda: (bar.close(), on_prefill()))
+        except NonFiniteLogits as e:
+            raise UsageError(f"{e}: the model in {model_dir} is broken or overflows in {report['dtype']}; check its "
+                             f"files with --verify-model, convert it again (delete that folder), or try --dtype float32") from None
+        finally:
+            bar.close()  # before any message: a line of its own
+        try:
+            answer.write("\n")
+        except OutputClosed:
+            stats["interrupted"], stats["signal"] = True, "SIGPIPE"
+        if stats.get("signal") == "SIGPIPE":
+            log(f"stdout closed after {len(out)} generated tokens: stopped")
+        log(stats_line(stats, len(out), threads if not on_cuda else None) +
+            f"; peak memory {peak_memory(device) / 2**30:.2f} GiB")
+        turn = {"question": q, "generated_ids": out, "generated_text": tok.decode(out, skip_special_tokens=True),
+                **{k: stats[k] for k in ("prompt_tokens", "prefill_tokens", "read_tokens", "prefilled", "prefill_s",
+                                         "prefill_tok_per_s", "read_s", "first_step_s", "first_token_s",
+                                         "decode_ms_per_token", "interrupted")}, "signal": stats.get("signal")}
+        report.setdefault("turns", []).append(turn)
+        report.update({k: v for k, v in turn.items() if k != "question"}, cuda_graph=stats.get("cuda_graph", False),
+                      check=stats.get("check"), peak_memory_bytes=peak_memory(device))
+        return stats
+
+    def questions():  # --question (or none), then with --interactive those of stdin
+        if question or not args.interactive:
+            yield question
+        while args.interactive:
+            report["stage"] = "waiting for a question"
+            q = next_question(room, tail)
+            if q is None:
+                return
+            yield q
+
+    stats, written = None, True
+    for q in questions():
+        report["stage"] = "generating"
+        stats = ask(q)
+        if len(report["turns"]) == 1:
+            written = summary(args, stats, cache, tok, doc + tail(q), report, plan_info, model_dir, describe(cfg, model.args.n_layers))
+        if stats["interrupted"] and not (args.interactive and stats["signal"] == "SIGINT" and stats["prefilled"]):
+            break  # Ctrl-C in --interactive stops the answer, and the next question comes
+    if on_cuda:
+        report["gpu"] = torch.cuda.get_device_name(device)
+    report["stage"] = "done" if not (stats and stats["interrupted"]) else "decoding" if stats["prefilled"] else "prefilling"
+    if stats and stats["interrupted"] and not (args.interactive and stats["signal"] == "SIGINT" and stats["prefilled"]):
+        return EXIT[stats["signal"]]
+    return 0 if written and saved.get("ok", True) else 1
+
+
+def summary(args, stats, cache, tok, ids, report, plan_info, model_dir, title) -> bool:
+    """After the first answer: what the cache holds, what online identification decided, the --check and --trace
+    results; False if the trace could not be written."""
     mem = cache.memory_report() if stats["prefilled"] else None  # an interrupted prefill holds no cache yet
     if mem:
         log(memory_table(mem))
-    if cache.decisions() and stats["prefilled"]:
+    if cache.decisions() and mem:
         log(f"online layer plan: quantized layers {cache.decisions()['quant_layers']} "
             f"(proxy per layer: {' '.join(f'{x:.2f}' for x in cache.decisions()['proxy'])})")
     if "check" in stats:
@@ -489,19 +610,43 @@ def run(args, report: dict) -> int:
             (" ..." if len(c["steps"]) > 64 else "") + "  (* = top-1 differs)")
         log(f"check summary: {len(c['steps'])} steps, top-1 agreement {c['top1_agreement']:.3f}, "
             f"mean KL {c['mean_kl']:.4f}, max KL {c['max_kl']:.4f}")
-    report["policy"].update(kinds=cache.kinds, layer_plan=(cache.decisions() if stats["prefilled"] else None) or plan_info)
-    stage = "done" if not stats["interrupted"] else "decoding" if stats["prefilled"] else "prefilling"
-    report.update(stage=stage, cuda_graph=stats.get("cuda_graph", False), generated_ids=out,
-                  generated_text=tok.decode(out, skip_special_tokens=True),
-                  **{k: stats[k] for k in ("prefilled", "prefill_s", "prefill_tok_per_s", "first_step_s",
-                                           "decode_ms_per_token", "interrupted")}, signal=stats.get("signal"),
-                  kv_cache=mem, check=stats.get("check"), peak_memory_bytes=peak_memory(device))
-    if on_cuda:
-        report["gpu"] = torch.cuda.get_device_name(device)
-    written = True
+    report["policy"].update(kinds=cache.kinds, layer_plan=(cache.decisions() if mem else None) or plan_info)
+    report.update(kv_cache=mem)
     if args.trace and mem:
-        written = write_trace(args.trace, tok, ids, cache, stats, mem, f"{model_dir.name}: {describe(cfg, model.args.n_layers)}")
-    return EXIT[stats["signal"]] if stats["interrupted"] else 0 if written else 1
+        return write_trace(args.trace, tok, ids, cache, stats, mem, f"{model_dir.name}: {title}")
+    return True
+
+
+def next_question(room: int, tail) -> str | None:
+    """--interactive: the next line of stdin that holds a question ('> ' first on a terminal); None at the end of
+    input or '/quit'. A question longer than the room the cache keeps for one is refused, and the next read."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return None
+        q = line.strip()
+        if q and len(tail(q)) > room:
+            log(f"this question is {len(tail(q))} tokens; the cache keeps room for {room} after the document: ask it "
+                f"in fewer words")
+        elif q:
+            return q
+
+
+def save_cache(cache, path: str, facts: dict, model) -> bool:
+    """--save-cache: the document's cache to a file, its size against a full cache's; False (said) if it failed."""
+    t = time.perf_counter()
+    try:
+        size = cachefile.save(cache, path, facts)
+    except OSError as e:
+        log(f"error: --save-cache {path}: {e.strerror or e}")
+        return False
+    a, dtype = model.args, torch.empty((), dtype=cache.dtype)
+    full = 2 * a.n_layers * a.n_kv_heads * a.head_dim * cache.length * dtype.element_size()
+    log(f"the document's cache ({cache.length} tokens) saved to {path} in {time.perf_counter() - t:.2f} s: "
+        f"{size / 2**20:.2f} MiB (a full cache of it: {full / 2**20:.2f} MiB)")
+    return True
 
 
 def sampling_of(args, model_dir: Path) -> Sampling:
@@ -530,16 +675,22 @@ def write_trace(path: str, tok, ids: list[int], cache, stats: dict, mem: dict, t
     return True
 
 
-def stats_line(stats: dict, n_prompt: int, n_out: int, threads: int | None) -> str:
+def stats_line(stats: dict, n_out: int, threads: int | None) -> str:
     """One line of what a run did, whatever point it reached (Ctrl-C may stop it anywhere)."""
     on = f" on {threads} CPU thread{'s' if threads != 1 else ''}" if threads else ""
     if not stats["prefilled"]:
-        return f"[interrupted] in the prefill of {n_prompt} tok after {stats['prefill_s']:.2f} s{on}; nothing generated"
+        return (f"[interrupted] in the prefill of {stats['prefill_tokens']} tok after {stats['prefill_s']:.2f} s{on}; "
+                f"nothing generated")
     decode = stats["decode_ms_per_token"]
-    return (("[interrupted] " if stats["interrupted"] else "") +
-            f"prefill {n_prompt} tok in {stats['prefill_s']:.2f} s ({stats['prefill_tok_per_s']:.0f} tok/s){on}; "
-            f"decode {n_out} tok" + (f" at {decode:.1f} ms/tok" if decode else "") +
-            (f" after a first step of {1e3 * stats['first_step_s']:.0f} ms" if stats["first_step_s"] else ""))
+    parts = [f"prefill {stats['prefill_tokens']} tok in {stats['prefill_s']:.2f} s ({stats['prefill_tok_per_s']:.0f} tok/s){on}"
+             if stats["prefill_tokens"] else f"the document's {stats['prompt_tokens'] - stats['read_tokens']} tok from its cache"]
+    if stats["read_tokens"]:
+        parts.append(f"read {stats['read_tokens']} tok in {stats['read_s']:.2f} s")
+    if stats["first_token_s"] is not None:
+        parts.append(f"first token after {stats['first_token_s']:.2f} s")
+    parts.append(f"decode {n_out} tok" + (f" at {decode:.1f} ms/tok" if decode else "") +
+                 (f" after a first step of {1e3 * stats['first_step_s']:.0f} ms" if stats["first_step_s"] else ""))
+    return ("[interrupted] " if stats["interrupted"] else "") + "; ".join(parts)
 
 
 def tailor_layers(cfg: CacheConfig, plan_path, model, *, bits_given=False, split=None) -> tuple[CacheConfig, dict | None]:

@@ -74,7 +74,8 @@ CHARS_PER_TOKEN = 32  # more than a BPE token ever spans, in practice: a longer 
 
 
 def read_prompt(args) -> str:
-    """The prompt text: --prompt, or --prompt-file (a path, or '-' for stdin) decoded one way for both."""
+    """The document: --prompt, or --prompt-file (a path, or '-' for stdin) decoded one way for both (--question
+    goes after it; the prompt is empty only if both are)."""
     if args.prompt is not None:
         text = args.prompt
     else:
@@ -98,9 +99,7 @@ def read_prompt(args) -> str:
             except OSError as e:
                 raise UsageError(f"{name} cannot be read: {e.strerror}") from None
         text = decode_text(data, name, args.encoding, args.errors)
-    if args.question:
-        text = f"{text.rstrip()}\n\n{args.question}" if text.strip() else args.question
-    if not text.strip():
+    if not text.strip() and not (args.question or "").strip():
         raise UsageError("the prompt is empty" + (f" ({args.prompt_file} has no text)" if args.prompt_file else ""))
     return text
 
@@ -141,21 +140,25 @@ def decode_text(data: bytes, name: str, encoding: str, errors: str) -> str:
     return text
 
 
-def fit_to_context(ids: list[int], context: int, max_new_tokens: int, truncate: str) -> tuple[list[int], int]:
-    """Return (prompt ids, max new tokens) that fit the context; refuse or cut the middle."""
-    if max_new_tokens >= context:
-        raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {context}-token context")
-    if len(ids) + max_new_tokens > context:
+def fit_to_context(ids: list[int], context: int, max_new_tokens: int, truncate: str,
+                   after: int = 0) -> tuple[list[int], int]:
+    """Return (prompt ids, max new tokens) that fit the context with `after` tokens after them (the question after a
+    document); refuse or cut the middle."""
+    if max_new_tokens + after >= context:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {context}-token context"
+                         + (f" after the {after} tokens of the question" if after else ""))
+    plus = f" + {after} after it" if after else ""
+    if len(ids) + after + max_new_tokens > context:
         if truncate == "middle":
-            keep = context - max_new_tokens
+            keep = context - after - max_new_tokens
             log(f"truncating the prompt from {len(ids)} to {keep} tokens (middle removed)")
             ids = ids[:keep // 2] + ids[len(ids) - (keep - keep // 2):]
-        elif len(ids) >= context:
-            raise UsageError(f"the prompt is {len(ids)} tokens but the model's context is {context}; "
+        elif len(ids) + after >= context:
+            raise UsageError(f"the prompt is {len(ids)}{plus} tokens but the model's context is {context}; "
                              f"shorten it or pass --truncate middle")
         else:
-            log(f"note: generating at most {context - len(ids)} tokens, where the context ends")
-            max_new_tokens = context - len(ids)
+            log(f"note: generating at most {context - after - len(ids)} tokens, where the context ends")
+            max_new_tokens = context - after - len(ids)
     return ids, max_new_tokens
 
 

@@ -781,12 +781,16 @@ class Slots:
         self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
         self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
 
+    def clear(self):
+        """No row holds anything."""
+        self.pos.fill_(-1)
+        self.vals.fill_(float("-inf"))
+
     def hold(self, idx):
         """The PyTorch path wrote positions idx (n_kv, n) into rows 0..n-1: the rows hold them, the rest nothing."""
         n = idx.shape[1]
-        self.pos.fill_(-1)
+        self.clear()
         self.pos[:, :n] = idx
-        self.vals.fill_(float("-inf"))
         self.vals[:, :n] = 0
 
 

@@ -139,16 +139,22 @@ class LayerCache(Protocol):
     decode(q, k, v, pos)  PyTorch: append the new token's k, v (1, n_kv, 1, hd) at position pos (an int),
                           return its attention output (1, H, 1, hd); step: the same on the kernels, pos a
                           0-dim device tensor, no host sync; advance(length): after device steps
+    state()               what it holds at its length, as named views (KVCache.snapshot, cache files), of
+                          which `rewritten` names those later steps overwrite in place (rings, rows): the
+                          rest are append-only; set_length(n): hold n tokens (state() then views them)
     telemetry             device_tensors(), host_tensors(): what it holds; h2d_bytes moved by `steps` steps
     """
     kind: str
     h2d_bytes: int
     steps: int
+    rewritten: tuple[str, ...]
 
     def load(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None: ...
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor: ...
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
     def advance(self, length: int) -> None: ...
+    def state(self) -> dict[str, torch.Tensor]: ...
+    def set_length(self, length: int) -> None: ...
     def device_tensors(self) -> list[torch.Tensor]: ...
     def host_tensors(self) -> list[torch.Tensor]: ...
 
@@ -156,6 +162,7 @@ class LayerCache(Protocol):
 class FullLayer:
     """The worked example: K and V of every position in two preallocated device buffers."""
     kind = "full"
+    rewritten = ()
 
     def __init__(self, n_kv, hd, max_len, batch, device, dtype, n_heads=None, kernels=False):
         self.k = torch.empty(batch, n_kv, max_len, hd, device=device, dtype=dtype)  # (B, n_kv, max_len, hd)
@@ -184,6 +191,12 @@ class FullLayer:
     def advance(self, length):
         self.length = length
         self.steps += 1
+
+    def state(self) -> dict:
+        return {"k": self.k[:, :, :self.length], "v": self.v[:, :, :self.length]}
+
+    def set_length(self, length):
+        self.length = length
 
     def device_tensors(self):
         return [self.k, self.v]
@@ -227,9 +240,18 @@ class QuantLayer:
         return ops.quant_attend(q[0, :, 0].contiguous(), self.keys, self.values, pos, self.ws, self.split)[None, :, None]
 
     def advance(self, length):
+        self.set_length(length)
+        self.steps += 1
+
+    rewritten = ("k.res", "v.res")
+
+    def state(self):
+        return {f"{kv}.{name}": t for kv, store in (("k", self.keys), ("v", self.values))
+                for name, t in store.state().items()}
+
+    def set_length(self, length):
         self.keys.advance(length)
         self.values.advance(length)
-        self.steps += 1
 
     def device_tensors(self):
         return self.keys.tensors() + self.values.tensors()
@@ -252,6 +274,7 @@ class Selector:
       advance(length)                        after device steps: the layer holds `length` tokens
       see_previous_input(x, pos)             the layer before's normalised input (1, 1, dim), this step
       tensors(), host_tensors(), h2d_bytes(n_off)   telemetry: what it holds, what a step's scoring moves
+      state(), rewritten                     what it holds at its length, as a layer's (LayerCache)
     and declares to the cache, as class methods (the cache names no selector):
       check(cfg, head_dim, kernels)           refuse a configuration it cannot serve
       shared(cfg, ...)                        working memory all layers share (they select one at a time)
@@ -336,6 +359,8 @@ class Selector:
     def tensors(self) -> list: return []
     def host_tensors(self) -> list: return []
     def h2d_bytes(self, n_off: int) -> int: return 0
+    rewritten = ()
+    def state(self) -> dict: return {}  # as a layer's (LayerCache); advance(length) sets its length
 
 
 class SketchSelector(Selector):
@@ -378,6 +403,11 @@ class SketchSelector(Selector):
 
     def tensors(self):
         return self.store.tensors()
+
+    rewritten = ("res",)
+
+    def state(self):
+        return self.store.state()
 
 
 class HeadwiseSketchSelector(SketchSelector):
@@ -469,6 +499,11 @@ class ChannelSelector(Selector):
 
     def tensors(self):
         return [self.kmax]
+
+    rewritten = ("kmax",)
+
+    def state(self):
+        return {"kmax": self.kmax, "host_kc": self.host_kc[:, :, :self.length]}
 
     def host_tensors(self):
         return [self.host_kc]
@@ -621,6 +656,26 @@ class SparseLayer:
         if n_off > self.topk:  # the selector scored them
             self.h2d_bytes += self.selector.h2d_bytes(n_off)
 
+    @property
+    def rewritten(self):
+        return ("rows_k", "rows_v") + tuple(f"select.{name}" for name in (self.selector.rewritten if self.topk else ()))
+
+    def state(self):
+        """The device rows (sinks, retrieved, window), the host store up to the length, the selector's state."""
+        s = {"rows_k": self.att_k, "rows_v": self.att_v}
+        if self.topk:
+            s |= {"host_k": self.host_k[:self.length], "host_v": self.host_v[:self.length]}
+            s |= {f"select.{name}": t for name, t in self.selector.state().items()}
+        return s
+
+    def set_length(self, length):
+        """Hold `length` tokens. On the kernel path no row counts as retrieved: the next step fetches its top-k."""
+        self.length = length
+        if self.topk:
+            self.selector.advance(length)
+        if self.slots is not None:
+            self.slots.clear()
+
     def device_tensors(self):
         return [self.att_k, self.att_v] + (self.selector.tensors() if self.topk else [])
 
@@ -705,6 +760,9 @@ class KVCache:
         self.staged = None  # the layer whose prompt K/V sits in the stage
         self.length = 0
 
+    def _decide(self, i, kind):
+        self.kinds[i], self.layers[i] = kind, self._new_layer(i, kind)
+
     def _new_layer(self, i, kind) -> LayerCache:
         if kind == "full":
             return FullLayer(*self.shape, self.batch, self.device, self.dtype, self.n_heads, self.kernels)
@@ -759,8 +817,7 @@ class KVCache:
             return
         if self.layers[layer] is None:
             score = self.meter.layer_scores()[layer].item()
-            self.kinds[layer] = "quant" if score > self.cfg.tau else "sparse"
-            self.layers[layer] = self._new_layer(layer, self.kinds[layer])
+            self._decide(layer, "quant" if score > self.cfg.tau else "sparse")
         n, cache = self.stage.length, self.layers[layer]
         streamed = getattr(cache, "streamed", 0) == n  # a sparse layer whose prompt went to the host chunk by chunk
         cache.load(self.stage.k[:, :, :n], self.stage.v[:, :, :n], 0, **({"to_host": False} if streamed else {}))
@@ -810,6 +867,37 @@ class KVCache:
         for i, layer in enumerate(self.layers):
             if getattr(layer, "selector", None) is not None:
                 layer.trace, layer.index = trace, i
+
+    # ------------------------------------------------------------------ rolling back, saving
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the cache holds at its length, as named views ("layers.3.host_k"): what a file saves."""
+        assert self.staged is None and None not in self.layers, "the state of a cache whose prefill has ended"
+        return {f"layers.{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.state().items()}
+
+    def snapshot(self) -> tuple[int, dict]:
+        """What restore() needs to bring the cache back to its length: copies of what later steps overwrite in
+        place (rings, device rows, channel maxima). The stores are append-only: they need none."""
+        rewritten = {f"layers.{i}.{name}" for i, layer in enumerate(self.layers) for name in layer.rewritten}
+        return self.length, {name: t.clone() for name, t in self.state().items() if name in rewritten}
+
+    def restore(self, snapshot: tuple[int, dict]):
+        """Back to a snapshot's length and contents: the tokens after it are forgotten, exactly."""
+        self.load_state(*snapshot)
+
+    def load_state(self, length: int, tensors: dict[str, torch.Tensor], kinds: list[str] | None = None):
+        """Hold `length` tokens: every layer's set_length, then `tensors` (state()'s names, all or some) copied
+        into place. kinds: each layer's, where online identification has not decided them (a saved cache's)."""
+        for i, kind in enumerate(kinds or []):
+            if self.layers[i] is None:
+                self._decide(i, kind)
+                self.meter = None  # decided by the file, not measured here
+        for layer in self.layers:
+            layer.set_length(length)
+        views = self.state()
+        for name, t in tensors.items():
+            views[name].copy_(t)
+        self.length = length
 
     def decisions(self) -> dict | None:
         """What online identification decided: the proxy per layer and the quantized layers."""

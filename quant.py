@@ -102,6 +102,17 @@ class QuantStore:
     def tensors(self):
         return [self.codes, self.scale, self.mn, self.res]
 
+    def state(self) -> dict:
+        """The quantized tokens (views of their codes, scales and minima; append-only) and the ring `res`, which
+        later tokens overwrite in place: what advance(length) and these bring back."""
+        n, g = self.n_q, self.g
+        if self.per_channel and not self.token_major:  # packed along the tokens
+            cut = dict(codes=self.codes[:, :, :n * self.bits // 32], scale=self.scale[:, :, :n // g], mn=self.mn[:, :, :n // g])
+        else:
+            per = g if self.per_channel else 1  # token-major sketch: a scale per group; values: per token
+            cut = dict(codes=self.codes[:, :n], scale=self.scale[:, :n // per], mn=self.mn[:, :n // per])
+        return cut | {"res": self.res}
+
     def _slots(self, a, b):
         return torch.arange(a, b, device=self.res.device) % self.R
 

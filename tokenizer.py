@@ -69,22 +69,28 @@ class Tokenizer:
             raise ValueError(f"the model's chat template fails ({type(e).__name__}: {e}); pass --no-chat to send "
                              f"the text as it is") from None
 
+    def chat_markup(self, messages: list[dict]) -> list[list[int]]:
+        """The ids of the chat template's own markup around each message's text: before the first, between each
+        two, after the last (len(messages) + 1 lists); the template writes BOS itself when the model wants one."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use marks where each text goes
+        rest = self.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        pieces = []
+        for mark in marks:
+            if rest.count(mark) != 1:
+                raise ValueError("this model's chat template changes the message text; pass --no-chat")
+            markup, rest = rest.split(mark)
+            pieces.append(self.encode(markup, add_special_tokens=False))
+        return pieces + [self.encode(rest, add_special_tokens=False)]
+
     def encode_chat(self, messages: list[dict], special_text: bool = False) -> list[int]:
         """The rendered conversation's ids. Only the template's own markup becomes special tokens: the
         messages' text is tokenized as plain text (a document cannot end the user's turn and write a system
-        turn of its own), unless special_text. The template writes BOS itself when the model wants one."""
-        if special_text:
-            return self.encode(self.render_chat(messages), add_special_tokens=False)
-        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use marks where each text goes
-        rendered = self.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)])
-        ids, rest = [], rendered
-        for m, mark in zip(messages, marks):
-            if rest.count(mark) != 1:
-                raise ValueError("this model's chat template changes the message text; pass --no-chat (or "
-                                 "--special-tokens to render it as it is)")
-            markup, rest = rest.split(mark)
-            ids += self.encode(markup, add_special_tokens=False) + self.encode(m["content"], False, special_text=False)
-        return ids + self.encode(rest, add_special_tokens=False)
+        turn of its own), unless special_text."""
+        markup = self.chat_markup(messages)
+        ids = markup[0]
+        for m, after in zip(messages, markup[1:]):
+            ids = ids + self.encode(m["content"], add_special_tokens=False, special_text=special_text) + after
+        return ids
 
 
 def _token_text(tok):

@@ -385,6 +385,16 @@ def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
     assert a["device_bytes"] <= b["device_bytes"] <= 1.1 * a["device_bytes"]  # the kernels' sketch: whole 8-group blocks
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["kivi", "tailor", "sparse-heads", "streaming"])
+def test_a_rolled_back_cache_reads_a_question_as_a_fresh_one_on_the_kernel_path(device, policy):
+    """test_kvcache's rollback on the kernels (in a CUDA graph on CUDA): the rows a step retrieved are forgotten
+    with the tokens after the document, so both caches fetch the same rows and compute the same bits."""
+    from test_kvcache import ROLLBACK, read_after_rollback
+    got, fresh = read_after_rollback(tiny_model(device), ROLLBACK[policy], device, kernels=True, first=20, second=10)
+    assert torch.equal(got, fresh)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py)")
 
 
