@@ -512,12 +512,15 @@ def run(args, report: dict) -> int:
     if args.load_cache:
         t = time.perf_counter()
         cachefile.load(cache, args.load_cache, header)
-        log(f"the document's cache ({len(doc)} tokens) loaded from {args.load_cache} in {time.perf_counter() - t:.2f} s")
+        report["cache_file"] = {"path": args.load_cache, "bytes": Path(args.load_cache).stat().st_size,
+                                "load_s": time.perf_counter() - t}
+        log(f"the document's cache ({len(doc)} tokens) loaded from {args.load_cache} in {report['cache_file']['load_s']:.2f} s")
         saved["snapshot"] = cache.snapshot()
 
     def on_prefill():  # the document is in the cache: save it, keep a snapshot for the next question
         if args.save_cache:
-            saved["ok"] = save_cache(cache, args.save_cache, facts, model)
+            report["cache_file"] = save_cache(cache, args.save_cache, facts, model)
+            saved["ok"] = report["cache_file"] is not None
         if args.interactive:
             saved["snapshot"] = cache.snapshot()
 
@@ -634,19 +637,19 @@ def next_question(room: int, tail) -> str | None:
             return q
 
 
-def save_cache(cache, path: str, facts: dict, model) -> bool:
-    """--save-cache: the document's cache to a file, its size against a full cache's; False (said) if it failed."""
+def save_cache(cache, path: str, facts: dict, model) -> dict | None:
+    """--save-cache: the document's cache to a file, its size against a full cache's; None (said) if it failed."""
     t = time.perf_counter()
     try:
         size = cachefile.save(cache, path, facts)
     except OSError as e:
         log(f"error: --save-cache {path}: {e.strerror or e}")
-        return False
-    a, dtype = model.args, torch.empty((), dtype=cache.dtype)
-    full = 2 * a.n_layers * a.n_kv_heads * a.head_dim * cache.length * dtype.element_size()
+        return None
+    a = model.args
+    full = 2 * a.n_layers * a.n_kv_heads * a.head_dim * cache.length * torch.empty((), dtype=cache.dtype).element_size()
     log(f"the document's cache ({cache.length} tokens) saved to {path} in {time.perf_counter() - t:.2f} s: "
         f"{size / 2**20:.2f} MiB (a full cache of it: {full / 2**20:.2f} MiB)")
-    return True
+    return {"path": path, "bytes": size, "full_cache_bytes": full, "save_s": time.perf_counter() - t}
 
 
 def sampling_of(args, model_dir: Path) -> Sampling:

@@ -48,6 +48,40 @@ def test_cli_document_from_stdin_with_question():
     assert n > 3000 and r.stdout.strip()
 
 
+def test_many_questions_about_one_document(tmp_path):
+    """--interactive prefills the document once and answers each question as a separate run does; a saved cache
+    loads in place of the prefill and answers as a fresh run does; one that does not match is refused."""
+    doc, saved = tmp_path / "doc.txt", tmp_path / "doc.kv"
+    doc.write_text(DOC.read_text()[:2500])  # ~560 tokens: offloaded layers select among ~370 of them
+    qs = ["In which year did the new keeper arrive?", "What is the lighthouse called?", "Who wrote the letters?"]
+    common = ["--prompt-file", str(doc), "--cache", "tailor", "--max-new-tokens", "8"]
+
+    def run(*args, stdin=None):
+        report = tmp_path / f"run{len(list(tmp_path.glob('run*')))}.json"
+        r = cli(*common, *args, "--report", str(report), stdin=stdin)
+        assert r.returncode == 0, r.stderr
+        return r, json.loads(report.read_text())
+
+    r, rep = run("--interactive", stdin="\n".join(qs) + "\n\n/quit\nnot a question\n")
+    assert [t["question"] for t in rep["turns"]] == qs
+    n_doc = rep["document_tokens"]
+    assert n_doc > 500 and [t["prefill_tokens"] for t in rep["turns"]] == [n_doc, 0, 0]
+    assert r.stderr.count("from its cache") == 2
+    separate = [run("--question", q, *(["--save-cache", str(saved)] if i == 0 else []))[1] for i, q in enumerate(qs)]
+    assert [t["generated_ids"] for t in rep["turns"]] == [s["generated_ids"] for s in separate]
+    assert all(s["prefill_tokens"] == n_doc and s["read_tokens"] > 10 for s in separate)
+    loaded = run("--question", qs[1], "--load-cache", str(saved))[1]
+    assert loaded["generated_ids"] == separate[1]["generated_ids"] and loaded["prefill_tokens"] == 0
+    other = cli(*common, "--question", qs[1], "--budget", "256", "--load-cache", str(saved))
+    assert other.returncode == 2 and other.stdout == ""
+    assert other.stderr.strip().endswith("holds another cache configuration: budget 192 in the file, 256 here")
+    data = bytearray(saved.read_bytes())
+    data[-100] ^= 1  # a bit of the last tensor
+    saved.write_bytes(bytes(data))
+    damaged = cli(*common, "--question", qs[1], "--load-cache", str(saved))
+    assert damaged.returncode == 2 and "is damaged: tensor layers." in damaged.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt-file", "/no/such/doc.txt"], "prompt file /no/such/doc.txt does not exist"),
     (["--prompt", "   \n"], "the prompt is empty"),

@@ -534,6 +534,43 @@ def test_a_rolled_back_cache_reads_a_question_as_a_fresh_one_bit_for_bit(policy)
     assert torch.equal(got, fresh)
 
 
+def test_a_saved_cache_loads_as_it_was_and_any_mismatch_is_refused(tmp_path):
+    import cachefile
+    from cachefile import CacheFileError
+    model, cfg = tiny_model(8, 2, 64), ROLLBACK["tailor"]
+    (tmp_path / "tokenizer.json").write_text("{}")
+    doc = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    facts = cachefile.facts(model, tmp_path, doc, cfg, torch.float32, "cpu")
+    cache = KVCache(model, 200, cfg)
+    with torch.inference_mode():
+        model.prefill(torch.tensor([doc]), cache, 32)
+    path = tmp_path / "doc.kv"
+    assert cachefile.save(cache, path, facts) == path.stat().st_size and not list(tmp_path.glob(".*tmp"))
+    header = cachefile.read_header(path)
+    cachefile.check(header, facts, path)
+    loaded = KVCache(model, 300, cfg)  # room for another question: a larger cache takes it
+    cachefile.load(loaded, path, header)
+    assert loaded.length == 150 and all(torch.equal(a, b) for a, b in zip(cache.state().values(), loaded.state().values()))
+    for field, value, message in [("format", 0, "written in another format"), ("model", "x", "another model"),
+                                  ("tokenizer", "x", "another tokenizer"), ("dtype", "bfloat16", "another dtype"),
+                                  ("device", "cuda", "another kind of device"),
+                                  ("document", {**facts["document"], "tokens": 151}, "holds another document"),
+                                  ("cache", {**facts["cache"], "sink": 8}, "configuration: sink 4 in the file, 8 here")]:
+        with pytest.raises(CacheFileError, match=message):
+            cachefile.check(header, {**facts, field: value}, path)
+    data = path.read_bytes()
+    for name, damage in [("cut.kv", data[:-10]), ("flip.kv", data[:-3] + bytes([data[-3] ^ 4]) + data[-2:]),
+                         ("text.kv", b"not a cache"), ("plain.kv", None)]:
+        bad = tmp_path / name
+        if damage is None:
+            from safetensors.torch import save_file
+            save_file({"x": torch.zeros(2)}, bad)
+        else:
+            bad.write_bytes(damage)
+        with pytest.raises(CacheFileError, match="damaged|not a safetensors|not a saved KV cache"):
+            cachefile.load(KVCache(model, 200, cfg), bad, cachefile.read_header(bad))
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="budget 60 leaves no room"):
         CacheConfig("tailor", budget=60)
@@ -569,12 +606,10 @@ def test_the_core_registers_the_method_and_research_the_rest():
 
 # ------------------------------------------------------------------------- default model, recall
 
-def copy_recall(model, cfg, doc, n_copy, prompt=None):
+def copy_recall(model, cfg, doc, n_copy):
     """Prefill doc, then decode teacher-forced through its first n_copy tokens again: top-1 accuracy and
-    mean NLL of those tokens, and the cache's device bytes. With prompt=1, doc itself is decoded after
-    its first token (n_copy = len(doc) - 1): the NLL of reading it for the first time."""
-    tokens = torch.tensor([doc + doc[:n_copy]]) if prompt is None else torch.tensor([doc])
-    prompt = len(doc) if prompt is None else prompt
+    mean NLL of those tokens, and the cache's device bytes."""
+    tokens, prompt = torch.tensor([doc + doc[:n_copy]]), len(doc)
     cache = KVCache(model, tokens.shape[1], cfg)
     logits = logits_through(model, cache, tokens, prompt, chunk=512)   # logits[j] predicts tokens[prompt + j]
     target = tokens[0, prompt:]
@@ -594,7 +629,10 @@ def test_document_repeat_on_the_default_model(default_dir, default_model, capsys
                       ("sparse/sketch", CacheConfig("sparse")), ("sparse/channels", CacheConfig("sparse", select="channels")),
                       ("streaming", CacheConfig("streaming"))]:
         results[name] = copy_recall(default_model, cfg, doc[:1952], n_copy=96)
-    first = copy_recall(default_model, CacheConfig(), doc[:1024], n_copy=1023, prompt=1)["nll"]  # read, not copied
+    with torch.inference_mode():  # reading the first 1024 tokens for the first time: one pass, every position's logits
+        tokens = torch.tensor([doc[:1024]])
+        lp = default_model(tokens, KVCache(default_model, 1024), 0, logits_at=slice(None))[0, :-1].log_softmax(-1)
+        first = -lp.gather(1, tokens[0, 1:, None]).mean().item()
     with capsys.disabled():
         print(f"\ndocument repeat, 1952 + 96 tokens (first-pass NLL {first:.2f}); tailor quantizes "
               f"{tailor.quant_layers} to {tailor.bits} bits:")
