@@ -23,21 +23,25 @@ from checkpoint import resolve_model  # noqa: E402
 from inputs import check_bench_args  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-DOCS = {"story": (ROOT / "examples" / "lighthouse.txt", None),  # the bundled story, whole (~3.2k tokens)
-        "ledger-7.5k": (ROOT / "examples" / "documents" / "ledger_long.txt", 7500)}  # its first 7,500 tokens
+EX = ROOT / "examples"
+DOCS = {"story": ([EX / "lighthouse.txt"], None),  # the bundled story, whole (~3.2k tokens)
+        "ledger-7.5k": ([EX / "documents" / "ledger_long.txt"], 7500),  # its first 7,500 tokens
+        "mixed-31k": ([EX / "lighthouse.txt", *sorted((EX / "documents").glob("*.txt"))], 31000)}  # a 32k model's
 QUESTIONS = {"story": ["In which year did the new keeper arrive?", "How many litres of mercury did they drain?"],
-             "ledger-7.5k": ["At which station was the first observation made?", "Who was the observer on 03-08?"]}
+             "ledger-7.5k": ["At which station was the first observation made?", "Who was the observer on 03-08?"],
+             "mixed-31k": ["In which year did the new keeper arrive?", "How many litres of mercury did they drain?"]}
 POLICIES = ["full", "tailor", "kivi", "sparse", "streaming"]
 
 
 def document(name: str, model: str | None, folder: Path) -> Path:
-    """The document's text, cut to its first N tokens where the table says so."""
-    path, n = DOCS[name]
+    """The document's text: its files one after another, cut to the first N tokens where the table says so."""
+    paths, n = DOCS[name]
     if n is None:
-        return path
+        return paths[0]
     tok = Tokenizer(resolve_model(model))
     out = folder / f"{name}.txt"
-    out.write_text(tok.decode(tok.encode(path.read_text(), add_special_tokens=False)[:n]))
+    text = "\n\n".join(p.read_text() for p in paths)
+    out.write_text(tok.decode(tok.encode(text, add_special_tokens=False)[:n]))
     return out
 
 
@@ -58,7 +62,8 @@ def run(argv: list[str], stdin: str = "") -> dict:
 
 def measure(doc_name: str, doc: Path, policy: str, args, folder: Path) -> dict:
     common = ["--prompt-file", str(doc), "--cache", policy, "--max-new-tokens", str(args.max_new_tokens),
-              "--device", args.device, *(["--model", args.model] if args.model else [])]
+              "--device", args.device, *(["--model", args.model] if args.model else []),
+              *(["--no-kernels"] if args.no_kernels else [])]
     saved = folder / f"{doc_name}-{policy}.kv"
     first, second = QUESTIONS[doc_name]
     session = run(common + ["--interactive", "--save-cache", str(saved)], stdin=f"{first}\n{second}\n")
@@ -78,14 +83,14 @@ def measure(doc_name: str, doc: Path, policy: str, args, folder: Path) -> dict:
 def table(rows: list[dict]) -> str:
     first = rows[0]
     hw = first["gpu"] or f"{first['cpu']}, {first['threads']} threads"
-    lines = [f"Many questions about one document (`bench/session.py`): {hw}, {first['device']}"
-             f"{', kernel path' if first['kernels'] else ''}. Time to the first token of the first question (the document "
+    lines = [f"Many questions about one document (`bench/session.py`): {hw}, {first['device']}. Time to the first token of the first question (the document "
              f"prefilled), of the second (the cache rolled back to the document, the question read through it), and of a "
              f"run that loads the saved cache (load included); the cache file against a full cache's K/V of the document.",
-             "", "| document | tokens | policy | 1st question | 2nd question | loaded cache | file MiB | full cache MiB | file / full |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| document | tokens | policy | path | 1st question | 2nd question | loaded cache | file MiB | full cache MiB "
+                 "| file / full |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['document']} | {r['document_tokens']} | {r['policy']} | {r['ttft_first_s']:.2f} s | "
+        lines.append(f"| {r['document']} | {r['document_tokens']} | {r['policy']} | {'kernels' if r['kernels'] else 'PyTorch'} "
+                     f"| {r['ttft_first_s']:.2f} s | "
                      f"{r['ttft_second_s']:.2f} s | {r['ttft_loaded_s']:.2f} s | {r['file_bytes'] / 2**20:.1f} | "
                      f"{r['full_cache_bytes'] / 2**20:.1f} | {r['file_bytes'] / r['full_cache_bytes']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -94,23 +99,26 @@ def table(rows: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "session_cpu"), help="OUT.jsonl and OUT.md")
-    p.add_argument("--docs", nargs="+", choices=list(DOCS), default=list(DOCS))
+    p.add_argument("--docs", nargs="+", choices=list(DOCS), default=["story", "ledger-7.5k"])
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=POLICIES)
     p.add_argument("--model", help="as generate.py's (default: the default model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--no-kernels", action="store_true", help="on CUDA: decode on the PyTorch path")
     args = p.parse_args(argv)
     args.replot = None
     check_bench_args(p, args)
     out = Path(args.out)
     done = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()] \
         if out.with_suffix(".jsonl").exists() else []
+    kernels = args.device.startswith("cuda") and not args.no_kernels  # generate.py's default path
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name in args.docs:
             doc = document(name, args.model, folder)
             for policy in args.policies:
-                if any(r["document"] == name and r["policy"] == policy for r in done):
+                if any((r["document"], r["policy"], r["kernels"], r["device"]) == (name, policy, kernels, args.device)
+                       for r in done):
                     continue
                 row = measure(name, doc, policy, args, folder)
                 done.append(row)

@@ -386,12 +386,13 @@ def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("policy", ["kivi", "tailor", "sparse-heads", "streaming"])
+@pytest.mark.parametrize("policy", ["tailor"] + (["kivi", "sparse-heads", "streaming"] if torch.cuda.is_available() else []))
 def test_a_rolled_back_cache_reads_a_question_as_a_fresh_one_on_the_kernel_path(device, policy):
-    """test_kvcache's rollback on the kernels (in a CUDA graph on CUDA): the rows a step retrieved are forgotten
-    with the tokens after the document, so both caches fetch the same rows and compute the same bits."""
+    """test_kvcache's rollback on the kernels (in a CUDA graph on CUDA): the quantized layer's ring and the sketch's
+    take a group at 160, the windows wrap, and the offloaded layers retrieve rows of the first question (from
+    159 on), which they must forget with it; tailor's layers are all three kinds (the interpreter is slow)."""
     from test_kvcache import ROLLBACK, read_after_rollback
-    got, fresh = read_after_rollback(tiny_model(device), ROLLBACK[policy], device, kernels=True, first=20, second=10)
+    got, fresh = read_after_rollback(tiny_model(device), ROLLBACK[policy], device, kernels=True, first=12, second=4)
     assert torch.equal(got, fresh)
 
 

@@ -551,6 +551,10 @@ def test_a_saved_cache_loads_as_it_was_and_any_mismatch_is_refused(tmp_path):
     loaded = KVCache(model, 300, cfg)  # room for another question: a larger cache takes it
     cachefile.load(loaded, path, header)
     assert loaded.length == 150 and all(torch.equal(a, b) for a, b in zip(cache.state().values(), loaded.state().values()))
+    from generate import Decoder
+    with torch.inference_mode():  # and it reads a question as the cache it was saved from
+        a, b = ([Decoder(model, c).step(t, 150 + i).clone() for i, t in enumerate(doc[:20])] for c in (cache, loaded))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
     for field, value, message in [("format", 0, "written in another format"), ("model", "x", "another model"),
                                   ("tokenizer", "x", "another tokenizer"), ("dtype", "bfloat16", "another dtype"),
                                   ("device", "cuda", "another kind of device"),
