@@ -258,6 +258,9 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      None,
      "One generate.py run per document, penalty and window (the CLI, full cache, fp32 on the CPU). Repeated "
      "4-grams: the fraction of the answer's token 4-grams already seen earlier in it; a loop drives it toward 1."),
+    ("Many questions about one document, CPU", "session_cpu.md", "python bench/session.py --out bench/results/session_cpu",
+     None, "The default model in fp32 on 2 CPU threads; each row is two generate.py runs: --interactive with two "
+     "questions and --save-cache, then the second question with --load-cache (its answer checked equal)."),
     ("generate.py on the bundled story", "generate.md",
      "python bench/generate_table.py bench/results/generate/*.json", None,
      "From the --report files of generate.py runs in bench/results/generate/ (see the README for the command)."),

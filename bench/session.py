@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 import generate  # noqa: E402
 from checkpoint import resolve_model  # noqa: E402
 from inputs import check_bench_args  # noqa: E402
+from results import publish  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 EX = ROOT / "examples"
@@ -125,7 +126,7 @@ def main(argv=None):
                 with out.with_suffix(".jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(table([row]).splitlines()[-1], flush=True)
-    out.with_suffix(".md").write_text(table(done))
+    publish(out.with_suffix(".md"), table(done))
     print(table(done))
 
 
