@@ -40,6 +40,8 @@ def facts(model, tokenizer_dir: Path, document: list[int], cfg, dtype: torch.dty
 def save(cache, path: str | Path, run_facts: dict) -> int:
     """Write the cache (after its prefill) to path: a temporary name first, renamed once whole. Returns its bytes."""
     from safetensors.torch import save_file
+    if torch.device(cache.device).type == "cuda":
+        torch.cuda.synchronize(cache.device)  # the prompt's copies into pinned host memory are done
     tensors = {name: t.detach().cpu().contiguous() for name, t in cache.state().items()}
     header = {**run_facts, "length": cache.length, "kinds": cache.kinds,
               "sha256": {name: sha256(t) for name, t in tensors.items()}}

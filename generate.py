@@ -401,6 +401,9 @@ def parse_args(argv=None):
             p.error(f"--{flag} follows one answer: it does not go with --interactive")
     if args.save_cache and args.load_cache:
         p.error("--save-cache and --load-cache: the loaded cache is the saved one; give one of them")
+    if args.load_cache and not Path(args.load_cache).is_file():
+        p.error(f"--load-cache {args.load_cache}: " + ("a directory" if Path(args.load_cache).is_dir() else "no such file")
+                + " (--save-cache writes one)")
     check_outputs(p, {"report": args.report, "trace": args.trace, "save-cache": args.save_cache},
                   [("prompt-file", args.prompt_file), ("plan", args.plan), ("load-cache", args.load_cache)])
     return args

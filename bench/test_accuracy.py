@@ -234,14 +234,14 @@ def test_the_benchmark_refuses_its_inputs_as_clearly_as_the_cli(tmp_path):
     ("ruler.py", ["--replot", "/no/such/run.json"], "--replot /no/such/run.json: No such file or directory"),
     ("ruler.py", ["--out", "/no/such/folder/r"], "--out /no/such/folder/r: folder /no/such/folder does not exist"),
 ])
-def test_the_benchmarks_refuse_in_one_line_before_any_work(tmp_path, script, args, message):
+def test_the_benchmarks_refuse_in_one_line_before_any_work(tmp_path, script, args, message, capsys):
     """A bad sweep, depth, --out, --replot file or device: exit 2, one line naming the flag, before anything loads
     (a damaged --replot file too)."""
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    (tmp_path / "run.json").write_text("{truncated")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--replot", str(tmp_path / "run.json")],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "run.json is not valid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    import importlib
+    main = importlib.import_module(script.removesuffix(".py")).main
+    for argv, expect in ((args, message), (["--replot", str(tmp_path / "run.json")], "run.json is not valid JSON")):
+        (tmp_path / "run.json").write_text("{truncated")
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expect in err and "Traceback" not in err, err

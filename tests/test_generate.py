@@ -48,6 +48,16 @@ def test_cli_document_from_stdin_with_question():
     assert n > 3000 and r.stdout.strip()
 
 
+def in_process(argv, capsys):
+    """generate.main in this process, for a refusal (no new interpreter to start): exit status, stdout, stderr."""
+    try:
+        rc = generate.main(argv)
+    except SystemExit as e:  # argparse's refusals
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def test_many_questions_about_one_document(tmp_path):
     """--interactive prefills the document once and answers each question as a separate run does; a saved cache
     loads in place of the prefill and answers as a fresh run does; one that does not match is refused."""
@@ -95,9 +105,9 @@ def test_many_questions_about_one_document(tmp_path):
     (["--prompt", "hi", "--max-new-tokens", "9000"], "leaves no room for a prompt"),
     (["--prompt", "hi", "--cache", "tailor", "--plan", "/tmp"], "plan file /tmp is a directory; pass a plan file"),
 ])
-def test_cli_bad_input(args, message):
-    r = cli(*args)
-    assert r.returncode == 2 and message in r.stderr and r.stdout == ""
+def test_cli_bad_input(args, message, capsys):
+    rc, out, err = in_process(args, capsys)
+    assert rc == 2 and message in err and out == ""
 
 
 @pytest.mark.parametrize("args,message", [
@@ -117,14 +127,19 @@ def test_cli_bad_input(args, message):
     (["--prompt", "hi", "--rope-scaling", "yarn"], "--rope-scaling yarn needs --rope-scale F"),
     (["--prompt", "hi", "--rope-scaling", "yarn", "--rope-scale", "nan"], "a number from 1 to 1024"),
     (["--prompt", "hi", "--rope-scaling", "yarn", "--rope-scale", "1e308"], "a number from 1 to 1024"),
+    (["--prompt-file", "-", "--interactive"], "--interactive reads the questions from stdin: pass the document as a file"),
+    (["--prompt", "hi", "--interactive", "--check"], "--check follows one answer"),
+    (["--prompt", "hi", "--save-cache", "a.kv", "--load-cache", "b.kv"], "give one of them"),
+    (["--prompt", "hi", "--load-cache", "/no/such.kv"], "--load-cache /no/such.kv: no such file"),
+    (["--prompt", "hi", "--save-cache", "/no/such/folder/a.kv"], "--save-cache /no/such/folder/a.kv: folder"),
 ])
-def test_cli_refuses_before_loading_the_model(args, message):
-    r = cli(*args)
-    assert r.returncode == 2 and message in r.stderr and r.stdout == "", r.stderr
-    assert "Traceback" not in r.stderr and "params)" not in r.stderr and "converting" not in r.stderr
+def test_cli_refuses_before_loading_the_model(args, message, capsys):
+    rc, out, err = in_process(args, capsys)
+    assert rc == 2 and message in err and out == "", err
+    assert "Traceback" not in err and "params)" not in err and "converting" not in err
 
 
-def test_cli_outputs_never_overwrite_an_input_or_each_other(tmp_path):
+def test_cli_outputs_never_overwrite_an_input_or_each_other(tmp_path, capsys):
     """--report or --trace naming the prompt file (or the plan) is refused before anything runs, the document
     left intact; --report and --trace naming one file (through another spelling) likewise; --seed past 64 bits."""
     doc, link = tmp_path / "doc.txt", tmp_path / "link.txt"
@@ -138,8 +153,8 @@ def test_cli_outputs_never_overwrite_an_input_or_each_other(tmp_path):
             (["--prompt", "hi", "--report", str(tmp_path / "out"), "--trace", f"{tmp_path}/./out"],
              "--trace and --report both name"),
             (["--prompt", "hi", "--seed", str(2 ** 64)], "--seed must be an integer of at most 64 bits")):
-        r = cli(*args)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        rc, _, err = in_process(args, capsys)
+        assert rc == 2 and message in err and "Traceback" not in err, (args, err)
         assert doc.read_text() == "A short document about lighthouses." and not (tmp_path / "out").exists()
 
 
