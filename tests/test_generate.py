@@ -338,6 +338,42 @@ def test_cli_ctrl_c_in_the_prefill_stops_cleanly_and_reports(tmp_path, sig, stat
     assert rep["prompt_tokens"] > 3000 and rep["generated_ids"] == [] and rep["prefill_s"] > 0
 
 
+def test_cli_interactive_ctrl_c_stops_an_answer_and_at_the_prompt_the_run(tmp_path):
+    """--interactive: Ctrl-C during an answer ends that answer and the next question is read (and answered from
+    the document's cache); Ctrl-C while waiting for a question ends the run (130), the report keeping both turns."""
+    import signal
+    import time
+    report, log = tmp_path / "run.json", tmp_path / "stderr.txt"
+
+    def wait_for(text):
+        t0 = time.time()
+        while text not in log.read_text():
+            assert proc.poll() is None and time.time() - t0 < 120, log.read_text()
+            time.sleep(0.2)
+
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--prompt", "The ship sails at noon.",
+                                 "--interactive", "--max-new-tokens", "300", "--report", str(report)], cwd=ROOT,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc.stdin.write(b"Write a long poem about the sea.\n")
+        proc.stdin.flush()
+        assert os.read(proc.stdout.fileno(), 4096)  # the answer streams
+        proc.send_signal(signal.SIGINT)
+        wait_for("[interrupted]")
+        proc.stdin.write(b"When does the ship sail?\n")
+        proc.stdin.flush()
+        wait_for("from its cache")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    err = log.read_text()
+    assert "Traceback" not in err and "[interrupted] while waiting for a question" in err, err
+    rep = json.loads(report.read_text())
+    assert [(t["interrupted"], t["signal"]) for t in rep["turns"]] == [(True, "SIGINT"), (False, None)]
+    assert rep["turns"][0]["prefill_tokens"] > 0 and rep["turns"][1]["prefill_tokens"] == 0
+    assert rep["interrupted"] and rep["signal"] == "SIGINT"
+
+
 def test_cli_a_prompt_shorter_than_the_sinks_decodes(tmp_path):
     """Two tokens, no chat template, one-token prefill chunks: decoding starts before the 8 sinks are full."""
     r = cli("--prompt", "Hi", "--no-chat", "--cache", "tailor", "--prefill-chunk", "1", "--max-new-tokens", "12")
