@@ -488,11 +488,12 @@ def main(argv=None):
     return run_all([(c, name) for c in sorted({c for c, _, _ in runs}) for name in docs], one, meta, Path(args.out))
 
 
-def run_all(runs, one, meta: dict, out: Path, *, save_fn=None, report_fn=None) -> int:
+def run_all(runs, one, meta: dict, out: Path, *, save_fn=None, report_fn=None, records=None) -> int:
     """one(*run, records) for every run, the records saved after each: Ctrl-C keeps every finished row.
-    save_fn, report_fn: another benchmark's own (bench/ruler.py's), instead of this one's."""
+    save_fn, report_fn: another benchmark's own (bench/ruler.py's), instead of this one's; records: those an
+    earlier run of the same arguments finished."""
     save_fn, report_fn = save_fn or save, report_fn or report
-    records, meta["complete"] = [], False
+    records, meta["complete"] = list(records or []), False
     try:
         for run in runs:
             one(*run, records)

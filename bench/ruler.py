@@ -32,6 +32,7 @@ Policies are bench/accuracy.py's specs (name[-bits][/selector][@budget]); @1024 
 per offloaded layer (64 sink + 64 recent there; 8 + 56 + 960 here), plain specs the default 192.
 """
 import argparse
+import json
 import math
 import platform
 import random
@@ -60,8 +61,11 @@ from tokenizer import Tokenizer  # noqa: E402
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
 NEW_TOKENS = {"niah": 64, "vt": 40, "cwe": 120, "fwe": 50}  # answer lengths, as RULER's (niah: 128 there)
-POLICIES = ["full", "tailor-2", "sparse", "kivi-2", "streaming", "tailor-2/sketch-heads",
-            "tailor-2@1024", "sparse@1024", "streaming@1024", "tailor-2/sketch-heads@1024"]
+SATURATED = TASKS[:4]  # 1.00 for every policy but streaming at every length on Qwen2.5-Coder-1.5B (ruler_qwen15_h200)
+GROUPS = {"discriminating": [t for t in TASKS if t not in SATURATED], "all": TASKS}
+POLICIES = ["full", "tailor-2", "tailor-2@1024", "kivi-2", "streaming@1024",
+            "tailor-2/exact-heads", "tailor-2/exact-heads@1024"]  # exact-heads: the oracle, at the same budgets
+BOOTSTRAP = 2000  # resamples of the prompts for each interval
 
 
 def reference_text() -> str:
@@ -91,11 +95,8 @@ class Builder:
 
     def __init__(self, tok: Tokenizer, chat: bool = True):
         self.tok, self.words = tok, words()
-        if chat and tok.chat_template:
-            mark = "\ue000"
-            before, after = tok.render_chat([{"role": "user", "content": mark}]).split(mark)
-            # the template's markup as its special tokens, everything else as plain text
-            self.before, self.after = (tok.encode(t, add_special_tokens=False) for t in (before, after))
+        if chat and tok.chat_template:  # the template's markup as its special tokens, everything else as plain text
+            self.before, self.after = tok.chat_markup([{"role": "user"}])
         else:
             self.before, self.after = tok.encode("", add_special_tokens=True), []
         self._essay = None
@@ -250,6 +251,15 @@ class Builder:
         return getattr(self, task)(length, rng)
 
 
+def plan(tasks: list[str], lengths: list[int], samples: int, long_samples: int) -> list[tuple[int, str, int]]:
+    """(length, task, prompts) to run: --tasks names and groups, in TASKS order; a saturated task that only a
+    group named runs once per length, any other `samples` times (`long_samples` past 32k)."""
+    named = [t for t in tasks if t in TASKS]
+    wanted = set(named).union(*(GROUPS[g] for g in tasks if g in GROUPS))
+    return [(n, t, 1 if t in SATURATED and t not in named else long_samples if n > 32768 else samples)
+            for n in lengths for t in TASKS if t in wanted]
+
+
 def score(answer: str, expected: list[str]) -> float:
     """RULER's recall: the fraction of the expected strings found in the answer, case-insensitive."""
     a = answer.lower()
@@ -270,17 +280,16 @@ def answer(model, cfg, pre: Prefilled, n_new: int, stop_ids: set[int]) -> tuple[
 # -------------------------------------------------------------------------------------- report
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Per (length, policy): each task's mean score, their average, the device KV bytes, the samples."""
-    groups = {}
+    """Per (length, policy): each task's mean score, their average (the mean over tasks), the device KV bytes and
+    the prompts per task; the ratio to the full cache's average; and 95% intervals of both (`interval`)."""
+    scores = {}  # (length, policy) -> task -> sample -> score
     for r in records:
-        groups.setdefault((r["length"], r["policy"]), []).append(r)
+        scores.setdefault((r["length"], r["policy"]), {}).setdefault(r["task"], {})[r["sample"]] = r["score"]
     rows = []
-    for (length, policy), rs in groups.items():
-        tasks = {}
-        for r in rs:
-            tasks.setdefault(r["task"], []).append(r["score"])
+    for (length, policy), tasks in scores.items():
+        rs = [r for r in records if (r["length"], r["policy"]) == (length, policy)]
         row = {"length": length, "yarn": rs[0].get("yarn"), "policy": policy,
-               "tasks": {t: statistics.fmean(v) for t, v in tasks.items()},
+               "tasks": {t: statistics.fmean(v.values()) for t, v in tasks.items()},
                "samples": {t: len(v) for t, v in tasks.items()},
                "device_kv_bytes": statistics.fmean(r["device_kv_bytes"] for r in rs)}
         row["average"] = statistics.fmean(row["tasks"].values())
@@ -290,28 +299,63 @@ def summarize(records: list[dict]) -> list[dict]:
         f = full.get(r["length"])
         if f and f["average"] > 0 and set(f["tasks"]) == set(r["tasks"]):
             r["vs_full"] = r["average"] / f["average"]
+    for length in {r["length"] for r in rows}:
+        interval([r for r in rows if r["length"] == length], {p: s for (n, p), s in scores.items() if n == length})
     return rows
+
+
+def interval(rows: list[dict], scores: dict, level: float = 0.95):
+    """A paired bootstrap over the prompts of one length: each of BOOTSTRAP resamples draws every task's prompts
+    with replacement, the same draw for every policy (they answered the same prompts), and takes each policy's
+    average and its ratio to the full cache's; row["ci"], row["vs_full_ci"]: the central `level` of them. Only
+    over the prompts every policy answered; a row with other tasks than those gets none."""
+    tasks = set.intersection(*(set(s) for s in scores.values()))
+    common = {t: sorted(set.intersection(*(set(s[t]) for s in scores.values()))) for t in sorted(tasks)}
+    common = {t: ids for t, ids in common.items() if ids}
+    rng = random.Random(0)
+    draws = [{t: [rng.choice(ids) for _ in ids] for t, ids in common.items()} for _ in range(BOOTSTRAP)]
+
+    def averages(policy):
+        s = scores[policy]
+        return [statistics.fmean(statistics.fmean(s[t][i] for i in d[t]) for t in d) for d in draws]
+
+    def central(xs):
+        xs = sorted(xs)
+        cut = int((1 - level) / 2 * len(xs))
+        return [xs[cut], xs[len(xs) - 1 - cut]]
+
+    full = averages("full") if "full" in scores and common else None
+    for r in rows:
+        if not common or set(r["tasks"]) != set(common):
+            continue
+        mine = averages(r["policy"])
+        r["ci"] = central(mine)
+        if full and all(f > 0 for f in full):
+            r["vs_full_ci"] = central([m / f for m, f in zip(mine, full)])
 
 
 def markdown(rows: list[dict]) -> str:
     tasks = [t for t in TASKS if any(t in r["tasks"] for r in rows)]
     short = [t.replace("niah_", "").replace("single_", "s").replace("multikey_", "mk").replace("multivalue", "mv")
              .replace("multiquery", "mq") for t in tasks]
-    out = ["| length | policy | " + " | ".join(short) + " | average | vs full | device KV MiB |",
-           "|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+    out = ["| length | policy | " + " | ".join(short) + " | prompts | average [95% CI] | vs full [95% CI] | device KV MiB |",
+           "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["policy"] != "full", r["policy"])):
         cells = [f"{r['tasks'][t]:.2f}" if t in r["tasks"] else "–" for t in tasks]
+        ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if "ci" in r else ""
         vs = f"{r['vs_full']:.2f}x" if "vs_full" in r else "–"
+        vs += f" [{r['vs_full_ci'][0]:.2f}, {r['vs_full_ci'][1]:.2f}]" if "vs_full_ci" in r else ""
         length = f"{r['length']} (YaRN x{r['yarn']:g})" if r.get("yarn") else str(r["length"])
-        out.append(f"| {length} | {r['policy']} | " + " | ".join(cells) +
-                   f" | **{r['average']:.3f}** | {vs} | {r['device_kv_bytes'] / 2**20:.1f} |")
+        out.append(f"| {length} | {r['policy']} | " + " | ".join(cells) + f" | {sum(r['samples'].values())} | "
+                   f"**{r['average']:.3f}**{ci} | {vs} | {r['device_kv_bytes'] / 2**20:.1f} |")
     return "\n".join(out)
 
 
 def averages(rows: list[dict]) -> str:
     """The averages alone, a policy a row and a length a column, each with its device KV MiB."""
     lengths = sorted({(r["length"], r.get("yarn")) for r in rows})
-    cells = {(r["policy"], r["length"]): f"{r['average']:.3f} ({r['device_kv_bytes'] / 2**20:.0f})" for r in rows}
+    cells = {(r["policy"], r["length"]): f"{r['average']:.3f}" + (f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if "ci" in r else "")
+             + f" ({r['device_kv_bytes'] / 2**20:.0f})" for r in rows}
     policies = sorted({r["policy"] for r in rows}, key=lambda p: (p != "full", p))
     head = [f"{n // 1024}k" + (f" (YaRN x{y:g})" if y else "") for n, y in lengths]
     out = ["| policy | " + " | ".join(head) + " |", "|---|" + "---|" * len(lengths)]
@@ -326,13 +370,19 @@ def plot(rows: list[dict], path: Path, title: str):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for length in sorted({r["length"] for r in rows}):
-        sel = sorted((r["device_kv_bytes"] / 2**20, r["average"], r["policy"]) for r in rows if r["length"] == length)
+        here = sorted((r for r in rows if r["length"] == length), key=lambda r: r["device_kv_bytes"])
+        sel = [(r["device_kv_bytes"] / 2**20, r["average"], r["policy"]) for r in here]
         pts = ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=f"{length // 1024}k", zorder=3)
+        bars = [(x, r) for (x, _, _), r in zip(sel, here) if "ci" in r]
+        if bars:  # the 95% interval of each average
+            ax.errorbar([x for x, _ in bars], [r["average"] for _, r in bars], fmt="none", alpha=0.5, capsize=2,
+                        yerr=[[r["average"] - r["ci"][0] for _, r in bars], [r["ci"][1] - r["average"] for _, r in bars]],
+                        ecolor=pts.get_facecolor()[0])
         for x, y, name in sel:
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points", color=pts.get_facecolor()[0])
     ax.set_xscale("log")
     ax.set_xlabel("device-resident KV cache (MiB, log scale)")
-    ax.set_ylabel("RULER average (recall)")
+    ax.set_ylabel("RULER average (recall), 95% CI")
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title="length", title_fontsize=7)
@@ -366,10 +416,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir, .gguf, hub repo id or named model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    p.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    p.add_argument("--tasks", nargs="+", default=["discriminating"], choices=TASKS + list(GROUPS),
+                   help="task names, or groups: discriminating (all but the four every policy but streaming passes: "
+                        f"{', '.join(SATURATED)}), all (those four once per length) (default: discriminating)")
     p.add_argument("--policies", nargs="+", default=POLICIES)
-    p.add_argument("--samples", type=int, default=1, help="prompts per task and length")
-    p.add_argument("--long-samples", type=int, help="prompts per task at lengths above 32k (default: --samples)")
+    p.add_argument("--samples", type=int, default=5, help="prompts per task and length, to 32k (default: 5)")
+    p.add_argument("--long-samples", type=int, default=3, help="prompts per task at lengths above 32k (default: 3)")
     p.add_argument("--rope-scaling", choices=["yarn"], help="YaRN for lengths past the model's context")
     p.add_argument("--rope-scale", type=float, default=4.0, help="with --rope-scaling yarn (default: 4)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -396,8 +448,8 @@ def main(argv=None) -> int:
             parse_policy(spec)
         except (ValueError, TypeError, KeyError) as e:
             p.error(f"--policies {spec}: {e} (written name[-bits][/selector[:N]][@budget])")
-    if min(args.lengths) < 512 or args.samples < 1 or not 1 <= args.rope_scale <= 1024:
-        p.error("--lengths must be >= 512 tokens, --samples >= 1, --rope-scale in [1, 1024]")
+    if min(args.lengths) < 512 or min(args.samples, args.long_samples) < 1 or not 1 <= args.rope_scale <= 1024:
+        p.error("--lengths must be >= 512 tokens, --samples and --long-samples >= 1, --rope-scale in [1, 1024]")
     model_dir = resolve_model(args.model)
     rope = {"rope_type": "yarn", "factor": args.rope_scale} if args.rope_scaling else None
     model = load_model(model_dir, args.device, getattr(torch, args.dtype), rope)
@@ -415,22 +467,61 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     meta = {"model": model_dir.name, "device": device, "dtype": args.dtype, "python": platform.python_version(),
             "rope_scaling": rope, "tasks": args.tasks, "policies": args.policies, "new_tokens": NEW_TOKENS}
+    runs = plan(args.tasks, args.lengths, args.samples, args.long_samples)
+    journal = Path(args.out).with_suffix(".jsonl")
+    try:
+        done = resume(journal, {k: meta[k] for k in ("model", "device", "dtype", "rope_scaling")})
+    except ValueError as e:
+        p.error(f"--out {args.out}: {e}")
+    wanted = {(n, t, i, spec) for n, t, k in runs for i in range(k) for spec in cfgs}
+    done = [r for r in done if (r["length"], r["task"], r["sample"], r["policy"]) in wanted]
+    have = {(r["length"], r["task"], r["sample"], r["policy"]) for r in done}
+    if done:
+        print(f"# {len(done)} answers already in {journal}: not run again", flush=True)
     t0 = time.perf_counter()
 
-    def one(length, task, records):
-        for i in range(args.long_samples if length > 32768 and args.long_samples else args.samples):
+    def one(length, task, n, records):
+        for i in range(n):
+            todo = [spec for spec in cfgs if (length, task, i, spec) not in have]
+            if not todo:
+                continue
             prompt = builder.build(task, length, i)
             pre = Prefilled(model, prompt.ids)
-            for spec, cfg in cfgs.items():
-                ids, mem = answer(model, cfg, pre, prompt.n_new, stop)
+            for spec in todo:
+                ids, mem = answer(model, cfgs[spec], pre, prompt.n_new, stop)
                 text = tok.decode(ids, skip_special_tokens=True)
                 records.append({"length": length, "yarn": rope and args.rope_scale, "task": task, "sample": i,
                                 "policy": spec, "score": score(text, prompt.answers), "answers": prompt.answers,
                                 "output": text, "device_kv_bytes": mem["device_bytes"]})
+                with journal.open("a") as f:  # as it goes: an interrupted run loses at most this prompt's prefill
+                    f.write(json.dumps(records[-1]) + "\n")
                 print(f"{time.perf_counter() - t0:7.0f}s {length:>6} {task:<16} {i} {spec:<28} "
                       f"{records[-1]['score']:.2f}  {text[:60]!r}", flush=True)
-    return run_all([(n, task) for n in args.lengths for task in args.tasks], one, meta, Path(args.out),
-                   save_fn=save, report_fn=report)
+    return run_all(runs, one, meta, Path(args.out), save_fn=save, report_fn=report, records=done)
+
+
+def resume(journal: Path, run: dict) -> list[dict]:
+    """The answers a journal of this run holds (its first line names the model, device, dtype and RoPE; a run of
+    another refuses it); a new journal is started where there is none. A last line cut short is dropped."""
+    if not journal.exists():
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        journal.write_text(json.dumps({"run": run}) + "\n")
+        return []
+    lines = journal.read_text().splitlines()
+    try:
+        head = json.loads(lines[0])["run"] if lines else None
+    except (ValueError, KeyError, TypeError):
+        head = None
+    if head != run:
+        raise ValueError(f"{journal} holds answers of another run ({head}, not {run}): name another --out")
+    records = []
+    for k, line in enumerate(lines[1:], 2):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if k < len(lines):
+                raise ValueError(f"{journal} line {k} is not JSON: delete that line or the file") from None
+    return records
 
 
 if __name__ == "__main__":

@@ -55,23 +55,76 @@ def test_score_is_the_recall_of_the_expected_strings():
     assert ruler.score("", ["x"]) == 0.0
 
 
-def test_a_small_run_writes_json_and_table_and_runs_merge(tmp_path):
+def test_a_small_run_writes_json_and_table_resumes_and_merges(tmp_path, monkeypatch):
     out = tmp_path / "r"
-    assert ruler.main(["--lengths", "512", "--tasks", "niah_single_1", "vt", "--policies", "full", "streaming@64",
-                       "--out", str(out)]) == 0
+    argv = ["--lengths", "512", "--tasks", "niah_single_1", "vt", "--samples", "2", "--policies", "full", "streaming@64",
+            "--out", str(out)]
+    assert ruler.main(argv) == 0
     run = json.loads(out.with_suffix(".json").read_text())
-    assert run["meta"]["complete"] and len(run["records"]) == 2 * 2
+    assert run["meta"]["complete"] and len(run["records"]) == 2 * 2 * 2
     full = next(r for r in run["summary"] if r["policy"] == "full")
-    assert set(full["tasks"]) == {"niah_single_1", "vt"} and full.get("vs_full", 1.0) == 1.0
+    assert set(full["tasks"]) == {"niah_single_1", "vt"} and full["samples"] == {"niah_single_1": 2, "vt": 2}
+    assert full["vs_full"] == 1.0 and full["vs_full_ci"] == [1.0, 1.0] and full["ci"][0] <= full["average"] <= full["ci"][1]
     assert all(0 <= r["score"] <= 1 and r["device_kv_bytes"] > 0 for r in run["records"])
     table = out.with_suffix(".md").read_text()
-    assert "| 512 | full |" in table and "| 512 | streaming@64 |" in table
+    assert "| 512 | full |" in table and "| 512 | streaming@64 |" in table and "95% CI" in table
+    journal = out.with_suffix(".jsonl")
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + 8 and json.loads(lines[0])["run"]["model"] == run["meta"]["model"]
+    journal.write_text("\n".join(lines[:-3]) + "\n" + lines[-1][:20])  # the last prompt's answers lost, one cut short
+    prefills = []
+    real = ruler.Prefilled
+    monkeypatch.setattr(ruler, "Prefilled", lambda model, ids: prefills.append(ids) or real(model, ids))
+    assert ruler.main(argv) == 0 and len(prefills) == 2  # the two prompts whose answers were lost, no other
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(map(json.dumps, again["records"])) == sorted(map(json.dumps, run["records"]))
     other = dict(run, records=[dict(r, length=1024, yarn=4.0) for r in run["records"]])
     (tmp_path / "b.json").write_text(json.dumps(other))
     assert ruler.main(["--replot", str(out.with_suffix(".json")), str(tmp_path / "b.json"),
                        "--out", str(tmp_path / "merged")]) == 0
     merged = (tmp_path / "merged.md").read_text()
     assert "| 512 | full |" in merged and "| 1024 (YaRN x4) | full |" in merged
+
+
+def test_a_journal_of_another_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.with_suffix(".jsonl").write_text(json.dumps({"run": {"model": "another"}}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        ruler.main(["--lengths", "512", "--tasks", "vt", "--samples", "1", "--policies", "full", "--out", str(out)])
+    assert e.value.code == 2 and "holds answers of another run" in capsys.readouterr().err
+
+
+def test_the_plan_runs_saturated_tasks_once_unless_named():
+    plan = ruler.plan(["all"], [4096, 65536], 5, 3)
+    assert [(n, t, k) for n, t, k in plan if t in ("niah_single_1", "vt")] == [
+        (4096, "niah_single_1", 1), (4096, "vt", 5), (65536, "niah_single_1", 1), (65536, "vt", 3)]
+    assert {t for _, t, _ in ruler.plan(["discriminating"], [4096], 5, 3)} == set(ruler.TASKS) - set(ruler.SATURATED)
+    assert ruler.plan(["niah_single_1", "discriminating"], [4096], 5, 3)[0] == (4096, "niah_single_1", 5)
+
+
+def test_the_interval_is_paired_and_narrows_with_samples():
+    """A policy that scores what the full cache scores has the ratio 1 exactly, whatever the prompts; a policy
+    that loses on half the prompts has an interval around its average that more prompts narrow."""
+    import random
+    rng = random.Random(1)
+
+    def records(n):
+        out = []
+        for task in ("vt", "cwe"):
+            for i in range(n):
+                s = rng.random()
+                for policy, score in (("full", s), ("same", s), ("half", s * (i % 2))):
+                    out.append({"length": 4096, "task": task, "sample": i, "policy": policy, "score": score,
+                                "device_kv_bytes": 1})
+        return out
+    widths = []
+    for n in (4, 40):
+        rows = {r["policy"]: r for r in ruler.summarize(records(n))}
+        assert rows["same"]["vs_full_ci"] == [1.0, 1.0] and rows["same"]["ci"] == rows["full"]["ci"]
+        half = rows["half"]
+        assert half["ci"][0] <= half["average"] <= half["ci"][1] and half["vs_full_ci"][1] < 1
+        widths.append(half["ci"][1] - half["ci"][0])
+    assert widths[1] < widths[0] / 2
 
 
 @pytest.mark.parametrize("argv,message", [
