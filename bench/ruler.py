@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from accuracy import FILLER, Prefilled, decode, display_name, parse_policy, run_all, write_json  # noqa: E402
 from checkpoint import resolve_model  # noqa: E402
+from kvcache import CacheConfig, KVCache, SparseLayer  # noqa: E402
 from inputs import check_bench_args  # noqa: E402
 from model import load_model  # noqa: E402
 from plots import try_plot  # noqa: E402
@@ -277,6 +278,52 @@ def answer(model, cfg, pre: Prefilled, n_new: int, stop_ids: set[int]) -> tuple[
     return out, mem
 
 
+@torch.inference_mode()
+def oracle_recall(model, pre: Prefilled, cfgs: dict) -> dict[str, float]:
+    """How much of the oracle's choice each policy's selector makes at the answer's first step, from the same
+    queries and keys (the full cache's: the ranking alone, not what a policy's earlier layers changed). Per
+    offloaded layer and KV head: the true attention mass (each query head's softmax over every key, the group's
+    mean) of the offloaded positions that both the oracle (exact-heads: an exact top-k per query head) and the
+    selector chose, over that of the oracle's; the mean over layers and heads. Only policies with offloaded layers
+    decided before the prefill (not online identification)."""
+    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+    cache, queries = KVCache(model, len(pre.ids) + 1, CacheConfig(), device=dev, dtype=dtype), {}
+    pre.load_into(cache)
+
+    class Seen:  # the model's call at each layer, passed to the full cache, the layer's query kept
+        def decode(self, layer, q, k, v, pos, x=None):
+            queries[layer] = q[0, :, 0]
+            return cache.decode(layer, q, k, v, pos, x)
+    model(torch.tensor([[int(pre.logits.argmax())]], device=dev), Seen(), len(pre.ids))
+    a, n = model.args, len(pre.ids) + 1
+    out = {}
+    for spec, cfg in cfgs.items():
+        kinds = cfg.layer_kinds(a.n_layers)
+        layers = [i for i, kind in enumerate(kinds) if kind == "sparse"]
+        recalls = []
+        for i in layers:
+            k, v, q = cache.layers[i].k[:, :, :n], cache.layers[i].v[:, :, :n], queries[i]
+            lo, hi = cfg.sink, max(cfg.sink, n - cfg.recent)
+            if hi - lo <= cfg.topk_of(i):
+                continue  # every offloaded token is retrieved: nothing to miss
+            chosen = []
+            for select in (cfg.select, "exact-heads"):
+                c = CacheConfig(**{**vars(cfg), "select": select})
+                layer = SparseLayer(a.n_kv_heads, a.head_dim, n, c, cfg.topk_of(i), dev, dtype, "cpu",
+                                    wq=model.layers[i].attn.wq, inv_freq=model.inv_freq)
+                layer.load(k, v, 0)
+                chosen.append(layer.selector.scores(q, lo, hi).topk(cfg.topk_of(i), dim=-1).indices)
+            G = a.n_heads // a.n_kv_heads
+            att = (q.float().view(a.n_kv_heads, G, -1) @ k[0].float().transpose(1, 2) * a.head_dim ** -0.5).softmax(-1)
+            mass = att.mean(1)[:, lo:hi]                                                   # (n_kv, offloaded)
+            mine = torch.zeros_like(mass).scatter_(1, chosen[0], 1.0)
+            oracle = torch.zeros_like(mass).scatter_(1, chosen[1], 1.0)
+            recalls += ((mass * mine * oracle).sum(1) / (mass * oracle).sum(1)).tolist()
+        if recalls:
+            out[spec] = statistics.fmean(recalls)
+    return out
+
+
 # -------------------------------------------------------------------------------------- report
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -293,6 +340,9 @@ def summarize(records: list[dict]) -> list[dict]:
                "samples": {t: len(v) for t, v in tasks.items()},
                "device_kv_bytes": statistics.fmean(r["device_kv_bytes"] for r in rs)}
         row["average"] = statistics.fmean(row["tasks"].values())
+        recalls = [r["oracle_recall"] for r in rs if r.get("oracle_recall") is not None]
+        if recalls:
+            row["oracle_recall"] = statistics.fmean(recalls)
         rows.append(row)
     full = {r["length"]: r for r in rows if r["policy"] == "full"}
     for r in rows:
@@ -338,16 +388,17 @@ def markdown(rows: list[dict]) -> str:
     tasks = [t for t in TASKS if any(t in r["tasks"] for r in rows)]
     short = [t.replace("niah_", "").replace("single_", "s").replace("multikey_", "mk").replace("multivalue", "mv")
              .replace("multiquery", "mq") for t in tasks]
-    out = ["| length | policy | " + " | ".join(short) + " | prompts | average [95% CI] | vs full [95% CI] | device KV MiB |",
-           "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
+    out = ["| length | policy | " + " | ".join(short) + " | prompts | average [95% CI] | vs full [95% CI] | oracle recall "
+           "| device KV MiB |", "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["policy"] != "full", r["policy"])):
         cells = [f"{r['tasks'][t]:.2f}" if t in r["tasks"] else "–" for t in tasks]
         ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if "ci" in r else ""
         vs = f"{r['vs_full']:.2f}x" if "vs_full" in r else "–"
         vs += f" [{r['vs_full_ci'][0]:.2f}, {r['vs_full_ci'][1]:.2f}]" if "vs_full_ci" in r else ""
         length = f"{r['length']} (YaRN x{r['yarn']:g})" if r.get("yarn") else str(r["length"])
+        recall = f"{r['oracle_recall']:.3f}" if "oracle_recall" in r else "–"
         out.append(f"| {length} | {r['policy']} | " + " | ".join(cells) + f" | {sum(r['samples'].values())} | "
-                   f"**{r['average']:.3f}**{ci} | {vs} | {r['device_kv_bytes'] / 2**20:.1f} |")
+                   f"**{r['average']:.3f}**{ci} | {vs} | {recall} | {r['device_kv_bytes'] / 2**20:.1f} |")
     return "\n".join(out)
 
 
@@ -487,12 +538,13 @@ def main(argv=None) -> int:
                 continue
             prompt = builder.build(task, length, i)
             pre = Prefilled(model, prompt.ids)
+            recall = oracle_recall(model, pre, {spec: cfgs[spec] for spec in todo if not cfgs[spec].online})
             for spec in todo:
                 ids, mem = answer(model, cfgs[spec], pre, prompt.n_new, stop)
                 text = tok.decode(ids, skip_special_tokens=True)
                 records.append({"length": length, "yarn": rope and args.rope_scale, "task": task, "sample": i,
                                 "policy": spec, "score": score(text, prompt.answers), "answers": prompt.answers,
-                                "output": text, "device_kv_bytes": mem["device_bytes"]})
+                                "output": text, "device_kv_bytes": mem["device_bytes"], "oracle_recall": recall.get(spec)})
                 with journal.open("a") as f:  # as it goes: an interrupted run loses at most this prompt's prefill
                     f.write(json.dumps(records[-1]) + "\n")
                 print(f"{time.perf_counter() - t0:7.0f}s {length:>6} {task:<16} {i} {spec:<28} "

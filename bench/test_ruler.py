@@ -136,3 +136,14 @@ def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         ruler.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_oracle_recalls_itself_and_a_selector_recalls_part_of_it(builder, default_model):
+    """At the answer's first step the oracle's choice recalls all of its own mass; the 2-bit mean-query sketch
+    a part of it, more with a larger budget; a layer whose offloaded tokens all fit its top-k is left out."""
+    pre = ruler.Prefilled(default_model, builder.build("vt", 1500, 0).ids)
+    specs = ["sparse/exact-heads", "sparse", "sparse@512", "tailor-2@4096", "kivi-2"]
+    recall = ruler.oracle_recall(default_model, pre, {s: ruler.parse_policy(s, default_model) for s in specs})
+    assert recall["sparse/exact-heads"] == pytest.approx(1.0)
+    assert 0.3 < recall["sparse"] < recall["sparse@512"] < 1.0, recall
+    assert set(recall) == {"sparse/exact-heads", "sparse", "sparse@512"}  # everything fits, or nothing is offloaded
