@@ -351,10 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--interactive", action="store_true",
                    help="after --question (if given), read questions from stdin, one per line, each answered from the "
                         "document's cache, prefilled once ('/quit' or end of input stops; Ctrl-C stops an answer)")
-    s.add_argument("--save-cache", metavar="PATH", help="write the document's KV cache to PATH after its prefill")
+    s.add_argument("--save-cache", metavar="PATH",
+                   help="write the document's KV cache to PATH after its prefill (default: none)")
     s.add_argument("--load-cache", metavar="PATH",
                    help="read the document's KV cache from PATH (--save-cache's, for the same model, document and "
-                        "cache settings) in place of the prefill")
+                        "cache settings) in place of the prefill (default: none)")
     p.add_argument("--report", help="write a JSON run report to this path (default: none)")
     p.add_argument("--trace", help="write an HTML page of what the cache retrieved, layer by layer (default: none)")
     return p

@@ -269,8 +269,18 @@ def test_library_calls_refuse_what_cannot_work():
         cache = KVCache(model, 40, cfg)
         out, _ = generate.generate(model, cache, list(range(10)), max_new_tokens=3)
         assert len(out) == 3
-        with pytest.raises(ValueError, match="already holds 12 positions of an earlier sequence"):
+        with pytest.raises(ValueError, match="already holds 12 positions of another sequence"):
             generate.generate(model, cache, list(range(10)), max_new_tokens=3)
+    cache = KVCache(model, 40, CacheConfig("kivi", residual=64))
+    for prefill, message in ((0, "prefill must be 1..10"), (11, "prefill must be 1..10")):
+        with pytest.raises(ValueError, match=message):
+            generate.generate(model, cache, list(range(10)), max_new_tokens=3, prefill=prefill)
+    out, stats = generate.generate(model, cache, list(range(10)), max_new_tokens=3, prefill=6)
+    assert (stats["prefill_tokens"], stats["read_tokens"], len(out)) == (6, 4, 3)
+    cache = KVCache(model, 40, CacheConfig("kivi", residual=64))
+    model.prefill(torch.tensor([list(range(6))]), cache)  # a cache that holds the whole prompt: no next logits
+    with pytest.raises(ValueError, match="holds all 6 tokens of the prompt already"):
+        generate.generate(model, cache, list(range(6)), max_new_tokens=3, prefill=6)
 
 
 BAD_UTF8 = "Caf\u00e9 au lait, ".encode() * 3 + b"caf\xe9 noir." + b" and more text" * 4  # a latin-1 byte at 48
