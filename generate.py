@@ -1,8 +1,10 @@
-"""Answer over a long document: python generate.py --prompt-file doc.txt [--question "..."]
+"""Answer over a long document: python generate.py --prompt-file doc.txt [--question "..."] [--interactive]
 
 Generated text streams to stdout; everything else (model, device, progress, stats) goes to stderr.
 Read in order: sampling, the decode step (Decoder: eager, or one CUDA graph per step), generate() (prefill,
-then decode), the command line. inputs.py reads and refuses what the command is handed.
+the question read through the cache, decode), the command line: one document, then one question or many,
+each from the document's cache (KVCache.restore; cachefile.py saves and loads it). inputs.py reads and
+refuses what the command is handed.
 """
 import argparse
 import codecs

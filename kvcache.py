@@ -8,6 +8,7 @@ x: (B, T, dim) the layer's normalised input; out: (B, H, T, hd), attention over 
     out = cache.decode(layer, q, k, v, pos, x)      # a decode step, the position an int (PyTorch)
     out = cache.step(layer, q, k, v, pos, x)        # a decode step, the position a device tensor
     cache.advance(length)                           # after each device step: host-side bookkeeping
+    snap = cache.snapshot(); cache.restore(snap)    # back to an earlier length (a document, before a question)
 
 Each layer has one strategy, an object with the LayerCache interface:
   full    K/V in preallocated device buffers (FullLayer, the worked example).
