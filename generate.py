@@ -587,19 +587,23 @@ def run(args, report: dict) -> int:
                 return
             yield q
 
+    def stops(stats):  # a signal ends the run, except Ctrl-C in an --interactive answer: the next question comes
+        return stats["interrupted"] and not (args.interactive and stats["signal"] == "SIGINT" and stats["prefilled"])
+
     stats, written = None, True
     for q in questions():
         report["stage"] = "generating"
         stats = ask(q)
         if len(report["turns"]) == 1:
             written = summary(args, stats, cache, tok, doc + tail(q), report, plan_info, model_dir, describe(cfg, model.args.n_layers))
-        if stats["interrupted"] and not (args.interactive and stats["signal"] == "SIGINT" and stats["prefilled"]):
-            break  # Ctrl-C in --interactive stops the answer, and the next question comes
+        if stops(stats):
+            break
     if on_cuda:
         report["gpu"] = torch.cuda.get_device_name(device)
-    report["stage"] = "done" if not (stats and stats["interrupted"]) else "decoding" if stats["prefilled"] else "prefilling"
-    if stats and stats["interrupted"] and not (args.interactive and stats["signal"] == "SIGINT" and stats["prefilled"]):
+    if stats and stops(stats):
+        report["stage"] = "decoding" if stats["prefilled"] else "prefilling"
         return EXIT[stats["signal"]]
+    report["stage"] = "done"
     return 0 if written and saved.get("ok", True) else 1
 
 
