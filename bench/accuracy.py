@@ -98,11 +98,14 @@ def selector_knobs(select: str) -> dict:
 def parse_policy(spec: str, model=None) -> CacheConfig:
     """'tailor-2/channels@512' -> CacheConfig. streaming@B keeps sink + a window of B - sink tokens, the
     same device token budget as a sparse layer with budget B; plain 'streaming' means streaming@192.
+    'tailor-2[0,1]' quantizes layers 0 and 1 whatever the model's plan says ('tailor-2[]': none).
     'kvcomp:EPS' quantizes every layer with research/kvcomp.py's compressor at error bound EPS,
     'tailor+kvcomp:EPS' tailor's quantized layers."""
     spec, _, budget = spec.partition("@")
     spec, _, select = spec.partition("/")
     spec, split = spec.removesuffix("+split"), spec.endswith("+split")  # tailor-2+split: the plan's top-k split
+    spec, _, listed = spec.removesuffix("]").partition("[")  # tailor-2[0,1]: these layers quantized, not the plan's
+    layers = tuple(int(x) for x in listed.split(",") if x) if _ else None
     knobs = selector_knobs(select)
     spec, _, bound = spec.partition(":")  # kvcomp:0.1, tailor+kvcomp:0.1: research/kvcomp.py's compressor
     if spec == "kvcomp" or spec.endswith("+kvcomp"):
@@ -127,6 +130,10 @@ def parse_policy(spec: str, model=None) -> CacheConfig:
             knobs = {"quant_layers": tuple(plan["quant_layers"]), "bits": plan["parameters"]["bits"], **knobs}
             if split:
                 knobs["layer_topk"] = split_topk(plan, CacheConfig(name, **knobs).topk)
+    if layers is not None:
+        if name != "tailor" or split:
+            raise ValueError(f"[{listed}] names tailor's quantized layers (tailor-2[0,1]), without +split")
+        knobs["quant_layers"] = layers
     if split and "layer_topk" not in knobs:
         raise ValueError(f"{spec}+split needs tailor and a layer plan with a split for this model (profile_layers.py)")
     return CacheConfig(name, **knobs)

@@ -105,6 +105,12 @@ def test_tailor_takes_its_layers_from_the_plan(default_model):
     s = parse_policy("tailor-2+split@256", default_model)
     assert s.quant_layers == (0,) and s.topk == 192 and len(set(s.layer_topk)) > 5
     assert abs(sum(s.layer_topk[1:]) - 29 * 192) <= 29
+    c = parse_policy("tailor-2[0,1,2]/sketch-heads@1024", default_model)  # the spec's layers, not the plan's
+    assert c.quant_layers == (0, 1, 2) and c.select == "sketch-heads" and c.topk == 1024 - 64
+    assert parse_policy("tailor-2[]", default_model).quant_layers == ()
+    for bad in ("sparse[0]", "tailor-2[0]+split"):
+        with pytest.raises(ValueError, match="names tailor's quantized layers"):
+            parse_policy(bad, default_model)
 
 
 def test_summary_gives_mean_and_spread_over_documents():
