@@ -22,9 +22,13 @@ which are not here. Every prompt has exactly the target length in the model's to
 template, the question, and the start of the answer included: the haystack is cut to fit), and is built
 from a seed made of its task, length and sample index. Each prompt is prefilled once and every policy
 decodes greedily from that prefill (bench/accuracy.Prefilled). Score: recall, the fraction of the expected
-strings found in the answer (case-insensitive), as RULER's; a policy's average is the mean over tasks.
+strings found in the answer (case-insensitive), as RULER's; a policy's average is the mean over tasks, shown
+with a 95% interval (a paired bootstrap over the prompts, `interval`). Every answer goes to OUT.jsonl as it
+finishes, and a rerun of the same model, device and dtype skips those there. The oracle rows (exact-heads: an
+exact top-k per query head at the same budget) bound what any selector can do; `oracle_recall` says how much
+of the oracle's choice each selector makes.
 
-    python bench/ruler.py --model qwen2.5-coder-0.5b --lengths 4096 --samples 1       # CPU, ~1 hour
+    python bench/ruler.py --model qwen2.5-coder-0.5b --lengths 4096 --samples 1       # CPU, ~4 min a policy
     python bench/ruler.py --model qwen2.5-coder-1.5b --device cuda --dtype bfloat16 \\
         --lengths 4096 8192 16384 32768 65536 131072 --rope-scaling yarn --rope-scale 4
 
