@@ -260,11 +260,13 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "4-grams: the fraction of the answer's token 4-grams already seen earlier in it; a loop drives it toward 1."),
     ("RULER on a CPU: Qwen2.5-Coder-0.5B-Instruct at 4k, the discriminating tasks", "ruler_qwen05_cpu.md",
      "python bench/ruler.py --model qwen2.5-coder-0.5b --lengths 4096 --samples 1 --policies full tailor-2 "
-     "tailor-2/exact-heads --out bench/results/ruler_qwen05_cpu", "ruler_qwen05_cpu.png",
+     "tailor-2/exact-heads --out bench/results/ruler_qwen05_cpu; then the same --out with --policies full tailor-2 "
+     "tailor-2/exact-heads tailor-2[0] tailor-2[0,1] (the journal: only the new rows ran)", "ruler_qwen05_cpu.png",
      "One prompt per task (the interval needs more: with one it is the point itself), fp32 on 2 CPU cores, about "
      "12 minutes. exact-heads is the oracle (an exact top-k per query head, keys read from the host: its device bytes "
      "leave them out); oracle recall: the share of the oracle's attention mass a policy's selector also chose at the "
-     "answer's first step."),
+     "answer's first step. tailor-2 is the shipped plan (no layer quantized on this model); tailor-2[0] and [0,1] "
+     "the paper's choices for its models."),
     ("Many questions about one document, CPU", "session_cpu.md", "python bench/session.py --out bench/results/session_cpu",
      None, "The default model in fp32 on 2 CPU threads; each row is two generate.py runs: --interactive with two "
      "questions and --save-cache, then the second question with --load-cache (its answer checked equal)."),
