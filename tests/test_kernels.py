@@ -375,7 +375,8 @@ def test_model_decode_on_the_kernel_path_equals_the_reference(device, cfg):
     # wrong scale, index or mask moves them by 1e-2 and more.
     with torch.inference_mode():
         logits = [model.prefill(prompt, c, chunk_size=64)[0] for c in caches]
-        for pos in range(120, 160):  # the quantized stores and the sketch take a group at 128 tokens
+        # the quantized stores and the sketch take a group at 128 tokens; the per-head sketch is slow to interpret
+        for pos in range(120, 132 if cfg.select == "sketch-heads" and device == "cpu" else 160):
             err = (logits[0] - logits[1]).abs().max().item()
             assert err <= 2e-4 * logits[0].abs().max().item(), (pos, err)
             tok = int(logits[0].argmax())
