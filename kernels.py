@@ -6,15 +6,15 @@
   quant_attend  decode attention over a quantized layer, reading packed codes only, split over the
                 sequence (flash-decoding) and combined; the residual ring is the last split
   dense_attend  the same over full-precision K/V (the full cache)
-  sparse_attend attention over a sparse layer's device tokens [sinks | retrieved | window]
+  sparse_attend attention over a sparse layer's device tokens [sinks | retrieved | window], split over programs
   sketch_scores q . dequant(sketch) for every offloaded token (the GPU-resident selector), against
                 the group's mean query or each query head (then the largest log-softmax)
   channel_scores q . K on C channels of every offloaded key, read from a channel-major copy in pinned host
                 memory (channel_append writes each step's key into it)
   topk          the k largest scores of each row, started from the positions chosen the step before
-                (what reaches their new scores, then a radix select)
-  retrieve      the chosen K and V rows into a sparse layer's device rows: only the positions its rows
-                do not hold already, read straight from pinned host memory (zero-copy)
+                (what reaches their new scores, then a radix select); for a sparse layer, the same program
+                then brings the chosen K and V rows into its device rows: only the positions its rows do
+                not hold already, read straight from pinned host memory (zero-copy)
   sparse_append the new token's K/V into the host store, the window ring and the sinks
 
 Lengths are read from a device tensor `pos` (the new token's position), never passed as Python
@@ -357,13 +357,14 @@ def quant_attend(q: torch.Tensor, keys, values, pos: torch.Tensor, ws: Workspace
 # ------------------------------------------------------------------------------- sparse layers
 
 @triton.jit
-def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scale, G, TOPK,
-                          SINK: tl.constexpr, RECENT: tl.constexpr,
+def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, ws_m, ws_l, ws_acc, sm_scale, G, TOPK, n_splits,
+                          SINK: tl.constexpr, RECENT: tl.constexpr, SPLIT: tl.constexpr,
                           BN: tl.constexpr, BG: tl.constexpr, HD: tl.constexpr, PREC: tl.constexpr):
-    """Rows [0, SINK) sinks, [SINK, SINK + TOPK) retrieved (valid where their score > -inf),
-    [SINK + TOPK, SINK + TOPK + RECENT) the window ring: slot w holds the newest position = w mod RECENT.
-    TOPK is a plain argument: layers with different budgets share one compiled kernel."""
-    h = tl.program_id(0)
+    """Rows [split * SPLIT, (split + 1) * SPLIT) of KV head h's device rows: [0, SINK) sinks, [SINK, SINK + TOPK)
+    retrieved (valid where their score > -inf), [SINK + TOPK, SINK + TOPK + RECENT) the window ring: slot w
+    holds the newest position = w mod RECENT. TOPK is a plain argument: layers with different budgets share
+    one compiled kernel."""
+    h, split = tl.program_id(0), tl.program_id(1)
     L = tl.load(pos_ptr) + 1
     qb = load_queries(q, h, G, BG, HD)
     m = tl.full((BG,), float("-inf"), tl.float32)
@@ -371,7 +372,7 @@ def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scal
     acc = tl.zeros((BG, HD), tl.float32)
     c = tl.arange(0, HD)
     S = SINK + TOPK + RECENT
-    for t0 in range(0, S, BN):
+    for t0 in range(split * SPLIT, tl.minimum(S, (split + 1) * SPLIT), BN):
         t = t0 + tl.arange(0, BN)
         w = t - SINK - TOPK
         newest = L - 1 - ((L - 1 - w) % RECENT + RECENT) % RECENT
@@ -380,24 +381,26 @@ def _sparse_attend_kernel(q, k, v, k_h, k_t, vals, vals_h, pos_ptr, out, sm_scal
         kT = tl.load(k + h * k_h + t[None, :] * k_t + c[:, None], mask=valid[None, :], other=0.0)
         vb = tl.load(v + h * k_h + t[:, None] * k_t + c[None, :], mask=valid[:, None], other=0.0)
         m, l, acc = softmax_update(qb, kT, vb, valid, m, l, acc, sm_scale, PREC)
-    g = tl.arange(0, BG)
-    tl.store(out + (h * G + g)[:, None] * HD + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty),
-             mask=(g < G)[:, None])
+    store_partial(ws_m, ws_l, ws_acc, h * G, split, n_splits, m, l, acc, G, BG, HD)
 
 
-def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int):
+def sparse_attend(q, k, v, vals, pos, sink: int, topk: int, recent: int, split: int = 64):
     """q (H, hd) over a sparse layer's device rows k, v (n_kv, sink + topk + recent, hd); vals (n_kv, topk) the
-    retrieved rows' scores (-inf: nothing retrieved there). Reference: kvcache.SparseLayer.decode's attention."""
+    retrieved rows' scores (-inf: nothing retrieved there). The rows are split `split` at a time over programs
+    (a handful of rows per KV head: one program each would read them one block after another), then combined.
+    Reference: kvcache.SparseLayer.decode's attention."""
     n_kv, S, hd = k.shape
     check_q(q, n_kv, hd)
     check(S == sink + topk + recent and k.stride() == v.stride() and k.stride(-1) == 1, "k, v: (n_kv, budget, hd)")
-    G = q.shape[0] // n_kv
-    out = torch.empty_like(q)
+    check(split % 64 == 0, f"split: a multiple of 64 rows, got {split}")
+    G, n_splits = q.shape[0] // n_kv, triton.cdiv(S, split)
+    ws = Workspace(q.shape[0], n_splits, hd, q.device)
     vals = vals if topk else q  # a window layer retrieves nothing; the pointer is never read
-    _sparse_attend_kernel[(n_kv,)](q, k, v, k.stride(0), k.stride(1), vals, vals.stride(0), pos, out,
-                                   hd ** -0.5, G, topk, SINK=sink, RECENT=recent, BN=64,
-                                   BG=max(16, triton.next_power_of_2(G)), HD=hd, PREC=precision(q.dtype))
-    return out
+    _sparse_attend_kernel[(n_kv, n_splits)](q, k, v, k.stride(0), k.stride(1), vals, vals.stride(0), pos, ws.m, ws.l,
+                                            ws.acc, hd ** -0.5, G, topk, n_splits, SINK=sink, RECENT=recent,
+                                            SPLIT=split, BN=64, BG=max(16, triton.next_power_of_2(G)), HD=hd,
+                                            PREC=precision(q.dtype))
+    return combine(q, ws, n_splits)
 
 
 @triton.jit
@@ -682,11 +685,112 @@ def _warm_keep_kernel(x, x_h, W, bounds, c_vals, c_idx, count, BLOCK: tl.constex
 
 
 @triton.jit
-def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.constexpr, BITS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, live, HD: tl.constexpr):
+    """Host rows `row` of KV head h into device rows `to`, where live."""
+    c = tl.arange(0, HD)
+    src = row[:, None] * hs_t + h * hs_h + c[None, :]
+    kr = tl.load(host_k + src, mask=live[:, None], other=0.0)  # both reads in flight before either write:
+    vr = tl.load(host_v + src, mask=live[:, None], other=0.0)  # PCIe latency, not bandwidth, bounds small k
+    dst = h * o_h + to[:, None] * o_t + c[None, :]
+    tl.store(out_k + dst, kr, mask=live[:, None])
+    tl.store(out_v + dst, vr, mask=live[:, None])
+
+
+@triton.jit
+def _plan_rows(idx, vals, pos, pvals, fetch, dest, count, h, K, BK: tl.constexpr, BC: tl.constexpr):
+    """KV head h's new top-k (idx, vals; in any order) against the positions its rows hold (pos): a chosen
+    position already held stays in its row; the others (misses) go, in rank order, to the rows whose
+    position was not chosen again, in row order. Writes the new pos and pvals, and the misses as a
+    fetch list (fetch, dest, count). Slots are compared BC at a time: first which chosen positions are held,
+    then, slot block by slot block, which rows keep theirs and which miss each freed row receives."""
+    i = tl.arange(0, BK)
+    val = tl.load(vals + h * K + i, mask=i < K, other=float("-inf"))
+    new = tl.where(val > float("-inf"), tl.load(idx + h * K + i, mask=i < K, other=-1), -1)   # -1: nothing chosen
+    hit = tl.zeros((BK,), tl.int32)
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        hit = tl.maximum(hit, tl.max(eq.to(tl.int32), 1))
+    miss = (new >= 0) & (hit == 0)
+    rank = tl.cumsum(miss.to(tl.int32), 0) - 1          # a miss's place in the fetch list
+    to = tl.zeros((BK,), tl.int32)
+    freed = tl.sum(tl.zeros((BC,), tl.int32), 0)          # freed rows in the blocks before this one
+    for j0 in range(0, K, BC):
+        j = j0 + tl.arange(0, BC)
+        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
+        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
+        kept = tl.max(eq.to(tl.int32), 0) > 0
+        free = (j < K) & ~kept
+        order = freed + tl.cumsum(free.to(tl.int32), 0) - 1
+        gets = miss[:, None] & free[None, :] & (rank[:, None] == order[None, :])   # miss i -> row j
+        to += tl.sum(tl.where(gets, j[None, :], 0), 1)
+        into = tl.max(gets.to(tl.int32), 0) > 0
+        p = tl.where(kept, old, tl.where(into, tl.sum(tl.where(gets, new[:, None], 0), 0), -1))
+        v = tl.sum(tl.where(eq | gets, val[:, None].to(tl.float32), 0.0), 0)
+        tl.store(pos + h * K + j, p, mask=j < K)
+        tl.store(pvals + h * K + j, tl.where(kept | into, v, float("-inf")).to(pvals.dtype.element_ty), mask=j < K)
+        freed += tl.sum(free.to(tl.int32), 0)
+    tl.store(fetch + h * K + rank, new, mask=miss)
+    tl.store(dest + h * K + rank, to.to(tl.int64), mask=miss)
+    tl.store(count + h, tl.sum(miss.to(tl.int32), 0))
+
+
+@triton.jit
+def _fetch_rows(fetch, dest, count, h, K, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, BJ: tl.constexpr,
+                HD: tl.constexpr):
+    """The first count[h] positions of head h's fetch list into its device rows dest[h, j], BJ rows at a time."""
+    n = tl.load(count + h)
+    for j0 in range(0, n, BJ):
+        j = j0 + tl.arange(0, BJ)
+        live = j < n
+        row = tl.load(fetch + h * K + j, mask=live, other=0)
+        to = tl.load(dest + h * K + j, mask=live, other=0)
+        _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, live, HD)
+
+
+class Slots:
+    """A sparse layer's k retrieved device rows out_k, out_v (n_kv, k, hd), the host store they are fetched from
+    (host_k, host_v: (cap, n_kv, hd), pinned on CUDA), and which offloaded position each row holds (pos; -1:
+    none) with its score (vals; -inf: none), kept across steps so that a row chosen again is not fetched again;
+    and a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count)."""
+
+    def __init__(self, host_k, host_v, out_k, out_v, dtype):
+        cap, n_kv, hd = host_k.shape
+        k = out_k.shape[1]
+        check(out_k.shape == out_v.shape == (n_kv, k, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
+        check(host_k.shape == host_v.shape and host_k.stride() == host_v.stride() and host_k.stride(-1) == 1,
+               "host_k, host_v: one layout, contiguous channels")
+        check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+        self.host_k, self.host_v, self.out_k, self.out_v = host_k, host_v, out_k, out_v
+        device = out_k.device
+        self.pos = torch.full((n_kv, k), -1, dtype=torch.long, device=device)
+        self.vals = torch.full((n_kv, k), float("-inf"), dtype=dtype, device=device)
+        self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
+        self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
+
+    def clear(self):
+        """No row holds anything."""
+        self.pos.fill_(-1)
+        self.vals.fill_(float("-inf"))
+
+    def hold(self, idx):
+        """The PyTorch path wrote positions idx (n_kv, n) into rows 0..n-1: the rows hold them, the rest nothing."""
+        n = idx.shape[1]
+        self.clear()
+        self.pos[:, :n] = idx
+        self.vals[:, :n] = 0
+
+
+@triton.jit
+def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx,
+                        pos, pvals, fetch, dest, n_fetch, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t,
+                        LEVELS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                        ROWS: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr, HD: tl.constexpr):
     """The K largest of row h's candidates into vals/idx (h, K), in no particular order: a radix select (one
     byte of the keys per level) in one program, its histograms through memory (read back by _radix_prefix),
-    over the front's candidates if they are K or more, else over both; then the counts to zero."""
+    over the front's candidates if they are K or more, else over both; then the counts to zero. With ROWS,
+    the same program then brings the choice into a sparse layer's rows (Slots): _plan_rows, _fetch_rows."""
     h = tl.program_id(0)
     front, back = tl.load(count + 2 * h), tl.load(count + 2 * h + 1)
     n = tl.where(front >= K, front, front + back)  # the guess held k or more: they hold the top k
@@ -728,10 +832,15 @@ def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx, LEVELS: tl.
         above_n += tl.sum(above.to(tl.int32), 0)
         equal_n += tl.sum(equal.to(tl.int32), 0)
     tl.store(count + 2 * h + tl.arange(0, 2), tl.zeros((2,), tl.int32))
+    if ROWS:
+        tl.debug_barrier()                                   # the choice, written by every thread, is read whole
+        _plan_rows(idx, vals, pos, pvals, fetch, dest, n_fetch, h, K, BK, BC)
+        tl.debug_barrier()                                   # and so is the fetch list
+        _fetch_rows(fetch, dest, n_fetch, h, K, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, BJ, HD)
 
 
 def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: float = 0.25, BLOCK: int = 4096,
-         SELECT: int = 1024, num_warps: int = 8):
+         SELECT: int = 1024, num_warps: int = 8, rows: Slots | None = None, BJ: int = 32):
     """The k largest of each row of x (rows, W), fp16 or fp32, started from the positions chosen last step
     (last: (rows, k) int64, -1: none) -> (values, indices), each (rows, k), in no particular order; where the
     k-th largest is tied, which of its equals are taken is unspecified. The k new scores at the last choice
@@ -740,135 +849,40 @@ def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: f
     `guess` quantile of the last choice's new scores, are kept apart. One pass keeps both; where k or more
     reach the guess, the k largest are among them and one program per row selects from those alone, else
     from all it kept. Exact for any `last` of distinct positions: a poor one only keeps more (the whole row,
-    where last holds a -1). Reference: torch.topk(sorted=False)."""
-    rows, W = x.shape
+    where last holds a -1). Reference: torch.topk(sorted=False).
+
+    rows: a sparse layer's retrieved rows (last is rows.pos; x's rows are its KV heads): the same program then
+    brings the choice into them, fetching from the host store only the positions they do not hold already
+    (BJ rows at a time, straight from pinned host memory on CUDA: zero-copy), so that they hold exactly the
+    chosen positions (a -inf value: nothing chosen), each its exact K and V -> (rows.vals, rows.pos), which
+    row holds which. Reference: the chosen rows gathered whole (kvcache.SparseLayer._gather)."""
+    n, W = x.shape
     check(x.dtype in (torch.float16, torch.float32) and x.is_contiguous(), "x: fp16 or fp32 rows, contiguous")
-    check(0 < k <= W and last.shape == (rows, k) and last.dtype == torch.long and last.is_contiguous(),
-           f"k in 1..{W}; last: contiguous int64 ({rows}, {k})")
-    check(work.vals.shape == (rows, W) and work.vals.dtype == x.dtype, f"work: Candidates({rows}, {W}, {x.dtype})")
+    check(0 < k <= W and last.shape == (n, k) and last.dtype == torch.long and last.is_contiguous(),
+           f"k in 1..{W}; last: contiguous int64 ({n}, {k})")
+    check(work.vals.shape == (n, W) and work.vals.dtype == x.dtype, f"work: Candidates({n}, {W}, {x.dtype})")
     check(0 <= guess < 1, f"guess is a quantile in [0, 1), got {guess}")
-    vals = torch.empty(rows, k, dtype=x.dtype, device=x.device)
-    idx = torch.empty(rows, k, dtype=torch.long, device=x.device)
+    vals = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    idx = torch.empty(n, k, dtype=torch.long, device=x.device)
     bits = 8 * x.element_size()
-    _warm_bounds_kernel[(rows,)](x, W, last, k, int(guess * k), work.bounds, BK=max(16, triton.next_power_of_2(k)))
-    _warm_keep_kernel[(rows, triton.cdiv(W, BLOCK))](x, W, W, work.bounds, work.vals, work.idx, work.count,
-                                                      BLOCK=BLOCK)
-    _warm_select_kernel[(rows,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, LEVELS=bits // 8,
-                                 BITS=bits, BLOCK=SELECT, num_warps=num_warps)
-    return vals, idx
-
-
-@triton.jit
-def _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, live, inside, HD: tl.constexpr):
-    """Host rows `row` of KV head h (where live; zeros elsewhere) into device rows `to` (where inside)."""
-    c = tl.arange(0, HD)
-    src = row[:, None] * hs_t + h * hs_h + c[None, :]
-    kr = tl.load(host_k + src, mask=live[:, None], other=0.0)  # both reads in flight before either write:
-    vr = tl.load(host_v + src, mask=live[:, None], other=0.0)  # PCIe latency, not bandwidth, bounds small k
-    dst = h * o_h + to[:, None] * o_t + c[None, :]
-    tl.store(out_k + dst, kr, mask=inside[:, None])
-    tl.store(out_v + dst, vr, mask=inside[:, None])
-
-
-class Slots:
-    """Which offloaded position each of a sparse layer's k retrieved device rows holds (pos; -1: none) and
-    its score (vals; -inf: none), kept across steps so that a row chosen again is not fetched again; and
-    a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count)."""
-
-    def __init__(self, n_kv, k, device, dtype):
-        self.pos = torch.full((n_kv, k), -1, dtype=torch.long, device=device)
-        self.vals = torch.full((n_kv, k), float("-inf"), dtype=dtype, device=device)
-        self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
-        self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
-
-    def clear(self):
-        """No row holds anything."""
-        self.pos.fill_(-1)
-        self.vals.fill_(float("-inf"))
-
-    def hold(self, idx):
-        """The PyTorch path wrote positions idx (n_kv, n) into rows 0..n-1: the rows hold them, the rest nothing."""
-        n = idx.shape[1]
-        self.clear()
-        self.pos[:, :n] = idx
-        self.vals[:, :n] = 0
-
-
-@triton.jit
-def _slot_plan_kernel(idx, vals, pos, pvals, fetch, dest, count, K, BK: tl.constexpr, BC: tl.constexpr):
-    """KV head h's new top-k (idx, vals; in any order) against the positions its rows hold (pos): a chosen
-    position already held stays in its row; the others (misses) go, in rank order, to the rows whose
-    position was not chosen again, in row order. Writes the new pos and pvals, and the misses as a
-    fetch list (fetch, dest, count). Slots are compared BC at a time: first which chosen positions are held,
-    then, slot block by slot block, which rows keep theirs and which miss each freed row receives."""
-    h = tl.program_id(0)
-    i = tl.arange(0, BK)
-    val = tl.load(vals + h * K + i, mask=i < K, other=float("-inf"))
-    new = tl.where(val > float("-inf"), tl.load(idx + h * K + i, mask=i < K, other=-1), -1)   # -1: nothing chosen
-    hit = tl.zeros((BK,), tl.int32)
-    for j0 in range(0, K, BC):
-        j = j0 + tl.arange(0, BC)
-        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
-        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
-        hit = tl.maximum(hit, tl.max(eq.to(tl.int32), 1))
-    miss = (new >= 0) & (hit == 0)
-    rank = tl.cumsum(miss.to(tl.int32), 0) - 1          # a miss's place in the fetch list
-    to = tl.zeros((BK,), tl.int32)
-    freed = tl.sum(tl.zeros((BC,), tl.int32), 0)          # freed rows in the blocks before this one
-    for j0 in range(0, K, BC):
-        j = j0 + tl.arange(0, BC)
-        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
-        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
-        kept = tl.max(eq.to(tl.int32), 0) > 0
-        free = (j < K) & ~kept
-        order = freed + tl.cumsum(free.to(tl.int32), 0) - 1
-        gets = miss[:, None] & free[None, :] & (rank[:, None] == order[None, :])   # miss i -> row j
-        to += tl.sum(tl.where(gets, j[None, :], 0), 1)
-        into = tl.max(gets.to(tl.int32), 0) > 0
-        p = tl.where(kept, old, tl.where(into, tl.sum(tl.where(gets, new[:, None], 0), 0), -1))
-        v = tl.sum(tl.where(eq | gets, val[:, None].to(tl.float32), 0.0), 0)
-        tl.store(pos + h * K + j, p, mask=j < K)
-        tl.store(pvals + h * K + j, tl.where(kept | into, v, float("-inf")).to(pvals.dtype.element_ty), mask=j < K)
-        freed += tl.sum(free.to(tl.int32), 0)
-    tl.store(fetch + h * K + rank, new, mask=miss)
-    tl.store(dest + h * K + rank, to.to(tl.int64), mask=miss)
-    tl.store(count + h, tl.sum(miss.to(tl.int32), 0))
-
-
-@triton.jit
-def _fetch_kernel(fetch, dest, count, K, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, BJ: tl.constexpr,
-                  HD: tl.constexpr):
-    """The first count[h] positions of the fetch list into device rows dest[h, j]; nothing else is written."""
-    h, b = tl.program_id(0), tl.program_id(1)
-    j = b * BJ + tl.arange(0, BJ)
-    live = j < tl.load(count + h)
-    row = tl.load(fetch + h * K + j, mask=live, other=0)
-    to = tl.load(dest + h * K + j, mask=live, other=0)
-    _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, live, live, HD)
-
-
-def retrieve(idx, vals, slots: Slots, host_k, host_v, out_k, out_v, BJ: int = 2, num_warps: int = 4):
-    """The step's top-k (idx, vals: (n_kv, k), any order; vals -inf: nothing chosen) into the device rows
-    out_k, out_v (n_kv, k, hd), fetching from the host store (cap, n_kv, hd) only the positions the rows do
-    not hold already, straight from pinned host memory on CUDA (zero-copy, K and V in one launch): the rows
-    end up holding exactly the chosen positions (slots.pos, slots.vals say which row holds which, -1 and
-    -inf: nothing), each its exact K and V. -> (slots.vals, slots.pos). Reference: the chosen rows gathered
-    whole (kvcache.SparseLayer._gather)."""
-    cap, n_kv, hd = host_k.shape
-    k = idx.shape[1]
-    check(idx.shape == vals.shape == (n_kv, k) and idx.dtype == torch.long and idx.is_contiguous()
-           and vals.is_contiguous(), "idx, vals: contiguous (n_kv, k), idx int64")
-    check(out_k.shape == out_v.shape == (n_kv, k, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
-    check(host_k.stride() == host_v.stride() and host_k.stride(-1) == 1, "host_k, host_v: one layout")
-    check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
-    check(slots.pos.shape == (n_kv, k) and slots.vals.dtype == vals.dtype, f"slots: Slots({n_kv}, {k}, {vals.dtype})")
+    _warm_bounds_kernel[(n,)](x, W, last, k, int(guess * k), work.bounds, BK=max(16, triton.next_power_of_2(k)))
+    _warm_keep_kernel[(n, triton.cdiv(W, BLOCK))](x, W, W, work.bounds, work.vals, work.idx, work.count, BLOCK=BLOCK)
+    if rows is None:
+        _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx,
+                                  *[x] * 13,  # the rows' arguments, not read without ROWS
+                                  LEVELS=bits // 8, BITS=bits, BLOCK=SELECT, ROWS=False, BK=16, BC=16, BJ=16, HD=16,
+                                  num_warps=num_warps)
+        return vals, idx
+    check(last is rows.pos and rows.pos.shape == (n, k) and rows.vals.dtype == x.dtype,
+          f"rows: the Slots of {n} KV heads and {k} rows whose pos is `last`, scores {x.dtype}")
     BK = max(16, triton.next_power_of_2(k))
-    _slot_plan_kernel[(n_kv,)](idx, vals, slots.pos, slots.vals, slots.fetch, slots.dest, slots.count, k, BK=BK,
-                               BC=max(1, min(BK, 4096 // BK)))
-    _fetch_kernel[(n_kv, triton.cdiv(k, BJ))](slots.fetch, slots.dest, slots.count, k, host_k, host_v, host_k.stride(0),
-                                             host_k.stride(1), out_k, out_v, out_k.stride(0), out_k.stride(1), BJ=BJ,
-                                             HD=hd, num_warps=num_warps)
-    return slots.vals, slots.pos
+    hk, out = rows.host_k, rows.out_k
+    _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, rows.pos, rows.vals,
+                              rows.fetch, rows.dest, rows.count, hk, rows.host_v, hk.stride(0), hk.stride(1), out,
+                              rows.out_v, out.stride(0), out.stride(1), LEVELS=bits // 8, BITS=bits, BLOCK=SELECT,
+                              ROWS=True, BK=BK, BC=max(1, min(BK, 4096 // BK)), BJ=BJ, HD=hk.shape[-1],
+                              num_warps=num_warps)
+    return rows.vals, rows.pos
 
 
 @triton.jit

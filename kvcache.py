@@ -556,7 +556,7 @@ class SparseLayer:
             self.host_v = torch.empty(max_len, n_kv, hd, dtype=dtype, device=host_device, pin_memory=pin)
             self.selector = select(self, cfg, wq, inv_freq)
             if kernels:
-                self.slots = ops.Slots(n_kv, topk, device, self.shared["scores"].dtype)
+                self.slots = ops.Slots(self.host_k, self.host_v, self.sel_k, self.sel_v, self.shared["scores"].dtype)
 
     def offloaded(self, length: int) -> int:
         """How many positions [sink, first recent) of `length` tokens are offloaded."""
@@ -632,8 +632,7 @@ class SparseLayer:
             self.selector.step_append(kr, pos)
             scores = self.shared["scores"]
             self.selector.step_scores(qh, pos, scores, self.sink, self.recent)
-            vals, idx = ops.topk(scores, self.topk, self.slots.pos, self.shared["candidates"])
-            vals, idx = ops.retrieve(idx, vals, self.slots, self.host_k, self.host_v, self.sel_k, self.sel_v)
+            vals, idx = ops.topk(scores, self.topk, self.slots.pos, self.shared["candidates"], rows=self.slots)
             if self.trace is not None:
                 self.trace.record(self.index, idx, pos)
         return ops.sparse_attend(qh, self.att_k, self.att_v, vals, pos, self.sink, self.topk, self.recent)[None, :, None]

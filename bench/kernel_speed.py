@@ -131,6 +131,10 @@ def main():
         add(f"kernels.topk k=128 fp16, reads {ratio:g} k", bench(lambda: K.topk(half, 128, last, work), args.reps),
             nbytes(half), "hbm", "from the last choice: its bounds, one pass keeps what reaches them, one program "
                                  "per head selects")
+        if ratio == 4:
+            for block in (1024, 2048, 8192):
+                add(f"  keep pass {block} scores per program", bench(lambda: K.topk(half, 128, last, work, BLOCK=block),
+                                                                     args.reps), nbytes(half), "hbm", "default 4096")
     # host store over PCIe
     host_k = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
     host_v = torch.empty(L, n_kv, hd, dtype=bf, pin_memory=True)
@@ -142,30 +146,31 @@ def main():
     add("channel_scores C=8", bench(lambda: K.channel_scores(q, ch, host_kc, pos, scores, 8, 56), max(3, args.reps // 5)),
         n_kv * L * 8 * 2, "pcie", "8 channels of every key, from a channel-major copy in pinned host memory")
     vals, idx = scores.topk(128, dim=-1, sorted=False)
-    out_k = torch.empty(n_kv, 128, hd, device=dev, dtype=bf)
-    out_v = torch.empty_like(out_k)
     spare = (-scores.float()).topk(128, dim=-1).indices  # 128 positions per head that idx does not hold
     for k_rows in (128, 2048):
-        slots = K.Slots(n_kv, k_rows, dev, vals.dtype)
+        out_k, out_v = torch.empty(2, n_kv, k_rows, hd, device=dev, dtype=bf)
+        slots = K.Slots(host_k, host_v, out_k, out_v, half.dtype)
+        work = K.Candidates(n_kv, L, dev, half.dtype)
         for new in ((0, 38, 128) if k_rows == 128 else (k_rows,)):  # rows not held from the step before (38: the
             other = idx.clone()                                       # 30% measured on a model)
             other[:, :new] = spare[:, :new]
-            steps = [other.contiguous(), idx]                # alternate: each step fetches `new` rows per head
-            if k_rows != 128:
-                steps = [torch.randint(0, L, (n_kv, k_rows), device=dev) for _ in range(2)]
-                out_k, out_v = torch.empty(2, n_kv, k_rows, hd, device=dev, dtype=bf)
-            v_ = torch.zeros(n_kv, k_rows, device=dev, dtype=vals.dtype)
+            chosen = [other, idx] if k_rows == 128 else [torch.randint(0, L, (n_kv, k_rows), device=dev) for _ in "ab"]
+            steps = [half.scatter(1, c, 1000.0) for c in chosen]      # scores whose top-k is c
+            slots.clear()
 
             def two_steps():
                 for x in steps:
-                    K.retrieve(x, v_, slots, host_k, host_v, out_k, out_v)
-            add(f"retrieve k={k_rows}, {new} new", bench(two_steps, args.reps) / 2, nbytes(out_k, out_v) * new / k_rows,
-                "pcie", "only the rows not held from the step before cross PCIe (plan + zero-copy gather)")
-    out_k = torch.empty(n_kv, 128, hd, device=dev, dtype=bf)
+                    K.topk(x, k_rows, slots.pos, work, rows=slots)
+            add(f"topk into rows k={k_rows}, {new} new", bench(two_steps, args.reps) / 2,
+                nbytes(out_k, out_v) * new / k_rows, "pcie", "the top-k, then only the rows not held from the step "
+                                                             "before cross PCIe (zero-copy), in the select's program")
     att_k = torch.randn(n_kv, 192, hd, device=dev, dtype=bf)
     att_v = torch.randn_like(att_k)
     add("sparse_attend 192", bench(lambda: K.sparse_attend(q, att_k, att_v, vals, pos, 8, 128, 56), args.reps),
-        nbytes(att_k, att_v), "hbm", "sinks + retrieved + window")
+        nbytes(att_k, att_v), "hbm", "sinks + retrieved + window, 64 rows per program, combined")
+    for split in (128, 256):
+        add(f"  {split} rows per program", bench(lambda: K.sparse_attend(q, att_k, att_v, vals, pos, 8, 128, 56, split),
+                                                 args.reps), nbytes(att_k, att_v), "hbm", "256: one program per head")
     kr, vr = k[:, -1].contiguous(), v[:, -1].contiguous()
     add("sparse_append", bench(lambda: K.sparse_append(kr, vr, pos, host_k, host_v, att_k[:, :8], att_v[:, :8],
                                                        att_k[:, 136:], att_v[:, 136:]), args.reps),

@@ -222,9 +222,9 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "sketch, mean query and per head, at the same device bytes."),
     ("What a step's selection shares with the step before: default model, CPU", "warm_start_cpu.md",
      "python research/warm_start.py --contexts 4096 7680", None,
-     "per offloaded layer: the fraction of the top-k chosen the step before (what research.kernels.retrieve "
-     "does not fetch again) and among the four before; per k, how many score at or above the lowest new score of "
-     "the last choice, and how many research.kernels.warm_topk's select reads with its guess at each quantile of "
+     "per offloaded layer: the fraction of the top-k chosen the step before (what kernels.topk's rows do "
+     "not fetch again) and among the four before; per k, how many score at or above the lowest new score of "
+     "the last choice, and how many kernels.topk's select reads with its guess at each quantile of "
      "those scores (0.25 is the kernel's)."),
     ("KVComp against KIVI at 32k: Qwen2.5-Coder-0.5B-Instruct, H200", "kvcomp_accuracy_qwen05_h200.md",
      "python bench/accuracy.py --model qwen2.5-coder-0.5b --device cuda --dtype bfloat16 --docs stdlib --contexts "

@@ -61,17 +61,16 @@ def main():
         last = torch.full((n_kv, k), -1, dtype=torch.long, device="cuda")
         return lambda: K.topk(scores, k, last, work)
 
-    def gather(k):  # every row fetched (the rows hold nothing before)
-        vals, idx = scores.topk(k, dim=-1, sorted=False)
-        out, slots = (torch.empty(n_kv, k, hd, **bf16), torch.empty(n_kv, k, hd, **bf16)), K.Slots(n_kv, k, "cuda", vals.dtype)
-        return lambda: (slots.pos.fill_(-1), K.retrieve(idx, vals, slots, host_k, host_v, *out))
+    def gather(k):  # the top-k into rows that hold nothing before: every row fetched
+        slots = K.Slots(host_k, host_v, torch.empty(n_kv, k, hd, **bf16), torch.empty(n_kv, k, hd, **bf16), scores.dtype)
+        return lambda: (slots.clear(), K.topk(scores, k, slots.pos, work, rows=slots))
 
     def sketch_scores():
         K.sketch_scores(q, sketch, pos, scores, 8, 56)
 
     def selection(k):
-        g, t = gather(k), topk(k)
-        return lambda: (sketch_scores(), t(), g())
+        g = gather(k)
+        return lambda: (sketch_scores(), g())
 
     def gemvs():
         for _ in range(3):
@@ -94,14 +93,14 @@ def main():
     alone = {"3 GEMVs 14336 x 4096 (an MLP's weights, 352 MB)": gemvs, "sketch scores": sketch_scores,
              "torch.topk, k = 128": lambda: scores.topk(128, dim=-1, sorted=False),
              "kernels.topk, k = 128 (no last choice)": topk(128), "kernels.topk, k = 512": topk(512),
-             "gather 128 rows (K and V, 8 heads)": gather(128), "gather 512 rows": gather(512)}
+             "top-128 + gather 128 rows (K and V, 8 heads)": gather(128), "top-512 + gather 512 rows": gather(512)}
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; one layer at {N} tokens, bf16, CUDA graph replay",
              "", "| work | µs |", "|---|---|"]
     for name, fn in alone.items():
         lines.append(f"| {name} | {replay_us(fn):.1f} |")
         print(lines[-1], flush=True)
     lines += ["", "| after 3 GEMVs | serial µs | on a second stream µs |", "|---|---|---|"]
-    for name, work in (("sketch scores", sketch_scores), ("gather 512 rows", gather(512)),
+    for name, work in (("sketch scores", sketch_scores), ("top-512 + gather 512 rows", gather(512)),
                        ("sketch + top-128 + gather 128", selection(128)), ("sketch + top-512 + gather 512", selection(512))):
         lines.append(f"| {name} | {replay_us(serial(work)):.1f} | {replay_us(concurrent(work)):.1f} |")
         print(lines[-1], flush=True)

@@ -290,9 +290,9 @@ def test_window_step_equals_the_reference_decode(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_retrieve_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit(device):
-    """retrieve over steps whose top-k shares some positions with the step before (in another order, some
-    slots empty): the rows hold exactly the chosen positions, each its exact host row, only those not held
+def test_topk_into_rows_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit(device):
+    """topk into a sparse layer's rows over steps whose top-k shares some positions with the step before (in
+    another order, some chosen scores -inf: nothing chosen there): the rows hold exactly the chosen positions, each its exact host row, only those not held
     before cross (the fetch list), the rest of a row that holds nothing is zeros on the first step; attention
     over them equals attention over the same rows gathered whole, bit for bit. k = 100 crosses the plan's
     blocks of slots."""
@@ -304,7 +304,8 @@ def test_retrieve_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit
     att = torch.zeros(2, n_kv, sink + k + recent, hd, device=device)
     att[:, :, :sink], att[:, :, sink + k:] = rand(2, n_kv, sink, hd, seed=13), rand(2, n_kv, recent, hd, seed=14)
     whole = att.clone()
-    slots = K.Slots(n_kv, k, device, torch.float32)
+    slots = K.Slots(host_k, host_v, att[0, :, sink:sink + k], att[1, :, sink:sink + k], torch.float32)
+    work = K.Candidates(n_kv, cap, device, torch.float32)
     held = [set() for _ in range(n_kv)]
     idx = torch.stack([torch.randperm(cap - 20, generator=gen)[:k] + 10 for _ in range(n_kv)])
     for step in range(6):
@@ -317,8 +318,8 @@ def test_retrieve_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit
         vals = torch.randn(n_kv, k, generator=gen)
         vals[step % n_kv, step * 7:] = float("-inf")                        # fewer chosen on one head
         chosen = [set(r[v > float("-inf")].tolist()) for r, v in zip(idx, vals)]
-        got_vals, got_pos = K.retrieve(idx.to(device), vals.to(device), slots, host_k, host_v,
-                                       att[0, :, sink:sink + k], att[1, :, sink:sink + k])
+        x = torch.full((n_kv, cap), float("-inf")).scatter(1, idx, vals)   # scores whose top-k is idx
+        got_vals, got_pos = K.topk(x.to(device), k, slots.pos, work, rows=slots, BJ=16)
         pos, gv = got_pos.cpu(), got_vals.cpu()
         for h in range(n_kv):
             live = gv[h] > float("-inf")
