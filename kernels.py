@@ -643,35 +643,33 @@ def _radix_prefix(hist, h, k, LEVELS: tl.constexpr, UPTO: tl.constexpr):
 class Candidates:
     """topk's working memory for rows of width W: the scores kept (vals, their positions idx: those that
     reach the guess from the front, those that reach only the floor from the back), how many of each per row
-    (count (rows, 2); zero between calls), each row's floor and guess (bounds), and the select's histograms."""
+    (count (rows, 2); zero between calls), and the select's histograms."""
 
     def __init__(self, rows, W, device, dtype):
         self.vals = torch.empty(rows, W, dtype=dtype, device=device)
         self.idx = torch.empty(rows, W, dtype=torch.int32, device=device)
         self.count = torch.zeros(rows, 2, dtype=torch.int32, device=device)
-        self.bounds = torch.empty(rows, 2, dtype=torch.float32, device=device)
         self.hist = torch.empty(rows * 4 * 256, dtype=torch.int32, device=device)
 
 
 @triton.jit
-def _warm_bounds_kernel(x, x_h, last, K, guess_at, bounds, BK: tl.constexpr):
+def _bounds(x, x_h, h, last, K, guess_at, BK: tl.constexpr):
     """Row h's scores at the positions last chosen, ranked: the lowest (the floor) and the guess_at-th lowest
-    (the guess) into bounds[h]. A -1 in last (none) counts as -inf."""
-    h = tl.program_id(0)
+    (the guess). A -1 in last (none) counts as -inf."""
     j = tl.arange(0, BK)
     p = tl.load(last + h * K + j, mask=j < K, other=0)
     ranked = tl.sort(tl.where(j < K, tl.load(x + h * x_h + p, mask=(j < K) & (p >= 0), other=float("-inf")),
                               float("inf")).to(tl.float32))
-    tl.store(bounds + 2 * h, tl.min(ranked, 0))
-    tl.store(bounds + 2 * h + 1, tl.sum(tl.where(j == guess_at, ranked, 0.0), 0))
+    return tl.min(ranked, 0), tl.sum(tl.where(j == guess_at, ranked, 0.0), 0)
 
 
 @triton.jit
-def _warm_keep_kernel(x, x_h, W, bounds, c_vals, c_idx, count, BLOCK: tl.constexpr):
+def _warm_keep_kernel(x, x_h, W, last, K, guess_at, c_vals, c_idx, count, BLOCK: tl.constexpr, BK: tl.constexpr):
     """Row h's scores at or above its guess, appended to the front of the row's candidates, and those between
-    its floor and the guess to the back, in no particular order."""
+    its floor and the guess to the back, in no particular order. Every program ranks the last choice's k
+    scores itself (a few hundred loads beside its BLOCK): no kernel of its own for them."""
     h, b = tl.program_id(0), tl.program_id(1)
-    floor, guess = tl.load(bounds + 2 * h), tl.load(bounds + 2 * h + 1)
+    floor, guess = _bounds(x, x_h, h, last, K, guess_at, BK)
     i = b * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(x + h * x_h + i, mask=i < W, other=float("-inf"))
     front = (i < W) & (s.to(tl.float32) >= guess)
@@ -865,8 +863,8 @@ def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: f
     vals = torch.empty(n, k, dtype=x.dtype, device=x.device)
     idx = torch.empty(n, k, dtype=torch.long, device=x.device)
     bits = 8 * x.element_size()
-    _warm_bounds_kernel[(n,)](x, W, last, k, int(guess * k), work.bounds, BK=max(16, triton.next_power_of_2(k)))
-    _warm_keep_kernel[(n, triton.cdiv(W, BLOCK))](x, W, W, work.bounds, work.vals, work.idx, work.count, BLOCK=BLOCK)
+    _warm_keep_kernel[(n, triton.cdiv(W, BLOCK))](x, W, W, last, k, int(guess * k), work.vals, work.idx, work.count,
+                                                   BLOCK=BLOCK, BK=max(16, triton.next_power_of_2(k)))
     if rows is None:
         _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx,
                                   *[x] * 13,  # the rows' arguments, not read without ROWS

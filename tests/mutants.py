@@ -231,7 +231,7 @@ MUTANTS = [
            ("tests/test_kernels.py::test_topk_into_rows_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit",),
            "topk into rows fetches the new rows but does not record which position each row now holds"),
     Mutant("topk-highest-floor", "kernels.py",
-           "tl.store(bounds + 2 * h, tl.min(ranked, 0))", "tl.store(bounds + 2 * h, tl.max(ranked, 0))",
+           "return tl.min(ranked, 0), tl.sum(", "return tl.max(ranked, 0), tl.sum(",
            ("tests/test_kernels.py::test_topk_takes_what_torch_topk_takes_from_any_last_choice",),
            "topk keeps only what beats the best of the last choice, not its worst"),
     Mutant("topk-strict-floor", "kernels.py",
