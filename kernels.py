@@ -695,43 +695,52 @@ def _copy_rows(host_k, host_v, row, h, hs_t, hs_h, out_k, out_v, to, o_h, o_t, l
 
 
 @triton.jit
-def _plan_rows(idx, vals, pos, pvals, fetch, dest, count, h, K, BK: tl.constexpr, BC: tl.constexpr):
+def _search(ranked, key, BK: tl.constexpr):
+    """For each key: the last of the BK ascending values at `ranked` whose top 48 bits are at most the key's
+    (a branchless binary search, BK a power of two; the first if none is)."""
+    at = tl.zeros(key.shape, tl.int32)
+    for b in tl.static_range(1, 17):
+        if (BK >> b) > 0:
+            at = tl.where((tl.load(ranked + at + (BK >> b)) >> 16) <= key, at + (BK >> b), at)
+    return tl.load(ranked + at)
+
+
+@triton.jit
+def _plan_rows(idx, vals, pos, pvals, fetch, dest, count, scratch, h, K, BK: tl.constexpr):
     """KV head h's new top-k (idx, vals; in any order) against the positions its rows hold (pos): a chosen
     position already held stays in its row; the others (misses) go, in rank order, to the rows whose
     position was not chosen again, in row order. Writes the new pos and pvals, and the misses as a
-    fetch list (fetch, dest, count). Slots are compared BC at a time: first which chosen positions are held,
-    then, slot block by slot block, which rows keep theirs and which miss each freed row receives."""
+    fetch list (fetch, dest, count). Both sides are sorted (a position and its place packed in one int64)
+    and each looks the other up by binary search: no k x k comparison."""
     i = tl.arange(0, BK)
     val = tl.load(vals + h * K + i, mask=i < K, other=float("-inf"))
     new = tl.where(val > float("-inf"), tl.load(idx + h * K + i, mask=i < K, other=-1), -1)   # -1: nothing chosen
-    hit = tl.zeros((BK,), tl.int32)
-    for j0 in range(0, K, BC):
-        j = j0 + tl.arange(0, BC)
-        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
-        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
-        hit = tl.maximum(hit, tl.max(eq.to(tl.int32), 1))
-    miss = (new >= 0) & (hit == 0)
+    old = tl.load(pos + h * K + i, mask=i < K, other=-1)                                       # -1: holds nothing
+    none = 1 << 62
+    s = scratch + h * 4 * BK          # [chosen, ranked | held, ranked | the free rows in order | the misses' values]
+    tl.store(s + i, tl.sort(tl.where(new >= 0, (new << 16) | i, none)))
+    tl.store(s + BK + i, tl.sort(tl.where(old >= 0, (old << 16) | i, none)))
+    tl.debug_barrier()                                  # both ranked lists are read by every thread
+    miss = (new >= 0) & ((_search(s + BK, new, BK) >> 16) != new)
+    found = _search(s, old, BK)
+    kept = (old >= 0) & ((found >> 16) == old)          # the row's position is chosen again
+    free = (i < K) & ~kept
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1          # a miss's place in the fetch list
-    to = tl.zeros((BK,), tl.int32)
-    freed = tl.sum(tl.zeros((BC,), tl.int32), 0)          # freed rows in the blocks before this one
-    for j0 in range(0, K, BC):
-        j = j0 + tl.arange(0, BC)
-        old = tl.load(pos + h * K + j, mask=j < K, other=-1)
-        eq = (new[:, None] == old[None, :]) & (new >= 0)[:, None]
-        kept = tl.max(eq.to(tl.int32), 0) > 0
-        free = (j < K) & ~kept
-        order = freed + tl.cumsum(free.to(tl.int32), 0) - 1
-        gets = miss[:, None] & free[None, :] & (rank[:, None] == order[None, :])   # miss i -> row j
-        to += tl.sum(tl.where(gets, j[None, :], 0), 1)
-        into = tl.max(gets.to(tl.int32), 0) > 0
-        p = tl.where(kept, old, tl.where(into, tl.sum(tl.where(gets, new[:, None], 0), 0), -1))
-        v = tl.sum(tl.where(eq | gets, val[:, None].to(tl.float32), 0.0), 0)
-        tl.store(pos + h * K + j, p, mask=j < K)
-        tl.store(pvals + h * K + j, tl.where(kept | into, v, float("-inf")).to(pvals.dtype.element_ty), mask=j < K)
-        freed += tl.sum(free.to(tl.int32), 0)
+    order = tl.cumsum(free.to(tl.int32), 0) - 1         # a free row's place among the free rows
+    n_miss = tl.sum(miss.to(tl.int32), 0)
     tl.store(fetch + h * K + rank, new, mask=miss)
-    tl.store(dest + h * K + rank, to.to(tl.int64), mask=miss)
-    tl.store(count + h, tl.sum(miss.to(tl.int32), 0))
+    tl.store(s + 3 * BK + rank, val.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64), mask=miss)
+    tl.store(s + 2 * BK + order, i.to(tl.int64), mask=free)
+    tl.debug_barrier()                                  # the lists are read back by other threads
+    tl.store(dest + h * K + rank, tl.load(s + 2 * BK + rank, mask=miss, other=0), mask=miss)
+    gets = free & (order < n_miss)                      # a free row receives the order-th miss
+    p = tl.where(kept, old, tl.where(gets, tl.load(fetch + h * K + order, mask=gets, other=-1), -1))
+    took = tl.load(s + 3 * BK + order, mask=gets, other=0).to(tl.int32).to(tl.float32, bitcast=True)
+    again = tl.load(vals + h * K + (found & 0xFFFF), mask=kept, other=float("-inf")).to(tl.float32)
+    v = tl.where(kept, again, tl.where(gets, took, float("-inf")))
+    tl.store(pos + h * K + i, p, mask=i < K)
+    tl.store(pvals + h * K + i, v.to(pvals.dtype.element_ty), mask=i < K)
+    tl.store(count + h, n_miss)
 
 
 @triton.jit
@@ -751,7 +760,8 @@ class Slots:
     """A sparse layer's k retrieved device rows out_k, out_v (n_kv, k, hd), the host store they are fetched from
     (host_k, host_v: (cap, n_kv, hd), pinned on CUDA), and which offloaded position each row holds (pos; -1:
     none) with its score (vals; -inf: none), kept across steps so that a row chosen again is not fetched again;
-    and a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count)."""
+    and a step's plan: the positions to fetch (fetch), the rows they go to (dest), how many (count), and the
+    plan's working memory (scratch)."""
 
     def __init__(self, host_k, host_v, out_k, out_v, dtype):
         cap, n_kv, hd = host_k.shape
@@ -759,13 +769,14 @@ class Slots:
         check(out_k.shape == out_v.shape == (n_kv, k, hd) and out_k.stride() == out_v.stride(), "out: (n_kv, k, hd)")
         check(host_k.shape == host_v.shape and host_k.stride() == host_v.stride() and host_k.stride(-1) == 1,
                "host_k, host_v: one layout, contiguous channels")
-        check(pow2(hd), f"the kernels need a power-of-two head_dim, got {hd}")
+        check(pow2(hd) and k < 1 << 16, f"the kernels need a power-of-two head_dim and k < 65536, got {hd}, {k}")
         self.host_k, self.host_v, self.out_k, self.out_v = host_k, host_v, out_k, out_v
         device = out_k.device
         self.pos = torch.full((n_kv, k), -1, dtype=torch.long, device=device)
         self.vals = torch.full((n_kv, k), float("-inf"), dtype=dtype, device=device)
         self.fetch, self.dest = torch.empty_like(self.pos), torch.empty_like(self.pos)
         self.count = torch.zeros(n_kv, dtype=torch.int32, device=device)
+        self.scratch = torch.empty(n_kv, 4 * max(16, triton.next_power_of_2(k)), dtype=torch.long, device=device)
 
     def clear(self):
         """No row holds anything."""
@@ -782,9 +793,9 @@ class Slots:
 
 @triton.jit
 def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx,
-                        pos, pvals, fetch, dest, n_fetch, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t,
+                        pos, pvals, fetch, dest, n_fetch, scratch, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t,
                         LEVELS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                        ROWS: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr, HD: tl.constexpr):
+                        ROWS: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, HD: tl.constexpr):
     """The K largest of row h's candidates into vals/idx (h, K), in no particular order: a radix select (one
     byte of the keys per level) in one program, its histograms through memory (read back by _radix_prefix),
     over the front's candidates if they are K or more, else over both; then the counts to zero. With ROWS,
@@ -832,12 +843,12 @@ def _warm_select_kernel(c_vals, c_idx, count, hist, W, K, vals, idx,
     tl.store(count + 2 * h + tl.arange(0, 2), tl.zeros((2,), tl.int32))
     if ROWS:
         tl.debug_barrier()                                   # the choice, written by every thread, is read whole
-        _plan_rows(idx, vals, pos, pvals, fetch, dest, n_fetch, h, K, BK, BC)
+        _plan_rows(idx, vals, pos, pvals, fetch, dest, n_fetch, scratch, h, K, BK)
         tl.debug_barrier()                                   # and so is the fetch list
         _fetch_rows(fetch, dest, n_fetch, h, K, host_k, host_v, hs_t, hs_h, out_k, out_v, o_h, o_t, BJ, HD)
 
 
-def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: float = 0.25, BLOCK: int = 4096,
+def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: float = 0.25, BLOCK: int | None = None,
          SELECT: int = 1024, num_warps: int = 8, rows: Slots | None = None, BJ: int = 32):
     """The k largest of each row of x (rows, W), fp16 or fp32, started from the positions chosen last step
     (last: (rows, k) int64, -1: none) -> (values, indices), each (rows, k), in no particular order; where the
@@ -847,7 +858,8 @@ def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: f
     `guess` quantile of the last choice's new scores, are kept apart. One pass keeps both; where k or more
     reach the guess, the k largest are among them and one program per row selects from those alone, else
     from all it kept. Exact for any `last` of distinct positions: a poor one only keeps more (the whole row,
-    where last holds a -1). Reference: torch.topk(sorted=False).
+    where last holds a -1). Reference: torch.topk(sorted=False). BLOCK: the scores a program of the keep pass
+    reads, by default enough programs for 16 per row (1024 to 4096: the fastest on an H100 at 16k and at 128k).
 
     rows: a sparse layer's retrieved rows (last is rows.pos; x's rows are its KV heads): the same program then
     brings the choice into them, fetching from the host store only the positions they do not hold already
@@ -863,22 +875,23 @@ def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: f
     vals = torch.empty(n, k, dtype=x.dtype, device=x.device)
     idx = torch.empty(n, k, dtype=torch.long, device=x.device)
     bits = 8 * x.element_size()
+    BLOCK = BLOCK or min(4096, max(1024, triton.next_power_of_2(W // 16)))
     _warm_keep_kernel[(n, triton.cdiv(W, BLOCK))](x, W, W, last, k, int(guess * k), work.vals, work.idx, work.count,
                                                    BLOCK=BLOCK, BK=max(16, triton.next_power_of_2(k)))
     if rows is None:
         _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx,
-                                  *[x] * 13,  # the rows' arguments, not read without ROWS
-                                  LEVELS=bits // 8, BITS=bits, BLOCK=SELECT, ROWS=False, BK=16, BC=16, BJ=16, HD=16,
+                                  *[x] * 14,  # the rows' arguments, not read without ROWS
+                                  LEVELS=bits // 8, BITS=bits, BLOCK=SELECT, ROWS=False, BK=16, BJ=16, HD=16,
                                   num_warps=num_warps)
         return vals, idx
     check(last is rows.pos and rows.pos.shape == (n, k) and rows.vals.dtype == x.dtype,
           f"rows: the Slots of {n} KV heads and {k} rows whose pos is `last`, scores {x.dtype}")
-    BK = max(16, triton.next_power_of_2(k))
+    BK = rows.scratch.shape[1] // 4
     hk, out = rows.host_k, rows.out_k
     _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, rows.pos, rows.vals,
-                              rows.fetch, rows.dest, rows.count, hk, rows.host_v, hk.stride(0), hk.stride(1), out,
-                              rows.out_v, out.stride(0), out.stride(1), LEVELS=bits // 8, BITS=bits, BLOCK=SELECT,
-                              ROWS=True, BK=BK, BC=max(1, min(BK, 4096 // BK)), BJ=BJ, HD=hk.shape[-1],
+                              rows.fetch, rows.dest, rows.count, rows.scratch, hk, rows.host_v, hk.stride(0),
+                              hk.stride(1), out, rows.out_v, out.stride(0), out.stride(1), LEVELS=bits // 8, BITS=bits,
+                              BLOCK=SELECT, ROWS=True, BK=BK, BJ=BJ, HD=hk.shape[-1],
                               num_warps=num_warps)
     return rows.vals, rows.pos
 
