@@ -21,7 +21,9 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
      "kernels.LAUNCH: the mean sketch 2 groups per program on 2 warps, per head 1 on 2 (sketch_layouts_h100.md)."),
     ("Where a tailor-1 step's time goes, H100, 16k and 128k", "profile_tailor_h100.md",
      "python bench/latency.py --profile --contexts 16384 131072 --policies tailor-1", None,
-     "Eager kernel path under torch.profiler, per kernel name, in the same session as the 16k–128k run."),
+     "Eager kernel path under torch.profiler, per kernel name: the select with the slot plan and the fetch in its "
+     "program (the plan's k x k comparisons, before the sorted plan), the attention split, no bounds kernel "
+     "(bench/NOTES.md v11; v10's profile: 8.43 ms at 16k, 10.19 at 128k)."),
     ("The sketch kernel's launch, H100, 128k", "sketch_layouts_h100.md", "python research/sketch_layouts.py", None,
      "The mean and per-head sketch scoring of one layer against the kernel it replaced (4b6abfb), 20 calls "
      "replayed from a CUDA graph."),
@@ -34,7 +36,11 @@ SECTIONS = [  # (title, results file, command, image or None, what to know)
     ("Where a decode step's time goes", "profile_tailor_128k.md", "python bench/latency.py --profile --contexts 131072 --policies tailor-1", None,
      "tailor-1 at 128k tokens, eager kernel path under torch.profiler, per kernel name."),
     ("Each kernel against the HBM and PCIe ceilings", "kernels.md", "python bench/kernel_speed.py", None,
-     "One layer at 131072 tokens, bf16."),
+     "One layer at 131072 tokens, bf16, H100, the code of bench/NOTES.md v11's first measurement (its rows of the "
+     "top-k into rows are left out: that run's scores let the last choice fall far, a flaw of the benchmark since "
+     "fixed)."),
+    ("The same at 16k tokens", "kernels_16k.md", "python bench/kernel_speed.py --length 16384 --out "
+     "bench/results/kernels_16k.md", None, "The same run, the same card."),
     ("Accuracy against device memory, H100", "accuracy_h100.md",
      "python bench/accuracy.py --device cuda --dtype bfloat16 --contexts 1024 2048 4096 7500", "accuracy_h100.png",
      "Default model; document repeat (copy top-1, NLL), fidelity to the full cache (KL, top-1 agreement) and "
