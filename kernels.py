@@ -872,6 +872,8 @@ def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: f
            f"k in 1..{W}; last: contiguous int64 ({n}, {k})")
     check(work.vals.shape == (n, W) and work.vals.dtype == x.dtype, f"work: Candidates({n}, {W}, {x.dtype})")
     check(0 <= guess < 1, f"guess is a quantile in [0, 1), got {guess}")
+    check(rows is None or (last is rows.pos and rows.pos.shape == (n, k) and rows.vals.dtype == x.dtype),
+          f"rows: the Slots of {n} KV heads and {k} rows whose pos is `last`, scores {x.dtype}")
     vals = torch.empty(n, k, dtype=x.dtype, device=x.device)
     idx = torch.empty(n, k, dtype=torch.long, device=x.device)
     bits = 8 * x.element_size()
@@ -879,21 +881,15 @@ def topk(x: torch.Tensor, k: int, last: torch.Tensor, work: Candidates, guess: f
     _warm_keep_kernel[(n, triton.cdiv(W, BLOCK))](x, W, W, last, k, int(guess * k), work.vals, work.idx, work.count,
                                                    BLOCK=BLOCK, BK=max(16, triton.next_power_of_2(k)))
     if rows is None:
-        _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx,
-                                  *[x] * 14,  # the rows' arguments, not read without ROWS
-                                  LEVELS=bits // 8, BITS=bits, BLOCK=SELECT, ROWS=False, BK=16, BJ=16, HD=16,
-                                  num_warps=num_warps)
-        return vals, idx
-    check(last is rows.pos and rows.pos.shape == (n, k) and rows.vals.dtype == x.dtype,
-          f"rows: the Slots of {n} KV heads and {k} rows whose pos is `last`, scores {x.dtype}")
-    BK = rows.scratch.shape[1] // 4
-    hk, out = rows.host_k, rows.out_k
-    _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, rows.pos, rows.vals,
-                              rows.fetch, rows.dest, rows.count, rows.scratch, hk, rows.host_v, hk.stride(0),
-                              hk.stride(1), out, rows.out_v, out.stride(0), out.stride(1), LEVELS=bits // 8, BITS=bits,
-                              BLOCK=SELECT, ROWS=True, BK=BK, BJ=BJ, HD=hk.shape[-1],
-                              num_warps=num_warps)
-    return rows.vals, rows.pos
+        plan, BK, BJ, HD = (x,) * 14, 16, 16, 16  # the rows' arguments: not read without ROWS
+    else:
+        hk, out = rows.host_k, rows.out_k
+        plan = (rows.pos, rows.vals, rows.fetch, rows.dest, rows.count, rows.scratch, hk, rows.host_v, hk.stride(0),
+                hk.stride(1), out, rows.out_v, out.stride(0), out.stride(1))
+        BK, HD = rows.scratch.shape[1] // 4, hk.shape[-1]
+    _warm_select_kernel[(n,)](work.vals, work.idx, work.count, work.hist, W, k, vals, idx, *plan, LEVELS=bits // 8,
+                              BITS=bits, BLOCK=SELECT, ROWS=rows is not None, BK=BK, BJ=BJ, HD=HD, num_warps=num_warps)
+    return (vals, idx) if rows is None else (rows.vals, rows.pos)
 
 
 @triton.jit
