@@ -290,6 +290,23 @@ def test_window_step_equals_the_reference_decode(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sparse_attend_across_its_splits_equals_attention_over_the_live_rows(device):
+    """124 rows (sinks, retrieved, window) split 64 at a time, the last split partial, some retrieved rows empty
+    (-inf): the same as attention over the rows that hold a token."""
+    n_kv, G, hd, sink, topk, recent = 2, 3, 64, 4, 100, 20
+    k, v = rand(n_kv, sink + topk + recent, hd, seed=30), rand(n_kv, sink + topk + recent, hd, seed=31)
+    vals = rand(n_kv, topk, seed=32)
+    vals[0, 70:], vals[1, ::3] = float("-inf"), float("-inf")
+    q = rand(n_kv * G, hd, seed=33)
+    got = K.sparse_attend(q.to(device), k.to(device), v.to(device), vals.to(device), torch.tensor(999, device=device),
+                          sink, topk, recent).cpu()
+    for h in range(n_kv):
+        live = torch.cat([torch.ones(sink, dtype=torch.bool), vals[h] > float("-inf"), torch.ones(recent, dtype=torch.bool)])
+        ref = attention(q[h * G:(h + 1) * G][None, :, None], k[h][live][None, None], v[h][live][None, None])
+        assert torch.allclose(got[h * G:(h + 1) * G], ref[0, :, 0], atol=1e-5, rtol=1e-5), h
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_topk_into_rows_fetches_only_new_rows_and_attends_as_a_full_gather_bit_for_bit(device):
     """topk into a sparse layer's rows over steps whose top-k shares some positions with the step before (in
     another order, some chosen scores -inf: nothing chosen there): the rows hold exactly the chosen positions, each its exact host row, only those not held
